@@ -1,0 +1,23 @@
+"""bloomconv: make huge BLOOM checkpoints shippable and runnable on small machines.
+
+>>> import bloomconv
+>>> bloomconv.convert("bloom-560m", "bloom-560m-blocks")        # doctest: +SKIP
+>>> bloomconv.verify("bloom-560m-blocks")                         # doctest: +SKIP
+"""
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "convert", "verify", "inspect"]
+
+
+def __getattr__(name):
+    # Lazy so `import bloomconv` stays cheap and the runtime never pulls in the converters.
+    if name == "convert":
+        from .converters.convert import convert
+        return convert
+    if name == "verify":
+        from .verify import verify
+        return verify
+    if name == "inspect":
+        from .inspect import inspect
+        return inspect
+    raise AttributeError(name)

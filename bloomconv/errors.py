@@ -1,0 +1,84 @@
+"""Every error bloomconv raises on purpose. Each carries the facts and ends with the fix.
+
+The CLI maps each class to an exit code (`exit_code`); nothing else decides exit codes.
+"""
+from __future__ import annotations
+
+
+class BloomconvError(Exception):
+    """Base class. `exit_code` is what the CLI exits with."""
+
+    exit_code = 2
+
+
+class SourceError(BloomconvError):
+    """The source checkpoint is missing, damaged or not what its config says."""
+
+    def __init__(self, path, problem: str, fix: str):
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"{self.path}: {problem}. {fix}")
+
+
+class NotBloomError(SourceError):
+    """The checkpoint is not a BLOOM model."""
+
+
+class UnsafeCheckpointError(SourceError):
+    """A pickle shard tried to import or call something other than tensor data."""
+
+    def __init__(self, path, detail: str):
+        super().__init__(
+            path,
+            f"refused to load: the pickle references code, not just tensors ({detail}); "
+            "nothing from it was executed",
+            "Only convert checkpoints from a source you trust, or get the safetensors release.",
+        )
+
+
+class DestinationError(BloomconvError):
+    """The destination cannot be written as asked."""
+
+    def __init__(self, path, problem: str, fix: str):
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"{self.path}: {problem}. {fix}")
+
+
+class DestinationBusyError(DestinationError):
+    """Another bloomconv process holds the destination's lock."""
+
+
+class ManifestError(BloomconvError):
+    """The manifest is missing, unreadable or of an unknown version (exit 2)."""
+
+    def __init__(self, path, problem: str, fix: str = "Re-run the conversion that made this directory."):
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"{self.path}: {problem}. {fix}")
+
+
+class IncompleteDirectoryError(ManifestError):
+    """A conversion into the directory has not finished (no manifest yet, job record present)."""
+
+
+class HeaderError(BloomconvError):
+    """A safetensors header is malformed or disagrees with the file."""
+
+    def __init__(self, path, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{self.path}: invalid safetensors header: {problem}. "
+                         "The file is damaged; copy it again or re-run the conversion.")
+
+
+class VerificationError(BloomconvError):
+    """Files do not match the manifest (exit 1). `problems` lists each finding."""
+
+    exit_code = 1
+
+    def __init__(self, directory, problems):
+        self.directory, self.problems = str(directory), list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{self.directory}: {len(self.problems)} problem(s):\n{lines}\n"
+                         "Copy the named files again, or re-run the conversion.")
+
+
+class RecipeError(BloomconvError):
+    """An unknown recipe name or an invalid recipe file."""

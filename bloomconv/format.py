@@ -1,0 +1,116 @@
+"""The bloomconv directory format, in one place (format version 1).
+
+Every file name, tensor-name template and quantization type that the converters write and the
+runtime and verifier read is defined here; nothing else hard-codes them.
+
+Layout of a converted directory::
+
+    config.json, tokenizer files          copied from the source
+    embeddings.safetensors                transformer.word_embeddings.* + word_embeddings_layernorm.*
+    blocks/block_000.safetensors …        transformer.h.<i>.* (one transformer block each)
+    final.safetensors                     transformer.ln_f.* (lm_head is tied: never stored)
+    model.safetensors.index.json          lets transformers' from_pretrained read the directory
+    SHA256SUMS                            `sha256sum -c` compatible, written before the manifest
+    manifest.json                         written last: a directory with a manifest is complete
+"""
+from __future__ import annotations
+
+import enum
+
+FORMAT_NAME = "bloomconv"
+FORMAT_VERSION = 1
+
+MANIFEST_NAME = "manifest.json"
+CHECKSUMS_NAME = "SHA256SUMS"
+HF_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Bookkeeping of an unfinished run; never part of a finished directory.
+JOB_NAME = ".bloomconv-job.json"
+JOURNAL_DIR = ".bloomconv-journal"
+LOCK_NAME = ".bloomconv.lock"
+TMP_MARKER = ".tmp-"
+
+EMBEDDINGS_UNIT = "embeddings"
+FINAL_UNIT = "final"
+BLOCK_UNIT_TEMPLATE = "block_{index:03d}"
+
+PREFIX = "transformer."
+EMBEDDING_TENSORS = ("word_embeddings.weight", "word_embeddings_layernorm.weight",
+                     "word_embeddings_layernorm.bias")
+FINAL_TENSORS = ("ln_f.weight", "ln_f.bias")
+BLOCK_TENSORS = (
+    "input_layernorm.weight", "input_layernorm.bias",
+    "self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
+    "self_attention.dense.weight", "self_attention.dense.bias",
+    "post_attention_layernorm.weight", "post_attention_layernorm.bias",
+    "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
+    "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias",
+)
+# The four matmul weights of a block: what `quantize` converts by default.
+BLOCK_LINEAR_WEIGHTS = (
+    "self_attention.query_key_value.weight", "self_attention.dense.weight",
+    "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight",
+)
+EMBEDDING_WEIGHT = "word_embeddings.weight"
+TIED_HEAD = "lm_head.weight"
+
+
+def block_unit(index: int) -> str:
+    return BLOCK_UNIT_TEMPLATE.format(index=index)
+
+
+def unit_file(unit: str) -> str:
+    """Relative path of the safetensors file holding one unit."""
+    if unit.startswith("block_"):
+        return f"blocks/{unit}.safetensors"
+    return f"{unit}.safetensors"
+
+
+def block_tensor(index: int, local_name: str) -> str:
+    """Stored (prefixed) name of a block tensor, e.g. transformer.h.3.mlp.dense_4h_to_h.bias."""
+    return f"{PREFIX}h.{index}.{local_name}"
+
+
+def unit_tensor_names(unit: str) -> list[str]:
+    """Unprefixed source names of the tensors a unit holds, in storage order."""
+    if unit == EMBEDDINGS_UNIT:
+        return list(EMBEDDING_TENSORS)
+    if unit == FINAL_UNIT:
+        return list(FINAL_TENSORS)
+    index = int(unit.removeprefix("block_"))
+    return [f"h.{index}.{name}" for name in BLOCK_TENSORS]
+
+
+def all_units(n_layer: int) -> list[str]:
+    return [EMBEDDINGS_UNIT, *(block_unit(i) for i in range(n_layer)), FINAL_UNIT]
+
+
+class QuantType(str, enum.Enum):
+    """How a weight is stored. Values are what the manifest records."""
+
+    NONE = "none"
+    INT8 = "int8"  # LLM.int8() vector-wise: int8 [out, in] + SCB (row absmax, fp32)
+    NF4 = "nf4"    # bitsandbytes blockwise 4-bit, NormalFloat code
+    FP4 = "fp4"    # bitsandbytes blockwise 4-bit, FP4 code
+
+    @property
+    def is_4bit(self) -> bool:
+        return self in (QuantType.NF4, QuantType.FP4)
+
+
+# Suffixes bitsandbytes' state dicts use next to a quantized `<name>.weight`.
+INT8_SCALE_SUFFIX = "SCB"                   # <module>.SCB
+QUANT_ABSMAX_SUFFIX = "absmax"              # <module>.weight.absmax
+QUANT_MAP_SUFFIX = "quant_map"              # <module>.weight.quant_map
+NESTED_ABSMAX_SUFFIX = "nested_absmax"
+NESTED_QUANT_MAP_SUFFIX = "nested_quant_map"
+QUANT_STATE_SUFFIX_TEMPLATE = "quant_state.bitsandbytes__{quant_type}"
+
+SAFETENSORS_DTYPES = {
+    # safetensors dtype string -> (torch dtype name, item size in bytes)
+    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "I16": ("int16", 2),
+    "I32": ("int32", 4), "I64": ("int64", 8), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "F32": ("float32", 4), "F64": ("float64", 8),
+}
+SOURCE_FLOAT_DTYPES = ("bfloat16", "float16", "float32")

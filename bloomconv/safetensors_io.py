@@ -1,0 +1,146 @@
+"""Reading and writing the safetensors container, streaming.
+
+Why not `safetensors.torch.save_file`: it serialises the whole file in memory (a copy per tensor,
+then the joined buffer), which would cost twice the largest output file of anonymous memory. This
+writer streams each tensor's bytes straight from its (often memory-mapped) storage to disk and
+hashes them on the way, so the file is read back never. The byte format is the safetensors spec;
+tests read every file we write with `safetensors.safe_open`.
+
+The header reader is strict: it is what `verify --fast` and the runtime's load-time check use on
+files that may have been damaged in transfer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from .errors import HeaderError
+from .format import SAFETENSORS_DTYPES
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+WRITE_CHUNK_BYTES = 16 * 1024 * 1024
+_TORCH_TO_ST = {getattr(torch, name): code for code, (name, _) in SAFETENSORS_DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # byte offsets relative to the data section
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetensorsHeader:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int  # absolute file offset of the data section
+    file_size: int
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    return _TORCH_TO_ST[dtype]
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file without reading tensor data.
+
+    Raises HeaderError for anything that is not a well-formed file whose offsets exactly tile
+    its data section.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        if file_size < 8:
+            raise HeaderError(path, f"file is {file_size} bytes, shorter than the 8-byte length prefix")
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > MAX_HEADER_BYTES:
+            raise HeaderError(path, f"header length {header_len} exceeds {MAX_HEADER_BYTES}")
+        if 8 + header_len > file_size:
+            raise HeaderError(path, f"header length {header_len} runs past the end of the {file_size}-byte file")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(path, f"header is not UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise HeaderError(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise HeaderError(path, "__metadata__ must map strings to strings")
+    data_size = file_size - 8 - header_len
+    tensors = {name: _tensor_info(path, name, entry) for name, entry in header.items()}
+    cursor = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != cursor:
+            raise HeaderError(path, f"tensor {info.name!r} starts at byte {info.begin}, expected {cursor} "
+                                    "(gap or overlap between tensors)")
+        cursor = info.end
+    if cursor != data_size:
+        raise HeaderError(path, f"tensors cover {cursor} data bytes but the file holds {data_size} "
+                                "(truncated or padded file)")
+    return SafetensorsHeader(tensors, dict(metadata), 8 + header_len, file_size)
+
+
+def _tensor_info(path: Path, name: str, entry) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise HeaderError(path, f"entry for {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise HeaderError(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise HeaderError(path, f"tensor {name!r} has invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise HeaderError(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
+    if offsets[1] - offsets[0] != nbytes:
+        raise HeaderError(path, f"tensor {name!r} of shape {shape} {dtype} needs {nbytes} bytes, "
+                                f"offsets give {offsets[1] - offsets[0]}")
+    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in row-major order, without a copy when it is already contiguous."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def encode_header(tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None) -> bytes:
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": st_dtype(tensor.dtype), "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # data section starts 8-byte aligned
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def write_safetensors(file, tensors: list[tuple[str, torch.Tensor]],
+                      metadata: dict[str, str] | None = None) -> tuple[int, str]:
+    """Write `tensors` in order to the open binary `file`; return (bytes written, sha256 hex)."""
+    digest = hashlib.sha256()
+    head = encode_header(tensors, metadata)
+    file.write(head)
+    digest.update(head)
+    size = len(head)
+    for _, tensor in tensors:
+        data = tensor_bytes(tensor)
+        for start in range(0, len(data), WRITE_CHUNK_BYTES):
+            chunk = data[start:start + WRITE_CHUNK_BYTES]
+            file.write(chunk)
+            digest.update(chunk)
+        size += len(data)
+    return size, digest.hexdigest()

@@ -1,0 +1,174 @@
+"""`convert`: reshard a BLOOM checkpoint into one safetensors file per block, streaming.
+
+Memory: tensors come from memory-mapped shards and are written straight from those pages, so
+anonymous memory stays near start-up size (plus, when quantizing, one output file's tensors).
+Crash safety: see destination.py. I/O: each source file is hashed on a background thread while
+the main thread converts, so a shard is read from disk once and parsed from the page cache.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from bloomconv import __version__
+from bloomconv.atomic import atomic_file, atomic_write_bytes
+from bloomconv.errors import DestinationError, SourceError
+from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, HF_INDEX_NAME,
+                              PREFIX, QuantType, all_units, unit_file, unit_tensor_names)
+from bloomconv.hashing import sha256_file
+from bloomconv.manifest import FileEntry, Manifest, QuantSettings, TensorEntry, read_manifest, write_manifest
+from bloomconv.progress import ProgressFactory, no_progress
+from bloomconv.safetensors_io import st_dtype, write_safetensors
+
+from .destination import Destination, explain_os_error
+from .source import ShardCache, SourceCheckpoint, open_source
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: QuantSettings | None = None,
+            progress: ProgressFactory = no_progress) -> Manifest:
+    """Convert the checkpoint in `src` into a bloomconv directory `dst`; return its manifest.
+
+    Re-running the same call after an interruption resumes; a finished `dst` is left as is.
+
+    >>> convert("bloom-560m", "bloom-560m-blocks")              # doctest: +SKIP
+    >>> convert("bloom-560m", "bloom-560m-int8", quantization=QuantSettings(QuantType.INT8))  # doctest: +SKIP
+    """
+    source = open_source(src)
+    job = _job_record(source, quantization)
+    with Destination(dst) as destination:
+        if destination.has_manifest():
+            return _already_finished(destination, source, quantization)
+        destination.start_or_resume(job)
+        try:
+            manifest = _run(source, destination, quantization, progress)
+        except OSError as exc:
+            raise explain_os_error(destination.path, exc) from exc
+        write_manifest(destination.path, manifest)
+        destination.finish()
+        return manifest
+
+
+def _job_record(source: SourceCheckpoint, quantization: QuantSettings | None) -> dict:
+    files = []
+    for name in (*source.weight_files, *source.side_files):
+        stat = (source.root / name).stat()
+        files.append({"name": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return {"tool_version": __version__, "source_layout": source.layout, "source_files": files,
+            "quantization": quantization.to_dict() if quantization else None}
+
+
+def _already_finished(destination: Destination, source: SourceCheckpoint,
+                      quantization: QuantSettings | None) -> Manifest:
+    manifest = read_manifest(destination.path)
+    same_source = ({(f.name, f.size) for f in manifest.source_files}
+                   == {(n, source.file_size(n)) for n in (*source.weight_files, *source.side_files)})
+    if not same_source or manifest.quantization != quantization:
+        raise DestinationError(destination.path, "already holds a finished conversion of a different "
+                               "source or with different settings", "Choose another destination.")
+    destination.finish()  # a run killed after its manifest may have left bookkeeping behind
+    return manifest
+
+
+def _run(source: SourceCheckpoint, destination: Destination, quantization: QuantSettings | None,
+         progress: ProgressFactory) -> Manifest:
+    units = all_units(source.geometry.n_layer)
+    (destination.path / "blocks").mkdir(exist_ok=True)
+    total = sum(source.file_size(n) for n in source.weight_files)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hash-source") as hasher, \
+            progress(total=total, desc="convert", unit="B", unit_scale=True) as bar:
+        # Queued in the order the units read the shards: the hash runs just ahead of (or just
+        # behind) the conversion, so each shard comes off the disk once.
+        source_hashes = {name: hasher.submit(_source_entry, source, destination, name)
+                         for name in (*source.weight_files, *source.side_files)}
+        shards = ShardCache(source.root)
+        outputs = [destination.completed_output(unit) or _write_unit(source, destination, shards, unit, quantization)
+                   for unit in _progressing(units, source, bar)]
+        shards.close()
+        side_outputs = [_write_side_file(source, destination, name, quantization) for name in source.side_files]
+        index = _write_hf_index(destination, outputs)
+        source_files = tuple(future.result() for future in source_hashes.values())
+    model = {**source.geometry.to_dict(), "dtype": str(source.dtype).removeprefix("torch.")}
+    return Manifest(tool_version=__version__, model=model, source_layout=source.layout,
+                    source_files=source_files, files=tuple([*side_outputs, *outputs, index]),
+                    quantization=quantization)
+
+
+def _progressing(units, source: SourceCheckpoint, bar):
+    """Yield units, advancing the bar by each unit's share of source bytes once it is done."""
+    for unit in units:
+        yield unit
+        bar.update(sum(math.prod(source.tensors[n].shape) for n in unit_tensor_names(unit))
+                   * source.dtype.itemsize)
+
+
+def _source_entry(source: SourceCheckpoint, destination: Destination, name: str) -> FileEntry:
+    key = f"source/{name}"
+    entry = destination.recorded(key)
+    if entry is None:
+        path = source.root / name
+        entry = FileEntry(name, path.stat().st_size, sha256_file(path))
+        destination.record(key, entry)
+    return entry
+
+
+def _write_unit(source: SourceCheckpoint, destination: Destination, shards: ShardCache, unit: str,
+                quantization: QuantSettings | None) -> FileEntry:
+    stored: list[tuple[str, torch.Tensor, QuantType]] = []
+    for name in unit_tensor_names(unit):
+        tensor = shards.get(source.tensors[name])
+        if name == EMBEDDING_WEIGHT and source.tied_head is not None:
+            _check_tied_head(source, shards, tensor)
+            tensor = shards.get(source.tensors[name])  # the shard cache may have moved on
+        stored.extend(_encode(PREFIX + name, tensor, quantization))
+    relative = unit_file(unit)
+    with atomic_file(destination.path / relative) as f:
+        size, sha256 = write_safetensors(f, [(n, t) for n, t, _ in stored],
+                                         {"format": "pt", "bloomconv_unit": unit})
+    entry = FileEntry(relative, size, sha256,
+                      tuple(TensorEntry(n, st_dtype(t.dtype), tuple(t.shape), q) for n, t, q in stored))
+    destination.record(unit, entry)
+    return entry
+
+
+def _encode(name: str, tensor: torch.Tensor, quantization: QuantSettings | None):
+    """The tensors stored for one source tensor: itself, or its quantized form and state."""
+    if quantization is None:
+        return [(name, tensor, QuantType.NONE)]
+    from .encode import encode_for_storage  # quantization is the only user of bitsandbytes layouts
+    return encode_for_storage(name, tensor, quantization)
+
+
+def _check_tied_head(source: SourceCheckpoint, shards: ShardCache, embeddings: torch.Tensor) -> None:
+    head = shards.get(source.tied_head)
+    if not torch.equal(head, embeddings):
+        raise SourceError(source.root / source.tied_head.file, "lm_head.weight differs from the word "
+                          "embeddings", "bloomconv stores BLOOM with lm_head tied to the embeddings; "
+                          "this checkpoint is not tied.")
+
+
+def _write_side_file(source: SourceCheckpoint, destination: Destination, name: str,
+                     quantization: QuantSettings | None) -> FileEntry:
+    data = (source.root / name).read_bytes()
+    if name == CONFIG_NAME and quantization is not None:
+        from .encode import config_with_quantization
+        data = config_with_quantization(data, quantization)
+    return _write_small_file(destination, name, data)
+
+
+def _write_hf_index(destination: Destination, outputs: list[FileEntry]) -> FileEntry:
+    """model.safetensors.index.json, so `from_pretrained(DST)` reads the directory as is."""
+    weight_map = {t.name: f.name for f in outputs for t in f.tensors}
+    total = sum(f.size for f in outputs)
+    data = (json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n").encode()
+    return _write_small_file(destination, HF_INDEX_NAME, data)
+
+
+def _write_small_file(destination: Destination, name: str, data: bytes) -> FileEntry:
+    atomic_write_bytes(destination.path / name, data)
+    return FileEntry(name, len(data), hashlib.sha256(data).hexdigest())

@@ -1,0 +1,121 @@
+"""The destination directory of a conversion: its lock, its job record and its journal.
+
+A run writes DST/.bloomconv-job.json first (what is being made, from what), then one journal
+entry per finished output file, then the manifest. Re-running the same command finds the job
+record, keeps every journaled file whose bytes still hash to the journal entry, and redoes the
+rest. A different job into the same DST is refused.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from bloomconv.atomic import atomic_write_bytes, is_temporary
+from bloomconv.errors import DestinationBusyError, DestinationError
+from bloomconv.format import JOB_NAME, JOURNAL_DIR, LOCK_NAME, MANIFEST_NAME
+from bloomconv.hashing import sha256_file
+from bloomconv.manifest import FileEntry
+
+
+class Destination:
+    """Holds DST's lock for the duration of a `with` block."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> "Destination":
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DestinationError(self.path, f"cannot create the destination ({exc.strerror})",
+                                   "Choose a writable destination.") from None
+        self._lock_fd = os.open(self.path / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise DestinationBusyError(self.path, "another bloomconv process is writing here",
+                                       "Wait for it to finish, or pick another destination.") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock_fd is not None:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- job record -------------------------------------------------------------------------
+    def start_or_resume(self, job: dict) -> bool:
+        """Record `job`, or accept the identical unfinished one. Returns True when resuming."""
+        job_path = self.path / JOB_NAME
+        if job_path.exists():
+            try:
+                recorded = json.loads(job_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                recorded = None
+            if recorded != job:
+                raise DestinationError(self.path, "holds an unfinished conversion of a different source "
+                                       "or with different settings",
+                                       "Re-run that exact command to finish it, or choose an empty destination.")
+            self._remove_temporaries()
+            return True
+        stray = [p.name for p in self.path.iterdir() if p.name != LOCK_NAME]
+        if stray:
+            raise DestinationError(self.path, f"is not empty ({', '.join(sorted(stray)[:3])}…) and holds "
+                                   "no bloomconv conversion", "Choose an empty or new destination.")
+        (self.path / JOURNAL_DIR).mkdir()
+        atomic_write_bytes(job_path, json.dumps(job, sort_keys=True).encode())
+        return False
+
+    def _remove_temporaries(self) -> None:
+        for p in self.path.rglob("*"):
+            if p.is_file() and is_temporary(p.name):
+                p.unlink()
+
+    def has_manifest(self) -> bool:
+        return (self.path / MANIFEST_NAME).is_file()
+
+    def finish(self) -> None:
+        """After the manifest is written: drop the bookkeeping."""
+        shutil.rmtree(self.path / JOURNAL_DIR, ignore_errors=True)
+        (self.path / JOB_NAME).unlink(missing_ok=True)
+
+    # -- journal ----------------------------------------------------------------------------
+    def _journal_path(self, key: str) -> Path:
+        return self.path / JOURNAL_DIR / (key.replace("/", "__") + ".json")
+
+    def record(self, key: str, entry: FileEntry) -> None:
+        atomic_write_bytes(self._journal_path(key), json.dumps(entry.to_dict()).encode())
+
+    def recorded(self, key: str) -> FileEntry | None:
+        try:
+            return FileEntry.from_dict(json.loads(self._journal_path(key).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def completed_output(self, key: str) -> FileEntry | None:
+        """The journal entry for an output file whose bytes on disk still match it."""
+        entry = self.recorded(key)
+        if entry is None:
+            return None
+        path = self.path / entry.name
+        try:
+            if path.stat().st_size == entry.size and sha256_file(path) == entry.sha256:
+                return entry
+        except OSError:
+            pass
+        return None
+
+
+def explain_os_error(path: Path, exc: OSError) -> DestinationError:
+    if exc.errno == errno.ENOSPC:
+        return DestinationError(path, "no space left on the destination's filesystem",
+                                "Free space (or pick another disk) and re-run the same command to resume.")
+    return DestinationError(path, f"cannot write ({exc.strerror})",
+                            "Fix the destination, then re-run the same command to resume.")

@@ -1,0 +1,122 @@
+"""Write random-weight BLOOM checkpoints in each layout bloomconv reads.
+
+For the README example, the tests and the benchmarks: any geometry, built with
+`transformers.BloomForCausalLM` (so the weights have the real module structure), saved exactly as
+the releases are. No network: the tokenizer is a small byte-level BPE trained here on Python's
+own documentation strings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pydoc
+from pathlib import Path
+
+import torch
+
+from bloomconv.format import EMBEDDING_TENSORS, FINAL_TENSORS, PREFIX
+
+LAYOUTS = ("release-pickle-shards", "safetensors-shards", "pickle-single", "safetensors-single")
+GEOMETRIES = {
+    # name: (hidden_size, n_layer, n_head, vocab_size)
+    "tiny": (64, 2, 4, 1024),
+    "small": (256, 4, 8, 4096),
+    "bloom-560m": (1024, 24, 16, 250880),
+}
+
+
+def bloom_config(hidden_size: int, n_layer: int, n_head: int, vocab_size: int):
+    from transformers import BloomConfig
+    return BloomConfig(hidden_size=hidden_size, n_layer=n_layer, n_head=n_head, vocab_size=vocab_size,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+def random_state_dict(config, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Unprefixed state dict of a randomly initialised BloomForCausalLM (lm_head dropped: tied)."""
+    from transformers import BloomForCausalLM
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = BloomForCausalLM(config).to(dtype)
+    state = {k.removeprefix(PREFIX): v.contiguous() for k, v in model.state_dict().items()
+             if k != "lm_head.weight"}
+    del model
+    return state
+
+
+def write_example_checkpoint(dst: str | os.PathLike, geometry: str | tuple = "tiny",
+                             layout: str = "release-pickle-shards", dtype: torch.dtype = torch.bfloat16,
+                             seed: int = 0, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a random BLOOM checkpoint to `dst` in `layout`; return `dst`.
+
+    >>> write_example_checkpoint("/tmp/bloom-tiny", "tiny")          # doctest: +SKIP
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    dims = GEOMETRIES[geometry] if isinstance(geometry, str) else tuple(geometry)
+    config = bloom_config(*dims)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    state = state if state is not None else random_state_dict(config, dtype, seed)
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    (dst / "config.json").write_text(config.to_json_string())
+    write_tokenizer(dst, min(config.vocab_size, 512))
+    if layout == "release-pickle-shards":
+        _write_release_shards(dst, state, config.n_layer)
+    elif layout == "pickle-single":
+        torch.save({PREFIX + k: v for k, v in state.items()}, dst / "pytorch_model.bin")
+    else:
+        _write_safetensors(dst, state, sharded=layout == "safetensors-shards")
+    return dst
+
+
+def _write_release_shards(dst: Path, state: dict[str, torch.Tensor], n_layer: int) -> None:
+    """bigscience/bloom: shard 1 embeddings, one shard per block, last shard ln_f; no prefix."""
+    groups = [list(EMBEDDING_TENSORS)]
+    groups += [[k for k in state if k.startswith(f"h.{i}.")] for i in range(n_layer)]
+    groups.append(list(FINAL_TENSORS))
+    total_shards = len(groups)
+    weight_map, total_size = {}, 0
+    for number, keys in enumerate(groups, start=1):
+        name = f"pytorch_model_{number:05d}-of-{total_shards:05d}.bin"
+        torch.save({k: state[k] for k in keys}, dst / name)
+        for k in keys:
+            weight_map[k] = name
+            total_size += state[k].numel() * state[k].element_size()
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_safetensors(dst: Path, state: dict[str, torch.Tensor], sharded: bool) -> None:
+    from safetensors.torch import save_file
+    prefixed = {PREFIX + k: v for k, v in state.items()}
+    if not sharded:
+        save_file(prefixed, dst / "model.safetensors", metadata={"format": "pt"})
+        return
+    names = list(prefixed)
+    half = len(names) // 2
+    shards = [names[:half], names[half:]]
+    weight_map = {}
+    for number, keys in enumerate(shards, start=1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: prefixed[k] for k in keys}, dst / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in keys})
+    total = sum(v.numel() * v.element_size() for v in prefixed.values())
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def write_tokenizer(dst: Path, vocab_size: int) -> None:
+    """A byte-level BPE trained on Python's built-in documentation (deterministic, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    corpus = [pydoc.getdoc(obj) for obj in (str, list, dict, int, float, bytes, set, tuple, open, print,
+                                            json, os, Path, torch.Tensor)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.save(str(dst / "tokenizer.json"))
+    (dst / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BloomTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>", "pad_token": "<pad>", "padding_side": "left"}, indent=2))
