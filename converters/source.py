@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -69,8 +70,9 @@ def load_pickle_shard(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
-        detail = str(exc).split("\n")[0] if "Unsupported" not in str(exc) else next(
-            (line.strip() for line in str(exc).splitlines() if "Unsupported" in line), str(exc))
+        lines = str(exc).splitlines() or ["unpickling failed"]
+        # torch's message buries the refused global ("... GLOBAL posix.system ...") mid-text
+        detail = next((line.strip() for line in lines if re.search(r"GLOBAL|[Uu]nsupported", line)), lines[0])
         raise UnsafeCheckpointError(path, detail[:300]) from None
     except FileNotFoundError:
         raise SourceError(path, "shard is missing", "Download the missing shard again.") from None

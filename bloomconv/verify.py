@@ -1,0 +1,148 @@
+"""`verify`: prove that a directory holds exactly the bytes its manifest describes.
+
+Findings are collected, never raised one by one, so a damaged transfer is reported in full:
+each names the file and what was expected vs found. Exit codes (see cli.py): 0 all good,
+1 problems found, 2 manifest missing/unreadable/unknown version or conversion unfinished.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from .errors import HeaderError, IncompleteDirectoryError, ManifestError, VerificationError
+from .format import CHECKSUMS_NAME, JOB_NAME, MANIFEST_NAME
+from .hashing import sha256_files
+from .manifest import FileEntry, Manifest, checksums_text, read_manifest
+from .progress import ProgressFactory, no_progress
+from .safetensors_io import read_header
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    file: str
+    kind: str          # missing | truncated | oversized | corrupted | header | extra | unreadable | outside | checksums
+    expected: str = ""
+    actual: str = ""
+
+    def __str__(self) -> str:
+        detail = f": expected {self.expected}, found {self.actual}" if self.expected or self.actual else ""
+        return f"{self.file}: {self.kind}{detail}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    directory: str
+    fast: bool
+    files_checked: int
+    bytes_hashed: int
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_for_problems(self) -> None:
+        if self.problems:
+            raise VerificationError(self.directory, [str(p) for p in self.problems])
+
+    def to_dict(self) -> dict:
+        return {"directory": self.directory, "ok": self.ok, "mode": "fast" if self.fast else "full",
+                "files_checked": self.files_checked, "bytes_hashed": self.bytes_hashed,
+                "problems": [dataclasses.asdict(p) for p in self.problems]}
+
+
+def load_manifest_for_check(directory: Path) -> Manifest:
+    """The manifest, or IncompleteDirectoryError when a conversion has not finished here."""
+    if not (directory / MANIFEST_NAME).exists() and (directory / JOB_NAME).exists():
+        raise IncompleteDirectoryError(directory, "conversion incomplete: it is still running or was "
+                                       "interrupted (no manifest yet)",
+                                       "Wait for it, or re-run the same convert command to finish it.")
+    return read_manifest(directory)
+
+
+def verify(directory: str | os.PathLike, *, fast: bool = False, workers: int | None = None,
+           progress: ProgressFactory = no_progress) -> Report:
+    """Check every file of a bloomconv directory against its manifest.
+
+    `fast` checks sizes and safetensors headers only; otherwise every byte is hashed, files in
+    parallel on all cores. Raises ManifestError when there is no usable manifest.
+
+    >>> report = verify("bloom-560m-int8")          # doctest: +SKIP
+    >>> report.ok, [str(p) for p in report.problems]  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    manifest = load_manifest_for_check(directory)
+    root = directory.resolve()
+    problems: list[Problem] = []
+    to_hash: dict[Path, FileEntry] = {}
+    for entry in manifest.files:
+        problem = _check_size_and_header(root, entry, fast)
+        if problem:
+            problems.append(problem)
+        elif not fast:
+            to_hash[root / entry.name] = entry
+    bytes_hashed = sum(e.size for e in to_hash.values())
+    if to_hash:
+        with progress(total=bytes_hashed, desc="verify", unit="B", unit_scale=True) as bar:
+            digests = sha256_files(list(to_hash), workers, on_bytes=bar.update)
+        for path, entry in to_hash.items():
+            digest = digests[path]
+            if isinstance(digest, OSError):
+                problems.append(Problem(entry.name, "unreadable", "readable file", digest.strerror or str(digest)))
+            elif digest != entry.sha256:
+                problems.append(Problem(entry.name, "corrupted", f"sha256 {entry.sha256}", f"sha256 {digest}"))
+    problems.extend(_check_checksums_file(root, manifest))
+    problems.extend(_extra_files(root, manifest))
+    order = {e.name: i for i, e in enumerate(manifest.files)}
+    problems.sort(key=lambda p: (order.get(p.file, len(order)), p.file))
+    return Report(str(directory), fast, len(manifest.files), bytes_hashed, tuple(problems))
+
+
+def _check_size_and_header(root: Path, entry: FileEntry, check_header: bool) -> Problem | None:
+    path = root / entry.name
+    if not path.resolve().is_relative_to(root):  # a symlink leading out of the directory
+        return Problem(entry.name, "outside", "a file inside the directory", f"a link to {path.resolve()}")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return Problem(entry.name, "missing", f"{entry.size} bytes", "no file")
+    except OSError as exc:
+        return Problem(entry.name, "unreadable", "readable file", exc.strerror or str(exc))
+    if size < entry.size:
+        return Problem(entry.name, "truncated", f"{entry.size} bytes", f"{size} bytes")
+    if size > entry.size:
+        return Problem(entry.name, "oversized", f"{entry.size} bytes", f"{size} bytes")
+    if check_header and entry.tensors:
+        try:
+            header = read_header(path)
+        except HeaderError as exc:
+            return Problem(entry.name, "header", "a valid safetensors header", exc.problem)
+        found = [(i.name, i.dtype, i.shape) for i in sorted(header.tensors.values(), key=lambda i: i.begin)]
+        wanted = [(t.name, t.dtype, t.shape) for t in entry.tensors]
+        if found != wanted:
+            diff = next(((w, f) for w, f in zip(wanted, found) if w != f), (wanted[len(found):][:1], found[len(wanted):][:1]))
+            return Problem(entry.name, "header", f"tensors as in the manifest (e.g. {diff[0]})",
+                           f"{diff[1]}")
+    return None
+
+
+def _check_checksums_file(root: Path, manifest: Manifest) -> list[Problem]:
+    try:
+        text = (root / CHECKSUMS_NAME).read_bytes()
+    except FileNotFoundError:
+        return [Problem(CHECKSUMS_NAME, "missing", "checksum list", "no file")]
+    if text != checksums_text(manifest.files):
+        return [Problem(CHECKSUMS_NAME, "corrupted", "the hashes in manifest.json", "different content")]
+    return []
+
+
+def _extra_files(root: Path, manifest: Manifest) -> list[Problem]:
+    known = {e.name for e in manifest.files} | {MANIFEST_NAME, CHECKSUMS_NAME}
+    extra = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            relative = (Path(dirpath) / name).relative_to(root).as_posix()
+            if relative not in known:
+                extra.append(Problem(relative, "extra", "not in the manifest", "file present"))
+    return extra
