@@ -1,9 +1,14 @@
-"""Crash-safe file writes: temporary file in the same folder, fsync, rename, fsync the folder."""
+"""Crash-safe file writes: temporary file in the same folder, fsync, rename, fsync the folder.
+
+`atomic_file` does it all in one `with`; `open_temporary` + `commit` split it so a caller can
+fsync one file on a background thread while it writes the next.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from .format import TMP_MARKER
 
@@ -16,23 +21,40 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def open_temporary(path: str | os.PathLike) -> BinaryIO:
+    """A new file next to `path`, named so that `is_temporary` recognises leftovers."""
+    path = Path(path)
+    return open(path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}"), "wb")
+
+
+def commit(temporary: BinaryIO, path: str | os.PathLike) -> None:
+    """Make the written temporary file durable under its final name; remove it on failure."""
+    try:
+        temporary.flush()
+        os.fsync(temporary.fileno())
+        temporary.close()
+        os.replace(temporary.name, path)
+        fsync_dir(Path(path).parent)
+    except BaseException:
+        discard(temporary)
+        raise
+
+
+def discard(temporary: BinaryIO) -> None:
+    temporary.close()
+    Path(temporary.name).unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike):
     """Yield a binary file; on success it replaces `path` durably, on error it is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
-    f = open(tmp, "wb")
+    f = open_temporary(path)
     try:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
     except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
+        discard(f)
         raise
+    commit(f, path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

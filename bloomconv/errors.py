@@ -82,3 +82,11 @@ class VerificationError(BloomconvError):
 
 class RecipeError(BloomconvError):
     """An unknown recipe name or an invalid recipe file."""
+
+
+class QuantizationError(BloomconvError):
+    """A weight cannot be stored in the quantized format asked for, or its stored state is invalid."""
+
+    def __init__(self, tensor: str, problem: str, fix: str):
+        self.tensor, self.problem, self.fix = tensor, problem, fix
+        super().__init__(f"{tensor}: {problem}. {fix}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from bloomconv import __version__
-from bloomconv.atomic import atomic_file, atomic_write_bytes
+from bloomconv.atomic import atomic_write_bytes, commit, discard, open_temporary
 from bloomconv.errors import DestinationError, SourceError
 from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, HF_INDEX_NAME,
                               PREFIX, QuantType, all_units, unit_file, unit_tensor_names)
@@ -87,8 +87,12 @@ def _run(source: SourceCheckpoint, destination: Destination, quantization: Quant
         source_hashes = {name: hasher.submit(_source_entry, source, destination, name)
                          for name in (*source.weight_files, *source.side_files)}
         shards = ShardCache(source.root)
-        outputs = [destination.completed_output(unit) or _write_unit(source, destination, shards, unit, quantization)
-                   for unit in _progressing(units, source, bar)]
+        # fsync of one unit overlaps the writing of the next; commits stay in order
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
+            pending = [_resumed(destination, unit) or _write_unit(source, destination, shards, unit,
+                                                                  quantization, committer)
+                       for unit in _progressing(units, source, bar)]
+            outputs = [future.result() for future in pending]
         shards.close()
         side_outputs = [_write_side_file(source, destination, name, quantization) for name in source.side_files]
         index = _write_hf_index(destination, outputs)
@@ -118,7 +122,9 @@ def _source_entry(source: SourceCheckpoint, destination: Destination, name: str)
 
 
 def _write_unit(source: SourceCheckpoint, destination: Destination, shards: ShardCache, unit: str,
-                quantization: QuantSettings | None) -> FileEntry:
+                quantization: QuantSettings | None,
+                committer: concurrent.futures.Executor) -> concurrent.futures.Future:
+    """Write one unit to a temporary file; its fsync, rename and journal entry run on `committer`."""
     stored: list[tuple[str, torch.Tensor, QuantType]] = []
     for name in unit_tensor_names(unit):
         tensor = shards.get(source.tensors[name])
@@ -127,13 +133,30 @@ def _write_unit(source: SourceCheckpoint, destination: Destination, shards: Shar
             tensor = shards.get(source.tensors[name])  # the shard cache may have moved on
         stored.extend(_encode(PREFIX + name, tensor, quantization))
     relative = unit_file(unit)
-    with atomic_file(destination.path / relative) as f:
-        size, sha256 = write_safetensors(f, [(n, t) for n, t, _ in stored],
+    temporary = open_temporary(destination.path / relative)
+    try:
+        size, sha256 = write_safetensors(temporary, [(n, t) for n, t, _ in stored],
                                          {"format": "pt", "bloomconv_unit": unit})
+    except BaseException:
+        discard(temporary)
+        raise
     entry = FileEntry(relative, size, sha256,
                       tuple(TensorEntry(n, st_dtype(t.dtype), tuple(t.shape), q) for n, t, q in stored))
-    destination.record(unit, entry)
-    return entry
+
+    def finish() -> FileEntry:
+        commit(temporary, destination.path / relative)
+        destination.record(unit, entry)  # only after the rename: a journaled file is whole
+        return entry
+    return committer.submit(finish)
+
+
+def _resumed(destination: Destination, unit: str) -> concurrent.futures.Future | None:
+    entry = destination.completed_output(unit)
+    if entry is None:
+        return None
+    done = concurrent.futures.Future()
+    done.set_result(entry)
+    return done
 
 
 def _encode(name: str, tensor: torch.Tensor, quantization: QuantSettings | None):

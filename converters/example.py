@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from bloomconv.format import EMBEDDING_TENSORS, FINAL_TENSORS, PREFIX
+from bloomconv.format import BLOCK_TENSORS, EMBEDDING_TENSORS, FINAL_TENSORS, PREFIX
+from bloomconv.geometry import Geometry
 
 LAYOUTS = ("release-pickle-shards", "safetensors-shards", "pickle-single", "safetensors-single")
 GEOMETRIES = {
@@ -61,7 +62,8 @@ def write_example_checkpoint(dst: str | os.PathLike, geometry: str | tuple = "ti
     (dst / "config.json").write_text(config.to_json_string())
     write_tokenizer(dst, min(config.vocab_size, 512))
     if layout == "release-pickle-shards":
-        _write_release_shards(dst, state, config.n_layer)
+        groups = _release_groups(config.n_layer)
+        _write_release_shards(dst, ({k: state[k] for k in keys} for keys in groups), groups)
     elif layout == "pickle-single":
         torch.save({PREFIX + k: v for k, v in state.items()}, dst / "pytorch_model.bin")
     else:
@@ -69,19 +71,46 @@ def write_example_checkpoint(dst: str | os.PathLike, geometry: str | tuple = "ti
     return dst
 
 
-def _write_release_shards(dst: Path, state: dict[str, torch.Tensor], n_layer: int) -> None:
+def write_large_release_checkpoint(dst: str | os.PathLike, geometry: tuple, dtype: torch.dtype = torch.bfloat16,
+                                   seed: int = 0) -> Path:
+    """Release-layout checkpoint of any size, written shard by shard (for benchmarks).
+
+    `write_example_checkpoint` builds the whole model in transformers first; this writes each
+    shard from fresh N(0, 0.02) tensors so a checkpoint larger than RAM can be made.
+    """
+    hidden, n_layer, n_head, vocab = geometry
+    config = bloom_config(hidden, n_layer, n_head, vocab)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    (dst / "config.json").write_text(config.to_json_string())
+    write_tokenizer(dst, min(vocab, 512))
+    shapes = Geometry.from_config(config.to_dict()).expected_shapes()
+    generator = torch.Generator().manual_seed(seed)
+
+    def fresh(names):
+        return {n: (torch.randn(shapes[n], generator=generator) * 0.02).to(dtype) for n in names}
+
+    groups = _release_groups(n_layer)
+    _write_release_shards(dst, (fresh(keys) for keys in groups), groups)
+    return dst
+
+
+def _release_groups(n_layer: int) -> list[list[str]]:
+    """Tensor names per shard in bigscience/bloom: embeddings, one shard per block, ln_f."""
+    return [list(EMBEDDING_TENSORS), *([f"h.{i}.{t}" for t in BLOCK_TENSORS] for i in range(n_layer)),
+            list(FINAL_TENSORS)]
+
+
+def _write_release_shards(dst: Path, shard_states, groups: list[list[str]]) -> None:
     """bigscience/bloom: shard 1 embeddings, one shard per block, last shard ln_f; no prefix."""
-    groups = [list(EMBEDDING_TENSORS)]
-    groups += [[k for k in state if k.startswith(f"h.{i}.")] for i in range(n_layer)]
-    groups.append(list(FINAL_TENSORS))
-    total_shards = len(groups)
     weight_map, total_size = {}, 0
-    for number, keys in enumerate(groups, start=1):
-        name = f"pytorch_model_{number:05d}-of-{total_shards:05d}.bin"
-        torch.save({k: state[k] for k in keys}, dst / name)
+    for number, (keys, shard) in enumerate(zip(groups, shard_states), start=1):
+        name = f"pytorch_model_{number:05d}-of-{len(groups):05d}.bin"
+        torch.save(shard, dst / name)
         for k in keys:
             weight_map[k] = name
-            total_size += state[k].numel() * state[k].element_size()
+            total_size += shard[k].numel() * shard[k].element_size()
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (dst / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
 
