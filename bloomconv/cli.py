@@ -5,6 +5,7 @@ the one place that turns exceptions into messages and exit codes.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -56,6 +57,62 @@ def convert(src, dst, quiet):
     from .converters.convert import convert as run
     manifest = run(src, dst, progress=_progress_factory(quiet))
     click.echo(f"{dst}: {len(manifest.files)} files, {sum(f.size for f in manifest.files):,} bytes")
+
+
+@main.command()
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--bits", type=click.Choice(["8", "4"]), help="8: LLM.int8() vector-wise; 4: NF4/FP4 blockwise.")
+@click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), help="4-bit code  [default: nf4]")
+@click.option("--block-size", type=int, help="4-bit elements per absmax  [default: the preset's]")
+@click.option("--double-quant/--no-double-quant", default=None, help="Quantize the 4-bit absmax too.")
+@click.option("--embeddings/--no-embeddings", default=None,
+              help="Quantize the (tied) word embeddings too  [default: the preset's]")
+@click.option("--recipe", help="Apply a preset from `bloomconv recipes`, e.g. bloom-176b-int8.")
+@quiet_option
+@_errors_to_exit_codes
+def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, recipe, quiet):
+    """Convert SRC into DST with the block weights quantized (int8 or 4-bit), with a manifest.
+
+    SRC is a released checkpoint (any layout `convert` reads) or an unquantized bloomconv
+    directory. Re-run the same command after an interruption to resume."""
+    from .converters.convert import convert as run
+    from .recipes import get_recipe, preset_settings
+    if recipe and bits:
+        raise click.UsageError("give either --recipe or --bits, not both")
+    if not recipe and not bits:
+        raise click.UsageError("give --bits 8 or --bits 4 (or --recipe NAME)")
+    if recipe:
+        chosen = get_recipe(recipe)
+        chosen.check_source(src)
+        settings = chosen.quantization
+    else:
+        settings = preset_settings("int8" if bits == "8" else (quant_type or "nf4"))
+    if bits == "8" and (quant_type or block_size or double_quant is not None):
+        raise click.UsageError("--quant-type, --block-size and --double-quant apply to --bits 4 only")
+    overrides = {k: v for k, v in {"block_size": block_size, "double_quant": double_quant,
+                                   "embeddings": embeddings}.items() if v is not None}
+    settings = dataclasses.replace(settings, **overrides)
+    manifest = run(src, dst, quantization=settings, progress=_progress_factory(quiet))
+    click.echo(f"{dst}: {settings.quant_type.value}, {len(manifest.files)} files, "
+               f"{sum(f.size for f in manifest.files):,} bytes")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def recipes(as_json):
+    """List the recipes (model x quantization preset) and the output size each produces."""
+    from .recipes import all_recipes
+    rows = [{"recipe": r.name, "variants": list(r.variants), "source_layouts": list(r.source_layouts),
+             "quantization": r.quantization.to_dict(), "source_bytes": r.source_bytes,
+             "output_bytes": r.output_bytes} for r in all_recipes()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"{'recipe':<18} {'source':>10} {'output':>10}  ratio  models")
+    for row in rows:
+        click.echo(f"{row['recipe']:<18} {row['source_bytes'] / 1e9:>8.2f}GB {row['output_bytes'] / 1e9:>8.2f}GB"
+                   f"  {row['output_bytes'] / row['source_bytes']:.3f}  {', '.join(row['variants'])}")
 
 
 @main.command()

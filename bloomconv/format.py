@@ -114,3 +114,35 @@ SAFETENSORS_DTYPES = {
     "F32": ("float32", 4), "F64": ("float64", 8),
 }
 SOURCE_FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def stored_bytes(shape: tuple[int, ...], source_itemsize: int, quant_type: QuantType = QuantType.NONE,
+                 block_size: int | None = None, double_quant: bool = False) -> int:
+    """Bytes of tensor data one weight takes when stored as `quant_type` (safetensors headers and
+    the ~100-byte 4-bit state blob excluded). The size table behind `bloomconv recipes`."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if quant_type is QuantType.NONE:
+        return numel * source_itemsize
+    if quant_type is QuantType.INT8:
+        return numel + shape[0] * 4                      # int8 weight + fp32 SCB per row
+    blocks = -(-numel // block_size)
+    size = (numel + 1) // 2 + 16 * 4                     # packed nibbles + fp32 code table
+    if double_quant:
+        size += blocks + -(-blocks // NESTED_BLOCK_SIZE_4BIT) * 4 + 256 * 4  # uint8 absmax + nested
+    else:
+        size += blocks * 4                               # fp32 absmax
+    return size
+
+
+NESTED_BLOCK_SIZE_4BIT = 256  # bitsandbytes' block size for quantizing the 4-bit absmax
+
+
+def is_quantized_weight(name: str, embeddings: bool) -> bool:
+    """Whether `quantize` stores this (unprefixed or prefixed) source tensor quantized: the four
+    matmul weights of every block, and the word embeddings when asked."""
+    name = name.removeprefix(PREFIX)
+    if name == EMBEDDING_WEIGHT:
+        return embeddings
+    return name.startswith("h.") and name.split(".", 2)[2] in BLOCK_LINEAR_WEIGHTS

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the reader runs in `verify`, which should not pay torch's ~
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 WRITE_CHUNK_BYTES = 16 * 1024 * 1024
+DATA_ALIGNMENT = 64
 _TORCH_NAME_TO_ST = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
 
 
@@ -128,7 +129,9 @@ def encode_header(tensors: "list[tuple[str, torch.Tensor]]", metadata: dict[str,
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # data section starts 8-byte aligned
+    # The data section starts 64-byte aligned (the spec needs 8): fused kernels such as
+    # torch._weight_int8pack_mm need their weight on a 16-byte boundary to run from the mmap.
+    encoded += b" " * (-(len(encoded) + 8) % DATA_ALIGNMENT)
     return struct.pack("<Q", len(encoded)) + encoded
 
 
