@@ -68,10 +68,13 @@ def convert(src, dst, quiet):
 @click.option("--double-quant/--no-double-quant", default=None, help="Quantize the 4-bit absmax too.")
 @click.option("--embeddings/--no-embeddings", default=None,
               help="Quantize the (tied) word embeddings too  [default: the preset's]")
+@click.option("--int8-scale-from", type=click.Choice(["float16", "source"]),
+              help="int8: take row absmax from the fp16 cast (as transformers does; refuses values "
+                   "beyond fp16 range) or from the source dtype  [default: float16]")
 @click.option("--recipe", help="Apply a preset from `bloomconv recipes`, e.g. bloom-176b-int8.")
 @quiet_option
 @_errors_to_exit_codes
-def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, recipe, quiet):
+def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, int8_scale_from, recipe, quiet):
     """Convert SRC into DST with the block weights quantized (int8 or 4-bit), with a manifest.
 
     SRC is a released checkpoint (any layout `convert` reads) or an unquantized bloomconv
@@ -90,8 +93,11 @@ def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, r
         settings = preset_settings("int8" if bits == "8" else (quant_type or "nf4"))
     if bits == "8" and (quant_type or block_size or double_quant is not None):
         raise click.UsageError("--quant-type, --block-size and --double-quant apply to --bits 4 only")
+    if bits == "4" and int8_scale_from:
+        raise click.UsageError("--int8-scale-from applies to --bits 8 only")
     overrides = {k: v for k, v in {"block_size": block_size, "double_quant": double_quant,
-                                   "embeddings": embeddings}.items() if v is not None}
+                                   "embeddings": embeddings, "int8_scale_from": int8_scale_from}.items()
+                 if v is not None}
     settings = dataclasses.replace(settings, **overrides)
     manifest = run(src, dst, quantization=settings, progress=_progress_factory(quiet))
     click.echo(f"{dst}: {settings.quant_type.value}, {len(manifest.files)} files, "
@@ -182,6 +188,89 @@ def example(dst, geometry, layout, dtype, seed):
     dims = geometry if "," not in geometry else tuple(int(x) for x in geometry.split(","))
     write_example_checkpoint(dst, dims, layout, getattr(torch, dtype), seed)
     click.echo(f"{dst}: random BLOOM ({geometry}, {dtype}) in the {layout} layout")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=50, show_default=True, type=click.IntRange(min=0))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0: greedy; above 0: sample.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: no limit.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", type=int, help="Make sampling reproducible.")
+@click.option("--ram-budget", help="Weights kept in RAM, e.g. 12GB, 800MB, 1.5GiB; the rest streams from "
+              "disk each token.  [default: 90% of available memory less working set and KV cache]")
+@click.option("--threads", type=click.IntRange(min=1), help="Compute threads  [default: torch's]")
+@click.option("--verify", "verify_mode", type=click.Choice(["fast", "full"]), default="fast", show_default=True,
+              help="fast: sizes and headers; full: hash every file first.")
+@click.option("--stats", is_flag=True, help="Print timings and peak memory to stderr.")
+@_errors_to_exit_codes
+def generate(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, ram_budget, threads,
+             verify_mode, stats):
+    """Continue PROMPT with the model in DIRECTORY, printing tokens as they are produced."""
+    from .runtime import GenerationStats, load, parse_size
+    try:
+        budget = None if ram_budget is None else parse_size(ram_budget)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ram-budget") from None
+    watch = _PeakRssAnon() if stats else None
+    with load(directory, verify=verify_mode, ram_budget=budget, threads=threads) as model:
+        if stats:
+            model.checkpoint.wait_until_loaded()  # "ready": every weight that stays in RAM is there
+            ready = _process_age()
+        counts = GenerationStats()
+        click.echo(prompt, nl=False)
+        for piece in model.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed, stats=counts):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        residency = model.checkpoint.residency
+    if stats:
+        peak_anon = watch.stop()
+        hwm = _status_bytes("VmHWM")
+        click.echo(f"start-to-ready {ready:.2f} s (process start to weights in RAM; {len(residency.pinned)} files "
+                   f"pinned, {len(residency.streamed)} streamed, budget {residency.budget / 1e6:,.0f} MB)\n"
+                   f"prefill {counts.prompt_tokens} tokens in {counts.prefill_seconds:.2f} s = "
+                   f"{counts.prefill_tokens_per_s:.1f} tokens/s\n"
+                   f"decode {max(counts.steps - 1, 0)} tokens in {counts.decode_seconds:.2f} s = "
+                   f"{counts.decode_tokens_per_s:.2f} tokens/s\n"
+                   f"peak RSS {hwm / 1e9:.2f} GB, peak RssAnon {peak_anon / 1e9:.2f} GB (sampled every 10 ms)",
+                   err=True)
+
+
+def _status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _process_age() -> float:
+    """Seconds since this process started (the kernel's clock-tick resolution, 10 ms)."""
+    import os
+    started = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return float(open("/proc/uptime").read().split()[0]) - started
+
+
+class _PeakRssAnon:
+    """Sample this process's RssAnon every 10 ms on a daemon thread (the kernel keeps no peak of it)."""
+
+    def __init__(self):
+        import threading
+        self.peak, self._done = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._done.wait(0.01):
+            self.peak = max(self.peak, _status_bytes("RssAnon"))
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return max(self.peak, _status_bytes("RssAnon"))
 
 
 if __name__ == "__main__":

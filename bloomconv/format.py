@@ -99,6 +99,15 @@ class QuantType(str, enum.Enum):
         return self in (QuantType.NF4, QuantType.FP4)
 
 
+# int8: "float16" quantizes the fp16 cast of the weight, as Int8Params/Linear8bitLt/transformers
+# do, so the stored bytes equal transformers' own save; "source" quantizes the weight as it is.
+INT8_SCALE_FROM = ("float16", "source")
+DEFAULT_INT8_SCALE_FROM = "float16"
+BLOCK_SIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
+DEFAULT_BLOCK_SIZE = 64                                        # bitsandbytes' and transformers' default
+NESTED_BLOCK_SIZE = 256                                        # double quant: one absmax per 256 absmax
+
+
 # Suffixes bitsandbytes' state dicts use next to a quantized `<name>.weight`.
 INT8_SCALE_SUFFIX = "SCB"                   # <module>.SCB
 QUANT_ABSMAX_SUFFIX = "absmax"              # <module>.weight.absmax
@@ -130,13 +139,11 @@ def stored_bytes(shape: tuple[int, ...], source_itemsize: int, quant_type: Quant
     blocks = -(-numel // block_size)
     size = (numel + 1) // 2 + 16 * 4                     # packed nibbles + fp32 code table
     if double_quant:
-        size += blocks + -(-blocks // NESTED_BLOCK_SIZE_4BIT) * 4 + 256 * 4  # uint8 absmax + nested
+        size += blocks + -(-blocks // NESTED_BLOCK_SIZE) * 4 + 256 * 4  # uint8 absmax + nested
     else:
         size += blocks * 4                               # fp32 absmax
     return size
 
-
-NESTED_BLOCK_SIZE_4BIT = 256  # bitsandbytes' block size for quantizing the 4-bit absmax
 
 
 def is_quantized_weight(name: str, embeddings: bool) -> bool:
@@ -145,4 +152,5 @@ def is_quantized_weight(name: str, embeddings: bool) -> bool:
     name = name.removeprefix(PREFIX)
     if name == EMBEDDING_WEIGHT:
         return embeddings
-    return name.startswith("h.") and name.split(".", 2)[2] in BLOCK_LINEAR_WEIGHTS
+    head, index, local = (name.split(".", 2) + ["", ""])[:3]
+    return head == "h" and index.isdigit() and local in BLOCK_LINEAR_WEIGHTS

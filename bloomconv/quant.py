@@ -6,7 +6,7 @@ over chunks of rows or of whole 4-bit blocks (`chunk_elements` at a time) writte
 outputs, so memory stays bounded on a 250880×14336 matrix; there are no loops over elements.
 
 Each function gives what bitsandbytes 0.50 gives on CPU, bit for bit (tests/test_quant.py checks
-against `bitsandbytes.functional` itself)::
+against bitsandbytes itself)::
 
     quantize_int8(W, "source")   == F.int8_vectorwise_quant(W, threshold=0.0)[:2]
     quantize_int8(W, "float16")  == the same of W.half(): what Linear8bitLt/transformers store
@@ -15,17 +15,23 @@ against `bitsandbytes.functional` itself)::
                                      state.as_dict(packed=True).items()}}
                                     for packed, state = F.quantize_4bit(W, b, quant_type=t,
                                                                         compress_statistics=dq)
-    dequantize_4bit(stored)      == F.dequantize_4bit(packed, state)
+    dequantize_4bit(stored)      == F.dequantize_4bit(packed, state) with bitsandbytes' reference
+                                    (PyTorch) kernel
 
-The one difference: for FP4 tensors whose last dimension is odd, bitsandbytes dequantizes with
-its PyTorch fallback, which writes -0.0 where its C kernel (and this module) write +0.0.
+bitsandbytes' CPU C kernels for `F.dequantize_4bit` agree with its reference kernel in value but
+not always in bits: the scalar one (CPUs without AVX-512, or a last dimension that is not a
+multiple of 16) writes -0.0 for FP4 code 8 where the reference, AVX-512 and NEON kernels write
++0.0. The AVX-512 one also takes absmax per row, so it is wrong when the last dimension is a
+multiple of 16 but not of the block size (e.g. 96 with blocks of 64); BLOOM's shapes are not.
 
-Speed, bf16 input on this 2-core CPU (`python -m bloomconv.quant` prints the same table), seconds,
-this module vs `F.quantize_4bit` on the whole tensor (nf4, block 64, no double quant):
+Speed on a 2-core AMD EPYC with AVX-512 (bf16 input, best of 2-5 runs, seconds, bloomconv vs
+bitsandbytes on the whole tensor, load average ~3 from other jobs; peak memory above the input)::
 
-    4096×1024:     0.09 vs 0.11         250880×1024:   6.3 vs 6.9 (bitsandbytes peaks at ~4 GB more)
-
-int8 ("float16") on 250880×1024 takes 2.4 s.
+                         4096×1024        250880×1024     peak, 250880×1024
+    nf4 quantize         0.08 vs 0.07     5.3 vs 5.3      0.54 GB vs 3.5 GB  (with double quant)
+    fp4 quantize         0.07 vs 0.08     5.4 vs 22.1
+    int8 quantize        0.007 vs 0.007   1.9 vs 2.9      0.39 GB vs 2.5 GB  (of W.half())
+    nf4 dequantize       0.011 vs <0.001  1.5 vs 0.2      (bitsandbytes: multithreaded C)
 
 >>> w = torch.randn(8, 64, dtype=torch.bfloat16)
 >>> CB, SCB = quantize_int8(w)
@@ -48,22 +54,17 @@ from collections.abc import Mapping
 import torch
 
 from .errors import QuantizationError
-from .format import (NESTED_ABSMAX_SUFFIX, NESTED_QUANT_MAP_SUFFIX, QUANT_ABSMAX_SUFFIX, QUANT_MAP_SUFFIX,
+from .format import (INT8_SCALE_SUFFIX, BLOCK_SIZES_4BIT, DEFAULT_BLOCK_SIZE, DEFAULT_INT8_SCALE_FROM, INT8_SCALE_FROM,
+                     NESTED_BLOCK_SIZE, NESTED_ABSMAX_SUFFIX, NESTED_QUANT_MAP_SUFFIX, QUANT_ABSMAX_SUFFIX, QUANT_MAP_SUFFIX,
                      QUANT_STATE_SUFFIX_TEMPLATE, QuantType)
 
 __all__ = [
     "BLOCK_SIZES", "CHUNK_ELEMENTS", "DEFAULT_BLOCK_SIZE", "DEFAULT_INT8_SCALE_FROM", "FourBitState",
     "INT8_SCALE_FROM", "NESTED_BLOCK_SIZE", "code_table", "dequantize_4bit", "dequantize_int8",
-    "dynamic_map", "quantize_4bit", "quantize_int8",
+    "dequantize_stored", "dynamic_map", "quantize_4bit", "quantize_int8",
 ]
 
-# "float16": quantize the fp16 cast of the weight, as Int8Params/Linear8bitLt/transformers do, so
-# the stored bytes equal transformers' own save. "source": quantize the weight as it is.
-INT8_SCALE_FROM = ("float16", "source")
-DEFAULT_INT8_SCALE_FROM = "float16"
-BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # what bitsandbytes accepts
-DEFAULT_BLOCK_SIZE = 64                                    # bitsandbytes' and transformers' default
-NESTED_BLOCK_SIZE = 256                                    # double quant: absmax per 256 absmax
+BLOCK_SIZES = BLOCK_SIZES_4BIT
 CHUNK_ELEMENTS = 1 << 24  # per step: 32 MB of bf16 input, a few 64 MB fp32/int32 temporaries
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -78,9 +79,9 @@ def quantize_int8(weight: torch.Tensor, scale_from: str = DEFAULT_INT8_SCALE_FRO
     """LLM.int8() vector-wise quantization of a 2-D weight: (CB int8 [out, in], SCB float32 [out]).
 
     SCB is each row's absmax (not absmax/127); CB = round-half-even(w * (127/SCB)) in fp32. An
-    all-zero row gives SCB 0 and CB 0. With `scale_from="float16"` a weight with a value beyond
-    float16's range (|w| >= 65520 after rounding) raises QuantizationError, where bitsandbytes
-    would store an infinite scale; `name` only labels that error.
+    all-zero row gives SCB 0 and CB 0. With `scale_from="float16"` a weight with a value float16
+    cannot hold (|w| >= 65520, which casts to inf) raises QuantizationError, where bitsandbytes
+    would store an infinite scale; `name` only labels errors.
 
     >>> CB, SCB = quantize_int8(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))
     >>> CB.tolist(), SCB.tolist()
@@ -122,7 +123,8 @@ def dequantize_int8(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype = to
     out = torch.empty((rows, cols), dtype=dtype)
     step = max(1, chunk_elements // max(cols, 1))
     for start in range(0, rows, step):
-        out[start:start + step] = CB[start:start + step] * SCB[start:start + step].view(-1, 1) * _INT8_DEQUANT_SCALE
+        rows_SCB = SCB[start:start + step].view(-1, 1)
+        out[start:start + step] = CB[start:start + step] * rows_SCB * _INT8_DEQUANT_SCALE  # same order as bnb
     return out
 
 
@@ -178,7 +180,7 @@ class FourBitState:
         nested = {"nested_blocksize", "nested_dtype", "nested_offset"}
         fix = "The quantized file is damaged or was not written by bitsandbytes/bloomconv; convert again."
         if not isinstance(d, dict) or set(d) not in (base, base | nested):
-            raise QuantizationError("quant_state", f"unexpected 4-bit state keys {sorted(d) if isinstance(d, dict) else d!r}", fix)
+            raise QuantizationError("quant_state", f"unexpected 4-bit state {d!r}", fix)
         if (d["quant_type"] not in ("nf4", "fp4") or d["blocksize"] not in BLOCK_SIZES
                 or d["dtype"] not in ("bfloat16", "float16", "float32")
                 or not isinstance(d["shape"], list) or not all(type(x) is int and x >= 0 for x in d["shape"])):
@@ -190,7 +192,8 @@ class FourBitState:
             raise QuantizationError("quant_state", f"unsupported double-quant state {d!r}", fix)
         else:
             offset = float(d["nested_offset"])
-        return cls(QuantType(d["quant_type"]), d["blocksize"], getattr(torch, d["dtype"]), tuple(d["shape"]), offset)
+        return cls(QuantType(d["quant_type"]), d["blocksize"], getattr(torch, d["dtype"]), tuple(d["shape"]),
+                   offset)
 
     def to_blob(self) -> torch.Tensor:
         """UTF-8 JSON as a uint8 tensor, byte for byte what `QuantState.as_dict(packed=True)` stores."""
@@ -217,7 +220,8 @@ def code_table(quant_type: QuantType) -> torch.Tensor:
                              0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                              0.7229568362236023, 1.0], dtype=torch.float32)
     if quant_type is QuantType.FP4:
-        # sign, 2 exponent bits, 1 mantissa bit (bias 2), scaled to [-1, 1]; code 8 is +0 here too
+        # sign, 2 exponent bits, 1 mantissa bit (bias 2), scaled to [-1, 1]. Code 8 is +0.0: bitsandbytes
+        # writes it as `-0`, which Python reads as the integer 0
         table = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
                               0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0], dtype=torch.float32)
         return table.div_(table.abs().max())
@@ -289,6 +293,7 @@ def _quantize_4bit_chunk(chunk: torch.Tensor, block_size: int, bounds: torch.Ten
     full = x.numel() - x.numel() % block_size
     blocks = x[:full].view(-1, block_size)                              # (nb, bs)
     absmax = blocks.abs().max(dim=-1).values                            # (nb,)
+    # reciprocal-then-multiply, as bitsandbytes; a zero block scales by 1e38 and stays 0
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).view(-1)
     if full < x.numel():
         # the tensor's last, partial block: bitsandbytes divides here and keeps the clamped absmax
@@ -301,10 +306,13 @@ def _quantize_4bit_chunk(chunk: torch.Tensor, block_size: int, bounds: torch.Ten
     return absmax, (codes[0::2] << 4) | codes[1::2]
 
 
-def dequantize_4bit(stored: Mapping[str, torch.Tensor], *, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """The weight `quantize_4bit` stored, in its original shape and dtype (`code[q] * absmax` in fp32).
+def dequantize_4bit(stored: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, *,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """The weight `quantize_4bit` stored, in its original shape: `code[q] * absmax` in fp32, then cast.
 
     `stored` holds the keys `quantize_4bit` returns (a Linear4bit state dict without the bias).
+    `dtype` defaults to the weight's original dtype; Linear4bit's forward dequantizes straight to
+    its compute dtype instead, which `dtype=compute_dtype` reproduces.
     """
     blob_keys = [k for k in stored if k.startswith("weight.quant_state.")]
     if len(blob_keys) != 1:
@@ -320,16 +328,18 @@ def dequantize_4bit(stored: Mapping[str, torch.Tensor], *, chunk_elements: int =
     code = code_table(state.quant_type)
     pair_values = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)   # (256, 2)
     packed = stored["weight"].view(torch.uint8).view(-1)
-    out = torch.empty(state.shape, dtype=state.dtype)
+    out = torch.empty(state.shape, dtype=dtype or state.dtype)
     flat_out = out.view(-1)
     n, block_size = flat_out.numel(), state.block_size
     step = max(1, chunk_elements // block_size) * block_size
     for start in range(0, n, step):
         end = min(start + step, n)
-        values = pair_values[packed[start // 2:(end + 1) // 2].int()].view(-1)[:end - start]     # (m,)
+        pairs = pair_values.index_select(0, packed[start // 2:(end + 1) // 2].int())         # (m/2, 2)
+        values = pairs.view(-1)[:end - start]                                                   # (m,)
         scales = absmax[start // block_size:-(-end // block_size)]
         full = (end - start) - (end - start) % block_size
-        flat_out[start:start + full] = (values[:full].view(-1, block_size) * scales[:full // block_size, None]).view(-1)
+        flat_out[start:start + full] = (values[:full].view(-1, block_size)
+                                        * scales[:full // block_size, None]).view(-1)
         if full < end - start:
             flat_out[start + full:end] = values[full:] * scales[-1]
     return out
@@ -364,7 +374,8 @@ def _quantize_blockwise8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.numel()
     blocks = torch.nn.functional.pad(x, (0, -n % NESTED_BLOCK_SIZE)).view(-1, NESTED_BLOCK_SIZE)  # (nb, 256)
     absmax = blocks.abs().max(dim=1).values
-    normed = (blocks * (1.0 / absmax).unsqueeze(1)).clamp_(-1, 1)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, 0.0)  # zero blocks: kept finite, coded 0 below
+    normed = (blocks * inverse.unsqueeze(1)).clamp_(-1, 1)
     codes = _dynamic_lut()[((normed + 1.0) * 0.5 * (_LUT_BINS - 1) + 0.5).long()]
     codes[absmax == 0] = 0  # the kernel writes code 0 for an all-zero block
     return codes.view(-1)[:n], absmax
@@ -379,3 +390,33 @@ def _check_float_weight(weight: torch.Tensor, name: str) -> None:
     if weight.dtype not in _FLOAT_DTYPES:
         raise QuantizationError(name, f"has dtype {weight.dtype}; only bfloat16, float16 and float32 "
                                 "weights can be quantized", "Quantize the floating-point weights only.")
+
+
+# ------------------------------------------------------------------------ whole state dicts
+
+def dequantize_stored(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plain state dict from stored tensors (a unit file, or a whole directory's).
+
+    Each quantized `<module>.weight` with its `SCB` or 4-bit state becomes the float matrix it
+    encodes (int8: float32; 4-bit: the dtype recorded in its state); other tensors pass through.
+
+    >>> w = torch.randn(4, 64)
+    >>> CB, SCB = quantize_int8(w)
+    >>> sorted(dequantize_stored({"m.weight": CB, "m.SCB": SCB, "m.bias": torch.zeros(4)}))
+    ['m.bias', 'm.weight']
+    """
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith(f".{INT8_SCALE_SUFFIX}") or ".weight." in name:
+            continue  # state of a quantized weight, consumed with it below
+        module = name.removesuffix(".weight")
+        scale = tensors.get(f"{module}.{INT8_SCALE_SUFFIX}") if name.endswith(".weight") else None
+        if scale is not None:
+            out[name] = dequantize_int8(tensor, scale)
+        elif name.endswith(".weight") and any(k.startswith(f"{name}.quant_state.") for k in tensors):
+            prefix = f"{module}."
+            out[name] = dequantize_4bit({k.removeprefix(prefix): v for k, v in tensors.items()
+                                         if k == name or k.startswith(f"{name}.")})
+        else:
+            out[name] = tensor
+    return out

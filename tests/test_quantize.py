@@ -139,3 +139,20 @@ def test_recipe_for_another_geometry_is_refused(release_checkpoint, tmp_path):
     assert result.exit_code == 2 and "recipe bloom-176b-nf4 is for" in result.output
     assert not (tmp_path / "q").exists()
     assert get_recipe("bloom-176b-nf4").quantization == preset_settings("nf4")
+
+
+def test_int8_beyond_fp16_range_is_refused_unless_scaled_from_source(tmp_path):
+    from bloomconv.converters.example import write_example_checkpoint
+    src = write_example_checkpoint(tmp_path / "src", SMALL, "pickle-single")
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    state["transformer.h.1.mlp.dense_4h_to_h.weight"][3, 5] = 1e6  # bf16 holds it, fp16 does not
+    torch.save(state, src / "pytorch_model.bin")
+    result = run("quantize", "--quiet", "--bits", "8", str(src), str(tmp_path / "a"))
+    assert result.exit_code == 2 and "transformer.h.1.mlp.dense_4h_to_h.weight" in result.output
+    assert "source" in result.output and not (tmp_path / "a" / MANIFEST_NAME).exists()
+    result = run("quantize", "--quiet", "--bits", "8", "--int8-scale-from", "source", str(src), str(tmp_path / "b"))
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.quantization.int8_scale_from == "source"
+    scb = load_converted_tensors(tmp_path / "b")["h.1.mlp.dense_4h_to_h.SCB"]
+    assert torch.isfinite(scb).all() and scb[3].item() == pytest.approx(1e6, rel=1e-2)

@@ -1,0 +1,82 @@
+"""What `convert --quantize` stores for each source tensor, under bitsandbytes' state-dict names.
+
+The four matmul weights of every block (and, if asked, the word embeddings) are stored the way
+`bitsandbytes.nn.Linear8bitLt` / `Linear4bit` save them, so a converted directory loads with plain
+`transformers.BloomForCausalLM.from_pretrained(DST)` (config.json gets a `quantization_config`):
+
+    int8   <module>.weight (int8 [out, in]), <module>.SCB (fp32 [out])
+    4-bit  <module>.weight (uint8 [out*in/2, 1]), <module>.weight.absmax, <module>.weight.quant_map,
+           [<module>.weight.nested_absmax, <module>.weight.nested_quant_map,]
+           <module>.weight.quant_state.bitsandbytes__nf4|fp4
+
+Everything else (layernorms, biases) is stored as it is.
+
+Quantized word embeddings (`QuantSettings.embeddings`) are for the bloomconv runtime only:
+transformers keeps `word_embeddings` an `nn.Embedding` and cannot load int8 or 4-bit data into
+it, so such a directory does not load with `from_pretrained`.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bloomconv.format import INT8_SCALE_SUFFIX, QuantType, is_quantized_weight
+from bloomconv.manifest import QuantSettings
+from bloomconv.quant import quantize_4bit, quantize_int8
+
+__all__ = ["config_with_quantization", "encode_for_storage"]
+
+_TIED_HEAD_MODULE = "lm_head"  # never stored (tied to the embeddings): transformers must not convert it
+
+
+def encode_for_storage(name: str, tensor: torch.Tensor,
+                       settings: QuantSettings) -> list[tuple[str, torch.Tensor, QuantType]]:
+    """The (stored name, tensor, quant type) triples that represent one source tensor.
+
+    >>> s = QuantSettings(QuantType.INT8)
+    >>> [(n, t.dtype) for n, t, _ in encode_for_storage("transformer.h.0.self_attention.dense.weight",
+    ...                                                   torch.ones(4, 16), s)]   # doctest: +NORMALIZE_WHITESPACE
+    [('transformer.h.0.self_attention.dense.weight', torch.int8),
+     ('transformer.h.0.self_attention.dense.SCB', torch.float32)]
+    >>> encode_for_storage("transformer.ln_f.bias", torch.zeros(16), s)[0][2]
+    <QuantType.NONE: 'none'>
+    """
+    if not is_quantized_weight(name, settings.embeddings):
+        return [(name, tensor, QuantType.NONE)]
+    module = name.removesuffix(".weight")
+    if settings.quant_type is QuantType.INT8:
+        CB, SCB = quantize_int8(tensor, settings.int8_scale_from, name=name)
+        stored = {"weight": CB, INT8_SCALE_SUFFIX: SCB}
+    else:
+        stored = quantize_4bit(tensor, settings.quant_type, settings.block_size, settings.double_quant, name=name)
+    return [(f"{module}.{key}", value, settings.quant_type) for key, value in stored.items()]
+
+
+def config_with_quantization(config_bytes: bytes, settings: QuantSettings) -> bytes:
+    """config.json with the `quantization_config` transformers needs to load the stored weights.
+
+    The fields are those `BitsAndBytesConfig.to_dict()` writes. The 4-bit compute dtype is float32,
+    transformers' default and the faster choice on CPUs without a fused 4-bit kernel. transformers
+    reads each weight's quant type and block size from its stored state; these fields agree with it.
+
+    >>> cfg = config_with_quantization(b'{"dtype": "bfloat16"}', QuantSettings(QuantType.NF4, 64))
+    >>> json.loads(cfg)["quantization_config"]["bnb_4bit_quant_type"]
+    'nf4'
+    """
+    config = json.loads(config_bytes)
+    is_4bit = settings.quant_type.is_4bit
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes",
+        "load_in_8bit": settings.quant_type is QuantType.INT8,
+        "load_in_4bit": is_4bit,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_skip_modules": [_TIED_HEAD_MODULE],
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "bnb_4bit_quant_type": settings.quant_type.value if is_4bit else "fp4",
+        "bnb_4bit_use_double_quant": settings.double_quant,
+        "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_quant_storage": "uint8",
+    }
+    return (json.dumps(config, indent=2) + "\n").encode("utf-8")
