@@ -3,10 +3,12 @@
 >>> import bloomconv
 >>> bloomconv.convert("bloom-560m", "bloom-560m-blocks")        # doctest: +SKIP
 >>> bloomconv.verify("bloom-560m-blocks")                         # doctest: +SKIP
+>>> model = bloomconv.load("bloom-560m-blocks")                   # doctest: +SKIP
+>>> model.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
 """
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "convert", "verify", "inspect"]
+__all__ = ["__version__", "convert", "inspect", "load", "quantize", "verify"]
 
 
 def __getattr__(name):
@@ -14,6 +16,12 @@ def __getattr__(name):
     if name == "convert":
         from .converters.convert import convert
         return convert
+    if name == "quantize":
+        from .converters.convert import quantize
+        return quantize
+    if name == "load":
+        from .runtime import load
+        return load
     if name == "verify":
         from .verify import verify
         return verify

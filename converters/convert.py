@@ -54,6 +54,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: Qua
         return manifest
 
 
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, quantization: QuantSettings, *,
+             progress: ProgressFactory = no_progress) -> Manifest:
+    """`convert` with the block weights quantized as `quantization` says.
+
+    >>> quantize("bloom-560m", "bloom-560m-int8", QuantSettings(QuantType.INT8))   # doctest: +SKIP
+    """
+    return convert(src, dst, quantization=quantization, progress=progress)
+
+
 def _job_record(source: SourceCheckpoint, quantization: QuantSettings | None) -> dict:
     files = []
     for name in (*source.weight_files, *source.side_files):

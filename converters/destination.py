@@ -64,13 +64,19 @@ class Destination:
                                        "or with different settings",
                                        "Re-run that exact command to finish it, or choose an empty destination.")
             self._remove_temporaries()
+            (self.path / JOURNAL_DIR).mkdir(exist_ok=True)
             return True
-        stray = [p.name for p in self.path.iterdir() if p.name != LOCK_NAME]
+        # A run killed before its job record was in place leaves at most a temporary file and
+        # an empty journal: treat the directory as empty then.
+        stray = [p.name for p in self.path.iterdir()
+                 if p.name != LOCK_NAME and not is_temporary(p.name)
+                 and not (p.name == JOURNAL_DIR and not any(p.iterdir()))]
         if stray:
             raise DestinationError(self.path, f"is not empty ({', '.join(sorted(stray)[:3])}…) and holds "
                                    "no bloomconv conversion", "Choose an empty or new destination.")
-        (self.path / JOURNAL_DIR).mkdir()
+        self._remove_temporaries()
         atomic_write_bytes(job_path, json.dumps(job, sort_keys=True).encode())
+        (self.path / JOURNAL_DIR).mkdir(exist_ok=True)
         return False
 
     def _remove_temporaries(self) -> None:

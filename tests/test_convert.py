@@ -282,3 +282,11 @@ def test_killed_conversion_resumes_to_the_same_manifest(tmp_path):
 
 def verify_cli(directory, *args):
     return CliRunner().invoke(main, ["verify", "--quiet", *args, str(directory)])
+
+
+def test_run_killed_before_its_job_record_leaves_a_restartable_destination(release_checkpoint, tmp_path):
+    dst = tmp_path / "dst"
+    (dst / ".bloomconv-journal").mkdir(parents=True)
+    (dst / ".bloomconv-job.json.tmp-12345").write_text("{half")
+    convert(release_checkpoint, dst)
+    assert verify(dst).ok
