@@ -40,7 +40,8 @@ def schemes() -> dict[str, QuantSettings | None]:
         for quant_type in (QuantType.NF4, QuantType.FP4):
             for block in (32, 64, 128):
                 out[f"{quant_type.value}-b{block}{tag}"] = QuantSettings(quant_type, block, False, embeddings)
-        out[f"nf4-b64-dq{tag}"] = QuantSettings(QuantType.NF4, 64, True, embeddings)
+        for block in (64, 128):
+            out[f"nf4-b{block}-dq{tag}"] = QuantSettings(QuantType.NF4, block, True, embeddings)
     return out
 
 
@@ -97,7 +98,7 @@ def reconstruction_errors(fixture: Path) -> dict[str, dict]:
 
     out = {}
     configs = [("int8", None, False)] + [(t, b, False) for t in ("nf4", "fp4") for b in (32, 64, 128)] \
-        + [("nf4", 64, True)]
+        + [("nf4", 64, True), ("nf4", 128, True)]
     for kind, block, dq in configs:
         ours, theirs = [], []
         for w in weights.values():

@@ -42,7 +42,8 @@ def test_int8_stores_bitsandbytes_layout_and_records_it(int8_dir):
     assert tensors[f"{LINEAR}.SCB"].dtype == "F32" and tensors[f"{LINEAR}.SCB"].shape == (4 * SMALL[0],)
     assert tensors[f"{LINEAR}.bias"].dtype == "BF16" and tensors[f"{LINEAR}.bias"].quant is QuantType.NONE
     assert tensors["transformer.h.0.input_layernorm.weight"].dtype == "BF16"
-    assert tensors["transformer.word_embeddings.weight"].dtype == "BF16"  # default: kept
+    assert tensors["transformer.word_embeddings.weight"].dtype == "I8"  # int8 preset: quantized too
+    assert tensors["transformer.word_embeddings.SCB"].shape == (SMALL[3],)
     assert verify(int8_dir).ok
 
 
@@ -52,7 +53,7 @@ def test_quantized_values_dequantize_close_to_the_source(int8_dir, release_check
                                                                                    | {}).items()}
     assert set(restored) == set(source)
     for name, w in source.items():
-        if is_quantized_weight(name, embeddings=False):
+        if is_quantized_weight(name, embeddings=True):
             bound = w.float().abs().amax(dim=1, keepdim=True) / 127 / 2 + 1e-6
             assert ((restored[name].float() - w.float()).abs() <= bound * 1.01).all(), name
         else:
@@ -60,7 +61,8 @@ def test_quantized_values_dequantize_close_to_the_source(int8_dir, release_check
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--bits", "4"], QuantSettings(QuantType.NF4, 64, True, False)),
+    (["--bits", "4"], QuantSettings(QuantType.NF4, 128, True, False)),
+    (["--bits", "8", "--no-embeddings"], QuantSettings(QuantType.INT8, embeddings=False)),
     (["--bits", "4", "--quant-type", "fp4", "--block-size", "128", "--no-double-quant", "--embeddings"],
      QuantSettings(QuantType.FP4, 128, False, True)),
 ])
@@ -70,10 +72,12 @@ def test_4bit_options_are_recorded(release_checkpoint, tmp_path, args, expected)
     manifest = read_manifest(tmp_path / "q")
     assert manifest.quantization == expected
     names = {t.name for f in manifest.files for t in f.tensors}
-    suffix = f"{LINEAR}.weight.quant_state.bitsandbytes__{expected.quant_type.value}"
-    assert suffix in names
-    assert (f"{LINEAR}.weight.nested_absmax" in names) == expected.double_quant
-    assert ("transformer.word_embeddings.weight.absmax" in names) == expected.embeddings
+    if expected.quant_type.is_4bit:
+        assert f"{LINEAR}.weight.quant_state.bitsandbytes__{expected.quant_type.value}" in names
+        assert (f"{LINEAR}.weight.nested_absmax" in names) == expected.double_quant
+        assert ("transformer.word_embeddings.weight.absmax" in names) == expected.embeddings
+    else:
+        assert ("transformer.word_embeddings.SCB" in names) == expected.embeddings
     assert verify(tmp_path / "q").ok
 
 
