@@ -1,0 +1,658 @@
+/* Fused dequantize-and-multiply for bitsandbytes' 4-bit (NF4/FP4) weights on CPU.
+ *
+ * out (M, N) = x (M, K) @ W (N, K)^T, where W is stored as bitsandbytes stores it: packed uint8
+ * over the flattened row-major matrix (element 2i in the HIGH nibble), one absmax per block of
+ * `block_size` consecutive elements (fp32, or uint8 codes of an 8-bit "nested" quantization).
+ * Each weight is code[q] * absmax in fp32, optionally rounded to bf16/fp16 (the dtype the matrix
+ * was quantized from), exactly what bloomconv.quant.dequantize_4bit computes; only the order of
+ * the fp32 sums differs from F.linear on the dequantized matrix.
+ *
+ * Two implementations, chosen at run time: AVX2+FMA (rows of a multiple of 32 elements; compiled
+ * for AVX2 per function with a target attribute, so the build needs no -march flag) and portable
+ * C (any shape). Weight rows are shared out among `threads` pthreads created per call (tens of
+ * microseconds); per-call threads keep the module free of global state and safe across fork().
+ *
+ * Called from Python with raw data pointers (see __init__.py, which validates every argument).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(_WIN32) && (defined(__GNUC__) || defined(__clang__))  /* pthreads and __atomic builtins */
+#include <pthread.h>
+#include <sched.h>
+#define HAVE_PTHREADS 1
+#endif
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX2_KERNEL 1
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#endif
+
+enum { ROUND_NONE = 0, ROUND_BF16 = 1, ROUND_FP16 = 2 };
+enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2 };
+enum { CHUNK = 32 };            /* elements decoded per AVX2 step: 16 packed bytes */
+enum { SLICE_FLOATS = 65536 };  /* AVX2 small batches: x floats (batch * columns) per pass, in L2 */
+enum { ROW_BUFFER = 4096 };     /* small batches: decoded weights per pass, in L1 */
+enum { MIN_BYTES_PER_THREAD = 64 * 1024 };  /* below this a thread costs more than it saves */
+enum { GRAIN_BYTES = 32 * 1024 };           /* work a thread takes at a time */
+
+typedef struct {
+    const uint8_t *packed;         /* ceil(N*K/2) bytes */
+    const float *code;             /* 16 values */
+    const float *absmax;           /* one per block; NULL when nested */
+    const uint8_t *absmax_codes;   /* nested: one uint8 code per block */
+    const float *nested_absmax;    /* nested: one per nested block */
+    const float *nested_code;      /* nested: 256 values */
+    float nested_offset;
+    int nested_shift;              /* log2(nested block size) */
+    int block_shift;               /* log2(block size) */
+    int64_t rows, cols;            /* N, K */
+    int rounding;
+} Matrix;
+
+typedef struct Task Task;
+struct Task {
+    void (*run)(const Task *);
+    const Matrix *w;
+    const float *x;                /* (M, K); AVX2: as layout_x arranges it */
+    int64_t batch;                 /* M */
+    const int64_t *row_ids;        /* dequantize: rows to write, in order */
+    float *out;
+    int64_t begin, end;            /* matmul: weight rows; dequantize: positions in row_ids */
+};
+
+/* The nested absmax is a multiply, then an add, each rounded: setup.py passes -ffp-contract=off so
+ * gcc does not fuse them (clang fuses only within one expression). */
+static inline float block_scale(const Matrix *w, int64_t block)
+{
+    if (w->absmax)
+        return w->absmax[block];
+    float scaled = w->nested_code[w->absmax_codes[block]] * w->nested_absmax[block >> w->nested_shift];
+    return scaled + w->nested_offset;
+}
+
+/* ------------------------------------------------------------------------------ scalar path */
+
+static inline float bits_to_float(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline uint32_t float_to_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+/* Round to the nearest bf16/fp16 value, ties to even, as torch's .to(dtype) does (finite input). */
+static inline float round_weight(float v, int rounding)
+{
+    if (rounding == ROUND_NONE)
+        return v;
+    uint32_t b = float_to_bits(v);
+    if (rounding == ROUND_BF16) {
+        b += 0x7FFFu + ((b >> 16) & 1u);
+        return bits_to_float(b & 0xFFFF0000u);
+    }
+    uint32_t sign = b & 0x80000000u, mag = b & 0x7FFFFFFFu;
+    float a = bits_to_float(mag);
+    if (a >= 65520.0f)                       /* rounds past fp16's largest finite value */
+        mag = 0x7F800000u;
+    else if (a < 6.103515625e-05f) {         /* fp16 subnormals: multiples of 2^-24 */
+        volatile float shifted = a + 0.5f;   /* rounded to float's 2^-24 steps in [0.5, 1) */
+        mag = float_to_bits(shifted - 0.5f);
+    }
+    else
+        mag = (mag + 0xFFFu + ((mag >> 13) & 1u)) & ~0x1FFFu;
+    return bits_to_float(sign | mag);
+}
+
+/* Weights of row elements [c0, c1) into dst: per block, its 16 possible weights are computed once
+ * and each packed byte then gives two by lookup. Any row length: rows may start mid-byte. */
+static void decode_weights(const Matrix *w, int64_t row, int64_t c0, int64_t c1, float *dst)
+{
+    const int64_t first = row * w->cols;
+    float table[16];
+    dst -= c0;
+    for (int64_t c = c0; c < c1;) {
+        const int64_t block = (first + c) >> w->block_shift;
+        const int64_t block_end = ((block + 1) << w->block_shift) - first;
+        const int64_t stop = block_end < c1 ? block_end : c1;
+        const float scale = block_scale(w, block);
+        for (int q = 0; q < 16; q++)
+            table[q] = round_weight(w->code[q] * scale, w->rounding);
+        if ((first + c) & 1) {  /* a low nibble first */
+            dst[c] = table[w->packed[(first + c) >> 1] & 15];
+            c++;
+        }
+        for (; c + 1 < stop; c += 2) {
+            const uint8_t byte = w->packed[(first + c) >> 1];
+            dst[c] = table[byte >> 4];
+            dst[c + 1] = table[byte & 15];
+        }
+        if (c < stop) {         /* a high nibble last */
+            dst[c] = table[w->packed[(first + c) >> 1] >> 4];
+            c++;
+        }
+    }
+}
+
+/* Eight running sums, so the compiler can keep them in one vector register without reordering. */
+static float dot(const float *a, const float *b, int64_t n)
+{
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] += a[i + j] * b[i + j];
+    for (; i < n; i++)
+        acc[0] += a[i] * b[i];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/* Each weight row is decoded once, ROW_BUFFER columns at a time, and used for every row of x. */
+static void scalar_matmul(const Task *t)
+{
+    const Matrix *w = t->w;
+    const int64_t K = w->cols, N = w->rows;
+    float weights[ROW_BUFFER];
+    for (int64_t r = t->begin; r < t->end; r++)
+        for (int64_t k0 = 0; k0 < K; k0 += ROW_BUFFER) {
+            const int64_t k1 = k0 + ROW_BUFFER < K ? k0 + ROW_BUFFER : K;
+            decode_weights(w, r, k0, k1, weights);
+            for (int64_t m = 0; m < t->batch; m++) {
+                float *out = t->out + m * N + r;
+                *out = (k0 == 0 ? 0.0f : *out) + dot(weights, t->x + m * K + k0, k1 - k0);
+            }
+        }
+}
+
+static void scalar_dequantize(const Task *t)
+{
+    for (int64_t i = t->begin; i < t->end; i++)
+        decode_weights(t->w, t->row_ids[i], 0, t->w->cols, t->out + i * t->w->cols);
+}
+
+/* -------------------------------------------------------------------------------- AVX2 path */
+#ifdef HAVE_AVX2_KERNEL
+
+#define ALWAYS_INLINE __attribute__((always_inline)) inline
+
+/* The code table: as fp32 (for the bf16 tables) and as its 4 byte planes, each in both 128-bit
+ * lanes (vpshufb tables). */
+typedef struct { __m256 code_lo, code_hi; __m256i plane[4]; } CodeLut;
+
+AVX2_TARGET static CodeLut make_lut(const float *code)
+{
+    uint8_t planes[4][16];
+    for (int q = 0; q < 16; q++) {
+        uint32_t b = float_to_bits(code[q]);
+        for (int k = 0; k < 4; k++)
+            planes[k][q] = (uint8_t)(b >> (8 * k));
+    }
+    CodeLut lut = {.code_lo = _mm256_loadu_ps(code), .code_hi = _mm256_loadu_ps(code + 8)};
+    for (int k = 0; k < 4; k++)
+        lut.plane[k] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)planes[k]));
+    return lut;
+}
+
+/* What one block needs to turn codes into weights: its scale, or for weights rounded to bf16
+ * the block's 16 possible weights round(code[q] * absmax) as 2 byte planes. The bf16 table costs
+ * ~17 instructions per block and saves the multiply and the rounding (5 more) on every weight. */
+typedef struct { __m256 scale; __m256i bf16_lo, bf16_hi; } BlockDecoder;
+
+AVX2_TARGET static ALWAYS_INLINE void begin_block(const Matrix *w, const CodeLut *lut, int64_t block,
+                                                  int rounding, BlockDecoder *d)
+{
+    const float scale = block_scale(w, block);
+    if (rounding != ROUND_BF16) {
+        d->scale = _mm256_set1_ps(scale);
+        return;
+    }
+    const __m256 s = _mm256_set1_ps(scale);
+    __m256i b0 = _mm256_castps_si256(_mm256_mul_ps(lut->code_lo, s));   /* codes 0..7 */
+    __m256i b1 = _mm256_castps_si256(_mm256_mul_ps(lut->code_hi, s));   /* codes 8..15 */
+    /* round to nearest even: the top 16 bits are then the bf16 pattern */
+    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF);
+    b0 = _mm256_add_epi32(b0, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(b0, 16), one)));
+    b1 = _mm256_add_epi32(b1, _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(b1, 16), one)));
+    /* per lane, dwords: low bytes of codes 0-3 | high bytes of 0-3 | low of 8-11 | high of 8-11
+     * (codes 4-7 and 12-15 in the high lane) */
+    const __m256i bytes = _mm256_or_si256(
+        _mm256_shuffle_epi8(b0, _mm256_setr_epi8(2, 6, 10, 14, 3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                 2, 6, 10, 14, 3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1)),
+        _mm256_shuffle_epi8(b1, _mm256_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, 2, 6, 10, 14, 3, 7, 11, 15,
+                                                 -1, -1, -1, -1, -1, -1, -1, -1, 2, 6, 10, 14, 3, 7, 11, 15)));
+    d->bf16_lo = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 2, 6, 0, 4, 2, 6));
+    d->bf16_hi = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(1, 5, 3, 7, 1, 5, 3, 7));
+}
+
+/* The 32 weights of 16 packed bytes, in 4 vectors. Vector j holds elements 8j..8j+7 in the lane
+ * order 0,2,4,6,1,3,5,7: high nibbles (even elements) go through the low 128-bit lane and low
+ * nibbles (odd elements) through the high one, so the vpshufb lookups and the byte/word
+ * interleaves that assemble the floats all stay within lanes. The matmul lays x out to match;
+ * dequantize undoes the order with one permute per vector.
+ * fp32 weights: 4 byte-plane lookups, interleaved bytes to words to dwords, times the scale.
+ * bf16 weights: 2 lookups in the block's table give 16-bit words, which become floats with a shift
+ * or a mask; the bytes are first reordered so that this yields the same element order. */
+AVX2_TARGET static ALWAYS_INLINE void decode32(const uint8_t *p, const CodeLut *lut, const BlockDecoder *d,
+                                               int rounding, __m256 f[4])
+{
+    __m128i bytes = _mm_loadu_si128((const __m128i *)p);
+    if (rounding == ROUND_BF16)
+        bytes = _mm_shuffle_epi8(bytes, _mm_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15));
+    const __m256i idx = _mm256_and_si256(
+        _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_srli_epi16(bytes, 4)), bytes, 1), _mm256_set1_epi8(15));
+    if (rounding == ROUND_BF16) {
+        const __m256i lo = _mm256_shuffle_epi8(d->bf16_lo, idx), hi = _mm256_shuffle_epi8(d->bf16_hi, idx);
+        const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+        const __m256i high_word = _mm256_set1_epi32((int)0xFFFF0000u);
+        f[0] = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+        f[1] = _mm256_castsi256_ps(_mm256_and_si256(w0, high_word));
+        f[2] = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+        f[3] = _mm256_castsi256_ps(_mm256_and_si256(w1, high_word));
+        return;
+    }
+    const __m256i b0 = _mm256_shuffle_epi8(lut->plane[0], idx), b1 = _mm256_shuffle_epi8(lut->plane[1], idx);
+    const __m256i b2 = _mm256_shuffle_epi8(lut->plane[2], idx), b3 = _mm256_shuffle_epi8(lut->plane[3], idx);
+    const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+    f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
+    f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
+    f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
+    f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
+    for (int j = 0; j < 4; j++) {
+        f[j] = _mm256_mul_ps(f[j], d->scale);
+        if (rounding == ROUND_FP16)
+            f[j] = _mm256_cvtph_ps(_mm256_cvtps_ph(f[j], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+}
+
+/* Weights of row elements [c0, c1) (multiples of 32) through `consume(f, c)` for each 32. */
+#define FOR_EACH_CHUNK(w, lut, rounding, row, c0, c1, f, c, ...)                                   \
+    do {                                                                                          \
+        const int64_t first_ = (row) * (w)->cols, mask_ = ((int64_t)1 << (w)->block_shift) - 1;   \
+        BlockDecoder d_ = {_mm256_setzero_ps(), _mm256_setzero_si256(), _mm256_setzero_si256()};  \
+        for (int64_t c = (c0); c < (c1); c += CHUNK) {                                            \
+            if (c == (c0) || ((first_ + c) & mask_) == 0)                                         \
+                begin_block(w, lut, (first_ + c) >> (w)->block_shift, rounding, &d_);             \
+            __m256 f[4];                                                                          \
+            decode32((w)->packed + ((first_ + c) >> 1), lut, &d_, rounding, f);                   \
+            __VA_ARGS__                                                                           \
+        }                                                                                         \
+    } while (0)
+
+/* Each kernel is written once with `rounding` a parameter and compiled once per rounding mode. */
+#define DISPATCH_ROUNDING(impl, t)                                                                \
+    switch ((t)->w->rounding) {                                                                   \
+    case ROUND_BF16: impl(t, ROUND_BF16); break;                                                  \
+    case ROUND_FP16: impl(t, ROUND_FP16); break;                                                  \
+    default: impl(t, ROUND_NONE); break;                                                          \
+    }
+
+AVX2_TARGET static ALWAYS_INLINE float hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Batch 1: four independent accumulators per row hide the FMA latency. */
+AVX2_TARGET static ALWAYS_INLINE void matvec_impl(const Task *t, int rounding)
+{
+    const Matrix *w = t->w;
+    const CodeLut lut = make_lut(w->code);
+    for (int64_t r = t->begin; r < t->end; r++) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        FOR_EACH_CHUNK(w, &lut, rounding, r, 0, w->cols, f, c,
+            for (int j = 0; j < 4; j++)
+                acc[j] = _mm256_fmadd_ps(f[j], _mm256_loadu_ps(t->x + c + 8 * j), acc[j]);
+        );
+        t->out[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    }
+}
+
+AVX2_TARGET static void avx2_matvec(const Task *t) { DISPATCH_ROUNDING(matvec_impl, t) }
+
+/* Rows of x in groups of X_GROUP, laid out for the small-batch kernel: group g holds, for each
+ * 8 columns j, its rows' 8 values one after another (xg + (j * width + i) * 8 for row i of the
+ * group, width = min(batch, X_GROUP)), columns in decode32's order. One group is then a single
+ * sequential stream; rows K floats apart would share L1 sets whenever K*4 is a multiple of 4096. */
+enum { X_GROUP = 4 };
+
+static void layout_x(const float *x, float *dst, int64_t batch, int64_t cols)
+{
+    static const int order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+    const int64_t width = batch < X_GROUP ? batch : X_GROUP;
+    for (int64_t m = 0; m < batch; m++) {
+        float *group = dst + (m / width) * width * cols;
+        for (int64_t j = 0; j < cols / 8; j++)
+            for (int k = 0; k < 8; k++)
+                group[(j * width + m % width) * 8 + k] = x[m * cols + j * 8 + order[k]];
+    }
+}
+
+/* sums[v][i] = dot(weights[v][0:n], row i of the x group) for v < vectors, i < rows (constants
+ * once inlined). A 2x4 tile loads 6 vectors per 8 FMAs and keeps 8 independent sums in flight;
+ * `weights` is in L1, the x group in L1/L2. */
+AVX2_TARGET static ALWAYS_INLINE void dot_tile(const float *weights, const float *xg, int64_t n, int64_t width,
+                                               int vectors, int rows, float sums[2][X_GROUP])
+{
+    __m256 acc[2][X_GROUP];
+    for (int v = 0; v < vectors; v++)
+        for (int i = 0; i < rows; i++)
+            acc[v][i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n / 8; j++) {
+        const float *p = xg + j * width * 8;
+        for (int v = 0; v < vectors; v++) {
+            const __m256 wv = _mm256_load_ps(weights + v * ROW_BUFFER + j * 8);
+            for (int i = 0; i < rows; i++)
+                acc[v][i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p + i * 8), acc[v][i]);
+        }
+    }
+    for (int v = 0; v < vectors; v++)
+        for (int i = 0; i < rows; i++)
+            sums[v][i] = hsum(acc[v][i]);
+}
+
+AVX2_TARGET static void dot_tiles(const float *weights, const float *xg, int64_t n, int64_t width,
+                                  int vectors, int rows, float sums[2][X_GROUP])
+{
+#define DOT_TILE_ROWS(vectors)                                                                    \
+    switch (rows) {                                                                               \
+    case 4: dot_tile(weights, xg, n, width, vectors, 4, sums); break;                             \
+    case 3: dot_tile(weights, xg, n, width, vectors, 3, sums); break;                             \
+    case 2: dot_tile(weights, xg, n, width, vectors, 2, sums); break;                             \
+    default: dot_tile(weights, xg, n, width, vectors, 1, sums); break;                            \
+    }
+    if (vectors == 2) {
+        DOT_TILE_ROWS(2)
+    } else {
+        DOT_TILE_ROWS(1)
+    }
+#undef DOT_TILE_ROWS
+}
+
+/* Small batches: two weight rows at a time are decoded once per column slice into an L1 buffer
+ * (exactly the weights dequantize writes) and multiplied there by every row of x. Slices keep
+ * the x columns they touch (batch * slice floats) in L2 across all weight rows. */
+AVX2_TARGET static ALWAYS_INLINE void matmul_impl(const Task *t, int rounding)
+{
+    const Matrix *w = t->w;
+    const int64_t K = w->cols, N = w->rows, batch = t->batch;
+    const int64_t width = batch < X_GROUP ? batch : X_GROUP;
+    const CodeLut lut = make_lut(w->code);
+    int64_t slice = (SLICE_FLOATS / batch) / CHUNK * CHUNK;
+    slice = slice < CHUNK ? CHUNK : slice > ROW_BUFFER ? ROW_BUFFER : slice;
+    float weights[2 * ROW_BUFFER] __attribute__((aligned(32)));
+    float sums[2][X_GROUP];
+    for (int64_t k0 = 0; k0 < K; k0 += slice) {
+        const int64_t k1 = k0 + slice < K ? k0 + slice : K;
+        for (int64_t r0 = t->begin; r0 < t->end; r0 += 2) {
+            const int vectors = t->end - r0 < 2 ? 1 : 2;
+            for (int v = 0; v < vectors; v++) {
+                float *row = weights + v * ROW_BUFFER - k0;
+                FOR_EACH_CHUNK(w, &lut, rounding, r0 + v, k0, k1, f, c,
+                    for (int j = 0; j < 4; j++)
+                        _mm256_store_ps(row + c + 8 * j, f[j]);
+                );
+            }
+            for (int64_t m0 = 0; m0 < batch; m0 += width) {
+                const int rows = batch - m0 < width ? (int)(batch - m0) : (int)width;
+                dot_tiles(weights, t->x + m0 * K + k0 * width, k1 - k0, width, vectors, rows, sums);
+                for (int v = 0; v < vectors; v++)
+                    for (int i = 0; i < rows; i++) {
+                        float *out = t->out + (m0 + i) * N + r0 + v;
+                        *out = (k0 == 0 ? 0.0f : *out) + sums[v][i];
+                    }
+            }
+        }
+    }
+}
+
+AVX2_TARGET static void avx2_matmul(const Task *t) { DISPATCH_ROUNDING(matmul_impl, t) }
+
+AVX2_TARGET static ALWAYS_INLINE void dequantize_impl(const Task *t, int rounding)
+{
+    const Matrix *w = t->w;
+    const CodeLut lut = make_lut(w->code);
+    const __m256i natural = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  /* undoes decode32's order */
+    for (int64_t i = t->begin; i < t->end; i++) {
+        float *dst = t->out + i * w->cols;
+        FOR_EACH_CHUNK(w, &lut, rounding, t->row_ids[i], 0, w->cols, f, c,
+            for (int j = 0; j < 4; j++)
+                _mm256_storeu_ps(dst + c + 8 * j, _mm256_permutevar8x32_ps(f[j], natural));
+        );
+    }
+}
+
+AVX2_TARGET static void avx2_dequantize(const Task *t) { DISPATCH_ROUNDING(dequantize_impl, t) }
+
+static int cpu_has_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#else
+static int cpu_has_avx2(void) { return 0; }
+#endif
+
+/* ------------------------------------------------------------------------------- threading */
+
+/* Items [0, count) handed out GRAIN_BYTES of work at a time from a shared counter. The calling
+ * thread works too and then waits only for grains already taken: a helper that the OS has not yet
+ * run (other jobs on a 2-core machine) finds nothing left and quits later on its own, so it costs
+ * the call nothing. Each item's result does not depend on which thread computes it. */
+typedef struct {
+    Task task;
+    int64_t count, grain;
+    int64_t next, done;  /* atomic: items handed out, items finished */
+    int64_t refs;        /* atomic: threads still holding the queue; the last one frees it */
+} WorkQueue;
+
+#ifdef HAVE_PTHREADS
+static int64_t fetch_add(int64_t *value, int64_t delta) { return __atomic_fetch_add(value, delta, __ATOMIC_ACQ_REL); }
+static int64_t load(int64_t *value) { return __atomic_load_n(value, __ATOMIC_ACQUIRE); }
+#else  /* one thread */
+static int64_t fetch_add(int64_t *value, int64_t delta) { int64_t old = *value; *value += delta; return old; }
+#endif
+
+static void work(WorkQueue *queue)
+{
+    for (;;) {
+        const int64_t begin = fetch_add(&queue->next, queue->grain);
+        if (begin >= queue->count)
+            return;
+        Task part = queue->task;
+        part.begin = begin;
+        part.end = begin + queue->grain < queue->count ? begin + queue->grain : queue->count;
+        part.run(&part);
+        fetch_add(&queue->done, part.end - part.begin);
+    }
+}
+
+static void release(WorkQueue *queue)
+{
+    if (fetch_add(&queue->refs, -1) == 1)
+        free(queue);
+}
+
+#ifdef HAVE_PTHREADS
+static void *helper(void *arg)
+{
+    work(arg);
+    release(arg);
+    return NULL;
+}
+#endif
+
+/* Runs `task` over items [0, count) on up to `threads` threads, this one included; -1 when out of
+ * memory. */
+static int run_parallel(Task task, int64_t count, int64_t bytes_per_item, int threads)
+{
+    bytes_per_item = bytes_per_item > 0 ? bytes_per_item : 1;
+    const int64_t grain = GRAIN_BYTES / bytes_per_item;
+    int64_t helpers = count * bytes_per_item / MIN_BYTES_PER_THREAD - 1;  /* threads besides this one */
+    helpers = helpers < threads - 1 ? helpers : threads - 1;
+    WorkQueue *queue = malloc(sizeof *queue);
+    if (!queue)
+        return -1;
+    *queue = (WorkQueue){.task = task, .count = count, .grain = grain > 0 ? grain : 1, .refs = 1};
+#ifdef HAVE_PTHREADS
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    for (int64_t i = 0; i < helpers; i++) {
+        pthread_t id;
+        fetch_add(&queue->refs, 1);
+        if (pthread_create(&id, &attr, helper, queue) != 0) {
+            fetch_add(&queue->refs, -1);
+            break;
+        }
+    }
+    pthread_attr_destroy(&attr);
+#else
+    (void)helpers;
+#endif
+    work(queue);
+#ifdef HAVE_PTHREADS
+    while (load(&queue->done) < count)  /* only grains other threads are finishing */
+        sched_yield();
+#endif
+    release(queue);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------ Python glue */
+
+static int ilog2(int64_t v)
+{
+    int s = 0;
+    while (((int64_t)1 << s) < v)
+        s++;
+    return s;
+}
+
+/* The matrix arguments shared by matmul and dequantize, in this order:
+ * packed, rows, cols, block_size, code, absmax, absmax_codes, nested_absmax, nested_code,
+ * nested_offset, nested_block_size, rounding. Pointers are ints (0 for "none"). */
+#define MATRIX_FORMAT "KLLLKKKKKdLi"
+
+#ifdef HAVE_AVX2_KERNEL
+static int use_avx2(int isa, const Matrix *w)
+{
+    if (isa == ISA_SCALAR)
+        return 0;
+    return cpu_has_avx2() && w->cols % CHUNK == 0 && ((int64_t)1 << w->block_shift) % CHUNK == 0;
+}
+#endif
+
+static Matrix make_matrix(unsigned long long packed, long long rows, long long cols, long long block_size,
+                          unsigned long long code, unsigned long long absmax, unsigned long long absmax_codes,
+                          unsigned long long nested_absmax, unsigned long long nested_code,
+                          double nested_offset, long long nested_block_size, int rounding)
+{
+    Matrix w = {
+        .packed = (const uint8_t *)(uintptr_t)packed,
+        .code = (const float *)(uintptr_t)code,
+        .absmax = (const float *)(uintptr_t)absmax,
+        .absmax_codes = (const uint8_t *)(uintptr_t)absmax_codes,
+        .nested_absmax = (const float *)(uintptr_t)nested_absmax,
+        .nested_code = (const float *)(uintptr_t)nested_code,
+        .nested_offset = (float)nested_offset,
+        .nested_shift = ilog2(nested_block_size),
+        .block_shift = ilog2(block_size),
+        .rows = rows,
+        .cols = cols,
+        .rounding = rounding,
+    };
+    return w;
+}
+
+PyDoc_STRVAR(matmul_doc,
+"matmul(x, batch, out, threads, isa, *matrix) -> None\n\n"
+"out (batch, rows) fp32 = x (batch, cols) fp32 @ W.T; all tensors contiguous, given by address.");
+
+static PyObject *py_matmul(PyObject *self, PyObject *args)
+{
+    unsigned long long x, out, packed, code, absmax, absmax_codes, nested_absmax, nested_code;
+    long long batch, rows, cols, block_size, nested_block_size;
+    int threads, isa, rounding;
+    double nested_offset;
+    if (!PyArg_ParseTuple(args, "KLKii" MATRIX_FORMAT, &x, &batch, &out, &threads, &isa, &packed, &rows,
+                          &cols, &block_size, &code, &absmax, &absmax_codes, &nested_absmax, &nested_code,
+                          &nested_offset, &nested_block_size, &rounding))
+        return NULL;
+    Matrix w = make_matrix(packed, rows, cols, block_size, code, absmax, absmax_codes, nested_absmax,
+                           nested_code, nested_offset, nested_block_size, rounding);
+    Task task = {.w = &w, .x = (const float *)(uintptr_t)x, .batch = batch, .out = (float *)(uintptr_t)out};
+    float *laid_out = NULL;
+    task.run = scalar_matmul;
+#ifdef HAVE_AVX2_KERNEL
+    if (use_avx2(isa, &w)) {
+        /* whole groups: the last one may be partial */
+        laid_out = malloc((size_t)((batch + X_GROUP - 1) / X_GROUP * X_GROUP * cols) * sizeof(float));
+        if (!laid_out)
+            return PyErr_NoMemory();
+        layout_x(task.x, laid_out, batch, cols);
+        task.x = laid_out;
+        task.run = batch == 1 ? avx2_matvec : avx2_matmul;
+    }
+#endif
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_parallel(task, rows, (cols + 1) / 2 * batch, threads);  /* work ~ packed bytes x batch */
+    Py_END_ALLOW_THREADS
+    free(laid_out);
+    if (status)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(dequantize_doc,
+"dequantize(row_ids, count, out, threads, isa, *matrix) -> None\n\n"
+"out (count, cols) fp32 = the weight rows listed in row_ids (int64), given by address.");
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args)
+{
+    unsigned long long row_ids, out, packed, code, absmax, absmax_codes, nested_absmax, nested_code;
+    long long count, rows, cols, block_size, nested_block_size;
+    int threads, isa, rounding;
+    double nested_offset;
+    if (!PyArg_ParseTuple(args, "KLKii" MATRIX_FORMAT, &row_ids, &count, &out, &threads, &isa, &packed, &rows,
+                          &cols, &block_size, &code, &absmax, &absmax_codes, &nested_absmax, &nested_code,
+                          &nested_offset, &nested_block_size, &rounding))
+        return NULL;
+    Matrix w = make_matrix(packed, rows, cols, block_size, code, absmax, absmax_codes, nested_absmax,
+                           nested_code, nested_offset, nested_block_size, rounding);
+    Task task = {.run = scalar_dequantize, .w = &w, .row_ids = (const int64_t *)(uintptr_t)row_ids,
+                 .out = (float *)(uintptr_t)out};
+#ifdef HAVE_AVX2_KERNEL
+    if (use_avx2(isa, &w))
+        task.run = avx2_dequantize;
+#endif
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_parallel(task, count, cols * 4, threads);
+    Py_END_ALLOW_THREADS
+    if (status)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_isas(PyObject *self, PyObject *unused)
+{
+    return cpu_has_avx2() ? Py_BuildValue("(ss)", "avx2", "scalar") : Py_BuildValue("(s)", "scalar");
+}
+
+static PyMethodDef methods[] = {
+    {"matmul", py_matmul, METH_VARARGS, matmul_doc},
+    {"dequantize", py_dequantize, METH_VARARGS, dequantize_doc},
+    {"isas", py_isas, METH_NOARGS, "The instruction sets this CPU runs, fastest first."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fourbit", "Fused 4-bit dequantize-and-multiply kernels (see __init__.py).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__fourbit(void) { return PyModule_Create(&module); }
