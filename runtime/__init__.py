@@ -1,0 +1,19 @@
+"""Run a bloomconv directory on a desktop, one block of weights at a time, within a RAM budget.
+
+>>> import bloomconv.runtime
+>>> model = bloomconv.runtime.load("bloom-560m-blocks")                   # doctest: +SKIP
+>>> model.generate(["Hello,", "The sea is"], max_new_tokens=20)           # doctest: +SKIP
+>>> logits, past = model.forward(input_ids)                               # doctest: +SKIP
+>>> bloomconv.runtime.load("bloom-7b1-blocks", ram_budget="6GB", threads=2)  # doctest: +SKIP
+
+Weights that fit the RAM budget are read once into memory; the rest stream from disk every
+forward pass, read ahead on a background thread (see `loader`).
+
+The runtime never imports `bloomconv.converters` or transformers (start-up stays ~torch's own).
+"""
+from .generate import Bloom, GenerationStats, load, next_tokens, top_k_mask, top_p_mask
+from .loader import Residency, parse_size
+from .model import KVCache
+
+__all__ = ["Bloom", "GenerationStats", "KVCache", "Residency", "load", "next_tokens", "parse_size", "top_k_mask",
+           "top_p_mask"]

@@ -1,0 +1,405 @@
+"""Runtime speed and memory against this machine's limits and transformers, measured in one run.
+
+    python bench/bench_runtime.py [--large] [--in-memory] [--small] [--work bench/out]
+
+Needs root (drops the page cache, makes a cgroup-v1 memory group). With neither --large nor
+--in-memory both run. Prints a table and writes bench/out/runtime.json. Every measurement runs
+in a fresh process (this script with --child), so start-up is real and nothing is shared.
+
+--large: a model >= 3x larger than the memory cgroup limit its generating process runs in
+  (default 2048 hidden, 48 blocks, vocab 16384, bf16: 4.8 GB, vs a 1.5 GB limit).
+  - sequential disk read speed before each run (it drifts): `cat`, and O_DIRECT 16 MB reads as
+    the runtime streams, page cache dropped first;
+  - s/token with everything streamed (budget 0) vs the disk-read bound model bytes / disk speed;
+  - s/token at two RAM budgets vs (model - pinned bytes) / disk speed, and peak RssAnon vs
+    start-up RssAnon + the weights held (pinned + stream buffers) + 200 MB;
+  - decode throughput at batch 1, 8 and 32 at the second budget: prompts share each read.
+  The page cache is dropped before each process. Compute is bf16 (--large-dtype).
+--in-memory: bloom-560m geometry (random bf16 weights), unquantized, int8 and nf4, page cache warm.
+  - memory bandwidth: torch.sum over 1 GB of fp32, same threads;
+  - decode tokens/s at batch 1 and 16 for the runtime (fp32 and bf16 compute) and transformers'
+    BloomForCausalLM (bf16, fp32) vs bandwidth / weight bytes read per token (median step);
+  - start-to-ready (process start to weights in RAM) vs transformers' from_pretrained;
+  - prefill tokens/s of a 512-token prompt vs transformers.
+--small shrinks every size for trying the script out. --repeats N runs the --in-memory
+configurations round robin N times and reports medians (the machine is shared and noisy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_convert import dir_bytes, make_checkpoint  # noqa: E402
+from measure import drop_caches, gb, memory_cgroup, run_sampled  # noqa: E402
+
+PYTHON = sys.executable
+MB = 1_000_000
+WEIGHT_GLOBS = ("embeddings.safetensors", "blocks/*.safetensors", "final.safetensors")
+
+
+# ------------------------------------------------------------------------------ child process
+
+def process_age() -> float:
+    started = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return float(open("/proc/uptime").read().split()[0]) - started
+
+
+def status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(spec: dict) -> dict:
+    """Load one model, then time a prefill and decoding at each batch size. Runs in its own process."""
+    import torch
+    torch.set_num_threads(spec["threads"])
+    generator = torch.Generator().manual_seed(0)
+    vocab = spec["vocab"]
+
+    def ids(batch, length):
+        return torch.randint(4, vocab, (batch, length), generator=generator)
+
+    out = {"spec": spec}
+    if spec["kind"] == "runtime":
+        import bloomconv.runtime as runtime
+        model = runtime.load(spec["dir"], ram_budget=spec["ram_budget"], dtype=getattr(torch, spec["dtype"]))
+        model.checkpoint.wait_until_loaded()
+        out["ready_s"] = process_age()
+        r = model.checkpoint.residency
+        out["residency"] = {"budget": r.budget, "pinned": len(r.pinned), "streamed": len(r.streamed),
+                            "pinned_bytes": r.pinned_bytes, "resident_bytes": r.resident_bytes,
+                            "widened": r.widened}
+
+        def start(input_ids):
+            mask = torch.ones_like(input_ids)
+            logits, past = model.forward(input_ids, mask, last_only=True)
+            return logits, (mask, past)
+
+        def step(token, state):
+            mask, past = state
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            logits, past = model.forward(token, mask, past, last_only=True)
+            return logits, (mask, past)
+    else:
+        from transformers import BloomForCausalLM
+        model = BloomForCausalLM.from_pretrained(spec["dir"], dtype=getattr(torch, spec["dtype"])).eval()
+        out["ready_s"] = process_age()
+
+        def start(input_ids):
+            mask = torch.ones_like(input_ids)
+            result = model(input_ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            return result.logits, (mask, result.past_key_values)
+
+        def step(token, state):
+            mask, past = state
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            result = model(token, past_key_values=past, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            return result.logits, (mask, result.past_key_values)
+
+    @torch.inference_mode()
+    def run(input_ids, new_tokens):
+        """Greedy decoding without stopping; seconds of the prompt pass and of each later step."""
+        begin = time.perf_counter()
+        logits, state = start(input_ids)
+        prefill = time.perf_counter() - begin
+        steps = []
+        for _ in range(new_tokens - 1):
+            begin = time.perf_counter()
+            logits, state = step(logits[:, -1].argmax(-1, keepdim=True), state)
+            steps.append(time.perf_counter() - begin)
+        out["kv_cache_bytes"] = max(out.get("kv_cache_bytes", 0), getattr(state[1], "nbytes", 0))
+        return prefill, steps
+
+    if spec.get("prefill_tokens"):
+        prefill, _ = run(ids(1, spec["prefill_tokens"]), 1)
+        out["prefill_tokens_per_s"] = spec["prefill_tokens"] / prefill
+    out["decode"] = {}
+    for batch in spec["batches"]:
+        _, steps = run(ids(batch, spec["prompt_tokens"]), spec["new_tokens"])
+        # the median step: a noisy shared machine adds whole scheduler quanta to some steps
+        median = statistics.median(steps)
+        out["decode"][str(batch)] = {"s_per_step": median, "mean_s_per_step": statistics.mean(steps),
+                                     "tokens_per_s": batch / median}
+    out["vm_hwm"], out["rss_anon"] = status_bytes("VmHWM"), status_bytes("RssAnon")
+    if spec["kind"] == "runtime" and model.checkpoint.residency.streamed:
+        # the runtime's reader alone over the streamed files, once the model is gone (so that its
+        # buffer does not add to the peak memory measured)
+        from bloomconv.runtime.loader import AnonymousBuffer, MappedFile
+        paths = [model.checkpoint.files[u].path for u in model.checkpoint.residency.streamed]
+        buffer_bytes = model.checkpoint.residency.buffer_bytes
+        model.close()
+        del model
+        buffer = AnonymousBuffer(buffer_bytes)
+        buffer.tensor.fill_(1)
+        files = [MappedFile(p) for p in paths]
+        begin = time.perf_counter()
+        for file in files:
+            file.read_into(buffer, streaming=True)
+        out["read_pass_bytes_per_s"] = sum(f.size for f in files) / (time.perf_counter() - begin)
+    return out
+
+
+def run_child(spec: dict, work: Path, cgroup: Path | None = None) -> dict:
+    result_path = work / "runtime-child.json"
+    result_path.unlink(missing_ok=True)
+    sampled = run_sampled([PYTHON, __file__, "--child", json.dumps(spec), "--child-out", str(result_path)],
+                          cgroup=cgroup, interval=0.01)
+    if sampled["returncode"]:
+        raise SystemExit(f"child failed (exit {sampled['returncode']}): {spec}")
+    return {**json.loads(result_path.read_text()), "peak_rss_anon": sampled["peak_rss_anon"],
+            "peak_rss": sampled["peak_rss"], "wall_s": sampled["seconds"]}
+
+
+# ------------------------------------------------------------------------------ machine limits
+
+def weight_files(directory: Path) -> list[Path]:
+    return [p for pattern in WEIGHT_GLOBS for p in sorted(directory.glob(pattern))]
+
+
+def disk_read_speed(files: list[Path]) -> dict[str, float]:
+    """Bytes/s of one sequential pass over `files`, page cache dropped first, two ways: `cat`
+    (buffered, kernel read-ahead) and O_DIRECT reads of READ_CHUNK_BYTES into a touched buffer
+    (what the runtime's streaming does, minus the computing)."""
+    import mmap
+
+    from bloomconv.runtime.loader import READ_CHUNK_BYTES
+    total = sum(p.stat().st_size for p in files)
+    drop_caches()
+    start = time.perf_counter()
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+    speeds = {"cat": total / (time.perf_counter() - start)}
+    buffer = mmap.mmap(-1, READ_CHUNK_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer.madvise(mmap.MADV_HUGEPAGE)  # as the runtime's buffers: fewer, larger DMA segments
+    buffer.write(b"\1" * READ_CHUNK_BYTES)  # touched: page faults are not the disk's time
+    drop_caches()
+    start = time.perf_counter()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        offset = 0
+        while (n := os.preadv(fd, [buffer], offset)) > 0:
+            offset += n
+        os.close(fd)
+    speeds["direct"] = total / (time.perf_counter() - start)
+    return speeds
+
+
+def memory_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of torch.sum over `nbytes` of fp32 (read-bound), median of `repeats`."""
+    import torch
+    torch.set_num_threads(threads)
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)
+
+
+def startup_rss_anon() -> int:
+    code = ("import torch, bloomconv.runtime;"
+            "print([l for l in open('/proc/self/status') if l.startswith('RssAnon')][0].split()[1])")
+    return int(subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True).stdout) * 1024
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def converted(src: Path, dst: Path, preset: str | None) -> Path:
+    """`src` converted into `dst` with a quantization preset (None: as stored), made once."""
+    from bloomconv.converters.convert import convert
+    from bloomconv.errors import DestinationError
+    from bloomconv.recipes import preset_settings
+    settings = preset_settings(preset) if preset else None
+    try:
+        convert(src, dst, quantization=settings)
+    except DestinationError:  # made with other settings (a preset changed): make it again
+        shutil.rmtree(dst)
+        convert(src, dst, quantization=settings)
+    return dst
+
+
+# ------------------------------------------------------------------------------ sections
+
+def larger_than_memory(args, work: Path) -> dict:
+    geometry, limit = args.large_geometry, args.cgroup_limit
+    tag = "x".join(map(str, geometry))
+    directory = work / f"runtime-large-{tag}"
+    if not (directory / "manifest.json").exists():
+        src = make_checkpoint(work / f"runtime-large-{tag}-src", geometry)
+        converted(src, directory, None)
+        shutil.rmtree(src)  # only the converted directory is measured
+    files = weight_files(directory)
+    model_bytes = sum(p.stat().st_size for p in files)
+    startup = startup_rss_anon()
+    base = {"kind": "runtime", "dir": str(directory), "dtype": args.large_dtype, "threads": args.threads,
+            "vocab": geometry[3], "prompt_tokens": 8, "new_tokens": args.large_tokens, "prefill_tokens": 0}
+    runs = []
+    for budget, batches in [(0, [1]), (args.budgets[0], [1]), (args.budgets[1], args.large_batches)]:
+        # this disk's speed drifts by 2x within minutes: measure it next to each run; the bound
+        # takes the fastest of cat, O_DIRECT reads and the child's own read pass
+        speeds = disk_read_speed(files)
+        drop_caches()
+        with memory_cgroup(limit, "bloomconv-bench-runtime") as group:
+            result = run_child({**base, "ram_budget": budget, "batches": batches}, work, group)
+        r = result["residency"]
+        speeds["runtime_read_pass"] = result.get("read_pass_bytes_per_s", 0)
+        result["disk_speeds"] = speeds
+        result["bound_s_per_token"] = (model_bytes - r["pinned_bytes"]) / max(speeds.values())
+        result["memory_bound"] = startup + r["resident_bytes"] + result["kv_cache_bytes"] + 200 * MB
+        runs.append(result)
+    return {"geometry": geometry, "model_bytes": model_bytes, "cgroup_limit": limit,
+            "model_over_limit": model_bytes / limit, "startup_rss_anon": startup, "runs": runs}
+
+
+def in_memory(args, work: Path) -> dict:
+    geometry = args.memory_geometry
+    tag = "x".join(map(str, geometry))
+    src = make_checkpoint(work / ("bloom-560m-src" if tag == "1024x24x16x250880" else f"runtime-{tag}-src"), geometry)
+    dirs = {preset: converted(src, work / f"runtime-{tag}-{preset}", None if preset == "none" else preset)
+            for preset in args.presets}
+    bandwidth = memory_bandwidth(args.threads)
+    common = {"threads": args.threads, "vocab": geometry[3], "prompt_tokens": 16,
+              "new_tokens": args.decode_tokens, "prefill_tokens": args.prefill_tokens, "batches": args.batches}
+    configs = [(f"runtime {p} {dt}", {"kind": "runtime", "dir": str(d), "dtype": dt, "ram_budget": None})
+               for p, d in dirs.items() for dt in ("float32", "bfloat16")]
+    if "none" in dirs:
+        configs += [(f"transformers {dt}", {"kind": "transformers", "dir": str(dirs["none"]), "dtype": dt})
+                    for dt in ("bfloat16", "float32")]
+    runs: dict[str, list[dict]] = {label: [] for label, _ in configs}
+    for _ in range(args.repeats):  # round robin: a burst of load from elsewhere hits every config alike
+        for label, spec in configs:
+            files = weight_files(Path(spec["dir"]))
+            subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # page cache warm
+            runs[label].append(run_child({**common, **spec}, work))
+    rows = []
+    for label, spec in configs:
+        # bytes read per decode step: every weight once (the lm_head is the tied embeddings) in the
+        # form multiplied: what the runtime holds in RAM (16-bit widened to fp32 when it fits),
+        # transformers' parameters in its dtype
+        stored = sum(p.stat().st_size for p in weight_files(Path(spec["dir"])))
+        if spec["kind"] == "runtime":
+            read_per_token = runs[label][0]["residency"]["pinned_bytes"]
+        else:
+            read_per_token = stored * (2 if spec["dtype"] == "float32" else 1)
+        row = _medians(runs[label])
+        row.update(label=label, runs=runs[label], weight_bytes_per_token=read_per_token,
+                   bandwidth_bound_tokens_per_s=bandwidth / read_per_token)
+        rows.append(row)
+    return {"geometry": geometry, "memory_bytes_per_s": bandwidth, "rows": rows}
+
+
+# ------------------------------------------------------------------------------ report
+
+def _medians(runs: list[dict]) -> dict:
+    """Per-metric medians over repeated child runs of one configuration."""
+    row = {key: statistics.median(r[key] for r in runs)
+           for key in ("ready_s", "prefill_tokens_per_s", "peak_rss", "peak_rss_anon") if key in runs[0]}
+    row["decode"] = {batch: {key: statistics.median(r["decode"][batch][key] for r in runs)
+                             for key in runs[0]["decode"][batch]} for batch in runs[0]["decode"]}
+    return row
+
+
+def print_report(report: dict) -> None:
+    print(f"load average {report['load_before']:.2f} before, {report['load_after']:.2f} after; "
+          f"{report['threads']} threads")
+    if "large" in report:
+        L = report["large"]
+        print(f"\nlarger than memory: {gb(L['model_bytes'])} model ({L['geometry']}) in a {gb(L['cgroup_limit'])} "
+              f"cgroup = {L['model_over_limit']:.1f}x; {L['runs'][0]['spec']['dtype']} compute")
+        print(f"  {'budget':>9} {'pinned':>8} {'disk GB/s':>14} {'batch':>5} {'s/step':>7} {'bound':>7} {'ratio':>5} "
+              f"{'tok/s':>6} {'peak RssAnon':>12} {'mem bound':>9}")
+        for run in L["runs"]:
+            r = run["residency"]
+            disk = "/".join(f"{v / 1e9:.2f}" for v in run["disk_speeds"].values())
+            for batch, d in run["decode"].items():
+                print(f"  {r['budget'] / 1e9:>7.2f}GB {r['pinned_bytes'] / 1e9:>6.2f}GB {disk:>14} {batch:>5} "
+                      f"{d['s_per_step']:>7.2f} {run['bound_s_per_token']:>7.2f} "
+                      f"{d['s_per_step'] / run['bound_s_per_token']:>5.2f} {d['tokens_per_s']:>6.2f} "
+                      f"{gb(run['peak_rss_anon']):>12} {gb(run['memory_bound']):>9}")
+        print("  disk: cat / O_DIRECT 16 MB reads (cold, before each run) / the runtime's reader alone (in the "
+              "run);\n  bound = (model - pinned) / the fastest; mem bound = start-up RssAnon + pinned + stream "
+              "buffers + KV cache + 200 MB")
+    if "in_memory" in report:
+        M = report["in_memory"]
+        print(f"\nin page cache: {M['geometry']}; memory bandwidth {M['memory_bytes_per_s'] / 1e9:.1f} GB/s "
+              f"(torch.sum, 1 GB fp32)")
+        batches = list(M["rows"][0]["decode"])
+        head = "".join(f" {'b' + b + ' tok/s':>11} {'% bound':>7}" for b in batches)
+        print(f"  {'':22} {'ready s':>7} {'prefill tok/s':>13}{head} {'peak RSS':>9} {'RssAnon':>8}")
+        for row in M["rows"]:
+            cells = "".join(f" {row['decode'][b]['tokens_per_s']:>11.2f} "
+                            f"{100 * row['decode'][b]['tokens_per_s'] / row['bandwidth_bound_tokens_per_s'] / int(b):>6.0f}%"
+                            for b in batches)
+            print(f"  {row['label']:22} {row['ready_s']:>7.2f} {row.get('prefill_tokens_per_s', 0):>13.1f}{cells} "
+                  f"{gb(row['peak_rss']):>9} {gb(row['peak_rss_anon']):>8}")
+        print("  % bound: tokens/s per sequence / (memory bandwidth / weight bytes read per token)")
+
+
+def parse_geometry(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--large", action="store_true", help="run the larger-than-memory section (default: both)")
+    parser.add_argument("--in-memory", action="store_true", help="run the in-page-cache section (default: both)")
+    parser.add_argument("--small", action="store_true", help="tiny sizes, to try the script")
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "out")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--large-geometry", type=parse_geometry, default=(2048, 48, 16, 16384))
+    parser.add_argument("--cgroup-limit", default="1.5GB")
+    parser.add_argument("--budgets", default="400MB,800MB",
+                        help="the two RAM budgets of --large (pinned files + stream buffers)")
+    parser.add_argument("--large-batches", default="1,8,32")
+    parser.add_argument("--large-tokens", type=int, default=6, help="new tokens per --large run")
+    parser.add_argument("--large-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="compute dtype of --large (float32 converts each streamed bf16 matrix)")
+    parser.add_argument("--memory-geometry", type=parse_geometry, default=(1024, 24, 16, 250880))
+    parser.add_argument("--presets", default="none,int8,nf4")
+    parser.add_argument("--batches", default="1,16", help="decode batch sizes of --in-memory")
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each --in-memory configuration (medians)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.child_out.write_text(json.dumps(child(json.loads(args.child))))
+        return
+    if args.small:
+        args.large_geometry, args.cgroup_limit, args.budgets = (512, 16, 8, 4096), "1GB", "20MB,60MB"
+        args.memory_geometry, args.prefill_tokens, args.decode_tokens = (256, 4, 8, 4096), 64, 6
+    from bloomconv.runtime import parse_size
+    args.budgets = [parse_size(b) for b in args.budgets.split(",")]
+    args.cgroup_limit = parse_size(args.cgroup_limit)
+    args.large_batches = [int(b) for b in args.large_batches.split(",")]
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.presets = args.presets.split(",")
+    both = not args.large and not args.in_memory
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    report = {"load_before": load_average(), "threads": args.threads}
+    if args.large or both:
+        report["large"] = larger_than_memory(args, args.work)
+    if args.in_memory or both:
+        report["in_memory"] = in_memory(args, args.work)
+    report["load_after"] = load_average()
+    (args.work / "runtime.json").write_text(json.dumps(report, indent=1))
+    print_report(report)
+
+
+if __name__ == "__main__":
+    main()

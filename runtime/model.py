@@ -1,0 +1,174 @@
+"""The BLOOM forward pass, one block at a time over the weights the checkpoint holds or streams.
+
+Same arithmetic as transformers' `BloomForCausalLM` (the correctness reference in the tests):
+word embeddings → word_embeddings_layernorm → n_layer × block → ln_f → lm_head tied to the
+embeddings. A block is pre-LayerNorm attention with ALiBi position bias, then a GELU (tanh) MLP,
+each added to the residual stream taken before its LayerNorm.
+
+Shapes: B batch, T new tokens, S = past + T keys, H hidden, nh heads, hs = H / nh head size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bloomconv.format import EMBEDDINGS_UNIT, FINAL_UNIT, block_unit
+from bloomconv.geometry import Geometry
+
+from .loader import BlockWeights, Checkpoint, LayerNormWeights, block_weights, embedding_weights, final_weights
+from .weights import linear
+
+__all__ = ["KVCache", "Transformer", "alibi_bias", "alibi_slopes", "gelu"]
+
+
+class KVCache:
+    """Keys and values of every block for the tokens seen so far, each (B, nh, S, hs).
+
+    Storage is allocated for `capacity` tokens (generation knows its final length) and grows
+    geometrically past it, so appending one token per step does not copy the whole cache.
+    """
+
+    def __init__(self, n_layer: int, capacity: int = 0):
+        self.capacity = capacity
+        self._keys: list[torch.Tensor | None] = [None] * n_layer
+        self._values: list[torch.Tensor | None] = [None] * n_layer
+        self._lengths = [0] * n_layer
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the cache holds (its allocated capacity, not only the tokens cached)."""
+        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
+
+    @property
+    def length(self) -> int:
+        """Tokens cached (all blocks agree once a forward pass has finished)."""
+        return self._lengths[-1]
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (B, nh, T, hs) keys and values; return all of this block's, (B, nh, S, hs)."""
+        start = self._lengths[layer]
+        end = start + key.shape[2]
+        stored = self._keys[layer]
+        if stored is None or stored.shape[2] < end:
+            capacity = max(end, 2 * start, self.capacity)
+            self._keys[layer] = _grown(stored, key, start, capacity)
+            self._values[layer] = _grown(self._values[layer], value, start, capacity)
+        self._keys[layer][:, :, start:end] = key
+        self._values[layer][:, :, start:end] = value
+        self._lengths[layer] = end
+        return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
+
+
+def _grown(stored: torch.Tensor | None, new: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    B, nh, _, hs = new.shape
+    grown = new.new_empty(B, nh, capacity, hs)
+    if stored is not None:
+        grown[:, :, :length] = stored[:, :, :length]
+    return grown
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head ALiBi slopes, (nh,): a geometric series, interleaved when nh is not a power of 2."""
+    closest = 2 ** math.floor(math.log2(n_head))
+    slopes = torch.tensor(2 ** (-8 / closest), dtype=torch.float32) ** torch.arange(1, 1 + closest)
+    if closest != n_head:
+        extra = min(closest, n_head - closest)
+        extra_slopes = torch.tensor(2 ** (-4 / closest), dtype=torch.float32) ** torch.arange(1, 1 + 2 * extra, 2)
+        slopes = torch.cat([slopes, extra_slopes])
+    return slopes
+
+
+def alibi_bias(attention_mask: torch.Tensor, n_head: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S) mask -> (B, nh, 1, S) bias. Positions count real tokens only (left padding is 0)."""
+    positions = (attention_mask.cumsum(dim=-1) - 1) * attention_mask                   # (B, S)
+    slopes = alibi_slopes(n_head).to(attention_mask.device)                              # (nh,)
+    return (slopes[None, :, None, None] * positions[:, None, None, :]).to(dtype)       # (B, nh, 1, S)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """BLOOM's GELU, x/2 · (1 + tanh(0.79788456 · x · (1 + 0.044715 x²))) as transformers' BloomGelu
+    writes it: the tanh approximation, here in one fused kernel (sqrt(2/π) = 0.7978845608…)."""
+    return F.gelu(x, approximate="tanh")
+
+
+class Transformer:
+    """BLOOM over a Checkpoint, one file of weights at a time, in the order the checkpoint reads
+    them ahead: embedding rows, blocks, ln_f, then the embeddings again as the lm_head."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device="cpu"):
+        self.checkpoint = checkpoint
+        self.geometry: Geometry = checkpoint.geometry
+        self.dtype, self.device = dtype, torch.device(device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past: KVCache | None = None, *, last_only: bool = False) -> tuple[torch.Tensor, KVCache]:
+        """Logits (B, T, vocab) — (B, 1, vocab) with `last_only` — and the cache extended by T.
+
+        `attention_mask` (B, past + T) marks real tokens 1 and padding 0; pad on the left.
+        """
+        g = self.geometry
+        input_ids = input_ids.to(self.device)
+        B, T = input_ids.shape
+        past = past if past is not None else KVCache(g.n_layer)
+        S = past.length + T
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=self.device)
+        attention_mask = attention_mask.to(self.device, torch.long)
+        if attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must be "
+                             f"(batch, cached + new tokens) = ({B}, {S})")
+        # Query t sits at position past + t: it sees every earlier key that is not padding. A
+        # finite minimum, not -inf: a padding query that sees nothing gets a harmless uniform
+        # softmax rather than NaNs that its cached keys and values would carry to later tokens.
+        causal = torch.ones(T, S, dtype=torch.bool, device=self.device).tril(diagonal=past.length)
+        allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]         # (B, 1, T, S)
+        blocked = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        blocked.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        bias = alibi_bias(attention_mask, g.n_head, self.dtype) + blocked               # (B, nh, T, S)
+
+        checkpoint = self.checkpoint
+        embeddings = self._on_device(embedding_weights(checkpoint.peek(EMBEDDINGS_UNIT)))  # B*T rows only
+        x = embeddings.word_embeddings.rows(input_ids, self.dtype)                        # (B, T, H)
+        x = self._layer_norm(x, embeddings.layernorm)
+        for layer in range(g.n_layer):
+            with checkpoint.use(block_unit(layer)) as source:
+                x = self._block(x, self._on_device(block_weights(source, layer)), layer, bias, past)
+        with checkpoint.use(FINAL_UNIT) as source:
+            x = self._layer_norm(x, self._on_device(final_weights(source)))
+        if last_only:
+            # standard strides: with a size-1 dim strided otherwise, F.linear goes through bmm and
+            # copies the whole lm_head weight per call (50x slower for bf16)
+            x = x[:, -1:].clone(memory_format=torch.contiguous_format)
+        with checkpoint.use(EMBEDDINGS_UNIT) as source:
+            logits = linear(x, self._on_device(embedding_weights(source)).word_embeddings)  # (B, T, vocab)
+        return logits, past
+
+    def _block(self, x: torch.Tensor, w: BlockWeights, layer: int, bias: torch.Tensor,
+               past: KVCache) -> torch.Tensor:
+        B, T, H = x.shape
+        nh = self.geometry.n_head
+        hs = H // nh
+
+        h = self._layer_norm(x, w.input_layernorm)
+        fused = linear(h, w.query_key_value.weight, w.query_key_value.bias)             # (B, T, 3H)
+        # The fused projection is laid out per head: [q_h, k_h, v_h] for head 0, 1, …
+        q, k, v = fused.view(B, T, nh, 3, hs).permute(3, 0, 2, 1, 4)                   # 3 × (B, nh, T, hs)
+        k, v = past.append(layer, k, v)                                                   # (B, nh, S, hs)
+        # softmax(q k^T / sqrt(hs) + alibi + mask) v in one fused kernel (softmax in fp32 inside)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                # (B, nh, T, hs)
+        context = context.transpose(1, 2).reshape(B, T, H)                                # (B, T, H)
+        x = x + linear(context, w.dense.weight, w.dense.bias)
+
+        h = self._layer_norm(x, w.post_attention_layernorm)
+        h = gelu(linear(h, w.dense_h_to_4h.weight, w.dense_h_to_4h.bias))                 # (B, T, 4H)
+        return x + linear(h, w.dense_4h_to_h.weight, w.dense_4h_to_h.bias)               # (B, T, H)
+
+    def _layer_norm(self, x: torch.Tensor, w: LayerNormWeights) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], w.weight.to(x.dtype), w.bias.to(x.dtype),
+                            self.geometry.layer_norm_epsilon)
+
+    def _on_device(self, weights):
+        return weights if self.device.type == "cpu" else weights.to(self.device)

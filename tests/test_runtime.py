@@ -1,0 +1,532 @@
+"""The runtime against transformers' BloomForCausalLM on the same converted directories."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+import bloomconv.runtime as runtime
+from bloomconv.cli import main
+from bloomconv.converters.convert import convert
+from bloomconv.converters.example import write_example_checkpoint
+from bloomconv.errors import VerificationError
+from bloomconv.format import EMBEDDING_WEIGHT, EMBEDDINGS_UNIT, FINAL_UNIT, PREFIX, block_unit
+from bloomconv.geometry import Geometry
+from bloomconv.manifest import read_manifest
+from bloomconv.quant import dequantize_int8, dequantize_stored, quantize_int8
+from bloomconv.recipes import preset_settings
+from bloomconv.runtime import loader
+from bloomconv.runtime.weights import Int8Weight
+
+GEOMETRIES = {
+    # hidden, layers, heads, vocab: heads a power of two or not (ALiBi's interleaved slopes)
+    "h64-l2-n4": (64, 2, 4, 1024),
+    "h96-l3-n6": (96, 3, 6, 512),
+    "h128-l1-n16": (128, 1, 16, 768),
+}
+PAD = 3  # example checkpoints: bos 1, eos 2, pad 3
+
+
+@pytest.fixture(scope="module", params=list(GEOMETRIES))
+def pair(request, tmp_path_factory):
+    """(runtime model, transformers model) on one converted fp32 directory."""
+    root = tmp_path_factory.mktemp(request.param)
+    return _converted_pair(root, GEOMETRIES[request.param])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _converted_pair(tmp_path_factory.mktemp("tiny"), GEOMETRIES["h64-l2-n4"])
+
+
+def _converted_pair(root, geometry):
+    from transformers import BloomForCausalLM
+    write_example_checkpoint(root / "src", geometry, layout="release-pickle-shards", dtype=torch.float32)
+    convert(root / "src", root / "dst")
+    model = runtime.load(root / "dst")
+    reference = BloomForCausalLM.from_pretrained(root / "dst", dtype=torch.float32).eval()
+    return model, reference
+
+
+def padded_batch(vocab: int, lengths=(9, 6, 3), seed=0):
+    """Random ids with left padding: (B, T) ids and mask."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(4, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, T - n:] = 1
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def reference_logits(reference, ids, mask=None):
+    with torch.no_grad():
+        return reference(ids, attention_mask=mask).logits
+
+
+def test_logits_match_transformers_with_left_padding(pair):
+    model, reference = pair
+    ids, mask = padded_batch(model.geometry.vocab_size)
+    logits, _ = model.forward(ids, mask)
+    real = mask.bool()  # padded positions attend to nothing: their logits are meaningless in both
+    assert (logits - reference_logits(reference, ids, mask))[real].abs().max() < 1e-4
+
+
+def test_logits_match_transformers_without_mask(pair):
+    model, reference = pair
+    ids, _ = padded_batch(model.geometry.vocab_size, lengths=(7, 7))
+    logits, _ = model.forward(ids)
+    assert (logits - reference_logits(reference, ids)).abs().max() < 1e-4
+
+
+def test_kv_cache_matches_full_forward(pair):
+    model, reference = pair
+    ids, mask = padded_batch(model.geometry.vocab_size, lengths=(10, 7, 4), seed=1)
+    expected = reference_logits(reference, ids, mask)
+    # prompt of 5, then 2 tokens at once, then one at a time
+    logits, past = model.forward(ids[:, :5], mask[:, :5])
+    pieces = [logits]
+    for start, end in [(5, 7), (7, 8), (8, 9), (9, 10)]:
+        logits, past = model.forward(ids[:, start:end], mask[:, :end], past)
+        pieces.append(logits)
+    assert past.length == 10
+    assert (torch.cat(pieces, dim=1) - expected)[mask.bool()].abs().max() < 1e-4
+
+
+def test_greedy_generation_matches_transformers(pair):
+    model, reference = pair
+    ids, mask = padded_batch(model.geometry.vocab_size, lengths=(6, 4, 2), seed=2)
+    ours = model.generate_ids(ids, mask, max_new_tokens=12)
+    with torch.no_grad():
+        theirs = reference.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    model, _ = tiny
+    kwargs = dict(max_new_tokens=12, temperature=1.5, top_k=50, top_p=0.95)
+    first = model.generate(["The file", "a"], seed=7, **kwargs)
+    assert model.generate(["The file", "a"], seed=7, **kwargs) == first
+    assert any(model.generate(["The file", "a"], seed=s, **kwargs) != first for s in (8, 9, 10))
+
+
+def test_stream_yields_what_generate_returns(tiny):
+    model, _ = tiny
+    pieces = list(model.stream("Return the", max_new_tokens=15))
+    assert len(pieces) > 1 and "".join(pieces) == model.generate("Return the", max_new_tokens=15)
+    sampled = dict(max_new_tokens=10, temperature=1.0, seed=3)
+    assert "".join(model.stream("x", **sampled)) == model.generate("x", **sampled)
+
+
+def test_generate_batches_prompts_of_different_lengths(tiny):
+    model, _ = tiny
+    prompts = ["Return a new list", "x"]
+    batched = model.generate(prompts, max_new_tokens=8)
+    assert batched == [model.generate(p, max_new_tokens=8) for p in prompts]
+
+
+def test_generation_stats_count_tokens_and_time(tiny):
+    model, _ = tiny
+    ids, mask = padded_batch(model.geometry.vocab_size, lengths=(5, 2))
+    stats = runtime.GenerationStats()
+    output = model.generate_ids(ids, mask, max_new_tokens=6, stats=stats)
+    assert (stats.batch, stats.prompt_tokens, stats.steps) == (2, 7, output.shape[1] - ids.shape[1])
+    assert stats.prefill_seconds > 0 and stats.decode_seconds > 0
+    assert stats.decode_tokens_per_s == pytest.approx(2 * (stats.steps - 1) / stats.decode_seconds)
+
+
+def test_top_k_and_top_p_masks_agree_with_transformers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3
+    for k in (1, 5, 299):
+        assert torch.equal(runtime.top_k_mask(logits, k), TopKLogitsWarper(k)(None, logits))
+    for p in (0.05, 0.5, 0.9, 0.99):
+        assert torch.equal(runtime.top_p_mask(logits, p).isinf(), TopPLogitsWarper(p)(None, logits).isinf())
+    assert torch.equal(runtime.top_k_mask(logits, 0), logits) and torch.equal(runtime.top_p_mask(logits, 1.0), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.tensor([[0.1, 0.5, 0.15, 0.25]]).log()
+    kept = lambda p: (~runtime.top_p_mask(logits, p).isinf()).nonzero()[:, 1].tolist()  # noqa: E731
+    assert kept(0.4) == [1] and kept(0.6) == [1, 3] and kept(0.8) == [1, 2, 3] and kept(0.95) == [0, 1, 2, 3]
+
+
+def test_sampling_never_leaves_the_filtered_set():
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(1))
+    allowed = ~runtime.top_p_mask(runtime.top_k_mask(logits, 5), 0.7).isinf()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        token = runtime.next_tokens(logits, 1.0, 5, 0.7, g)
+        assert allowed[torch.arange(2), token].all()
+    assert torch.equal(runtime.next_tokens(logits, 0.0, 5, 0.7, g), logits.argmax(-1))
+
+
+def test_bf16_compute_stays_close(tiny):
+    model, reference = tiny
+    ids, mask = padded_batch(model.geometry.vocab_size)
+    with runtime.load(model.checkpoint.directory, dtype=torch.bfloat16) as bf16:
+        logits, _ = bf16.forward(ids, mask)
+    expected = reference_logits(reference, ids, mask)
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - expected)[mask.bool()].abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(tmp_path_factory):
+    """A bf16-stored directory and transformers' fp32 model on it."""
+    from transformers import BloomForCausalLM
+    root = tmp_path_factory.mktemp("bf16")
+    write_example_checkpoint(root / "src", GEOMETRIES["h64-l2-n4"], dtype=torch.bfloat16)
+    convert(root / "src", root / "dst")
+    return root / "dst", BloomForCausalLM.from_pretrained(root / "dst", dtype=torch.float32).eval()
+
+
+def test_bf16_stored_weights_are_converted_piecewise(bf16_pair, monkeypatch):
+    import bloomconv.runtime.weights as weights
+    monkeypatch.setattr(weights, "CONVERT_CHUNK_BYTES", 4096)  # lm_head in 64 pieces of 16 rows
+    directory, reference = bf16_pair
+    ids, mask = padded_batch(1024)
+    stored = sum(f.stat().st_size for f in directory.rglob("*.safetensors"))
+    with runtime.load(directory, ram_budget=stored) as model:  # room for the files as stored, not widened
+        assert not model.checkpoint.residency.widened
+        assert model.checkpoint.block(0).dense.weight.weight.dtype == torch.bfloat16
+        logits, _ = model.forward(ids, mask)
+    assert (logits - reference_logits(reference, ids, mask))[mask.bool()].abs().max() < 1e-4
+
+
+def test_bf16_weights_are_widened_once_when_the_model_fits_in_ram_as_fp32(bf16_pair):
+    directory, reference = bf16_pair
+    ids, mask = padded_batch(1024)
+    with runtime.load(directory) as model:
+        residency = model.checkpoint.residency
+        assert residency.widened and residency.pinned_bytes > 1.9 * sum(
+            f.stat().st_size for f in directory.rglob("*.safetensors"))
+        assert model.checkpoint.block(0).dense.weight.weight.dtype == torch.float32
+        logits, _ = model.forward(ids, mask)
+    assert (logits - reference_logits(reference, ids, mask))[mask.bool()].abs().max() < 1e-4
+    with runtime.load(directory, dtype=torch.bfloat16) as model:  # bf16 compute: nothing to widen
+        assert not model.checkpoint.residency.widened
+
+
+def test_streaming_blocks_past_a_ram_budget_gives_the_same_logits(tiny):
+    model, _ = tiny
+    ids, mask = padded_batch(model.geometry.vocab_size)
+    with runtime.load(model.checkpoint.directory, ram_budget=0) as streamed:
+        assert torch.equal(streamed.forward(ids, mask)[0], model.forward(ids, mask)[0])
+
+
+def test_wrong_attention_mask_shape_is_refused(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=r"\(2, 4\)"):
+        model.forward(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 3))
+
+
+# ------------------------------------------------------------------------------ damaged files
+
+BLOCK = "blocks/block_001.safetensors"
+
+
+@pytest.fixture
+def damaged_copy(tiny, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny[0].checkpoint.directory, dst)
+    return dst
+
+
+def test_truncated_block_fails_load_naming_the_file(damaged_copy):
+    os.truncate(damaged_copy / BLOCK, (damaged_copy / BLOCK).stat().st_size - 100)
+    with pytest.raises(VerificationError, match=f"{BLOCK}: truncated"):
+        runtime.load(damaged_copy)
+
+
+def test_corrupted_block_fails_full_verification_naming_the_file(damaged_copy):
+    path = damaged_copy / BLOCK
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    runtime.load(damaged_copy).close()  # fast: sizes and headers only; no weight byte is read at load
+    with pytest.raises(VerificationError, match=f"{BLOCK}: corrupted"):
+        runtime.load(damaged_copy, verify="full")
+
+
+def test_damaged_header_fails_fast_load(damaged_copy):
+    path = damaged_copy / BLOCK
+    data = bytearray(path.read_bytes())
+    data[20:24] = b"XXXX"  # inside the JSON header
+    path.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match=f"{BLOCK}: header"):
+        runtime.load(damaged_copy)
+
+
+def test_unlisted_extra_file_does_not_block_loading(damaged_copy):
+    (damaged_copy / "NOTES.txt").write_text("downloaded from the lab share")
+    runtime.load(damaged_copy).close()
+
+
+def test_runtime_imports_neither_converters_nor_transformers(tiny):
+    code = ("import sys, torch, bloomconv.runtime as r\n"
+            f"m = r.load({str(tiny[0].checkpoint.directory)!r})\n"
+            "m.generate('a', max_new_tokens=2)\n"
+            "bad = [n for n in sys.modules if n.split('.')[0] in ('transformers', 'click', 'bitsandbytes')"
+            " or n.startswith('bloomconv.converters')]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------- quantized weights
+
+def test_int8_fused_kernel_matches_dequantize_then_linear():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(192, 64, generator=g)
+    CB, SCB = quantize_int8(weight, "source")
+    record = Int8Weight(CB, SCB)
+    for x in (torch.randn(1, 64, generator=g), torch.randn(2, 5, 64, generator=g)):
+        assert record.uses_fused_kernel(x)
+        expected = F.linear(x, dequantize_int8(CB, SCB, torch.float32))
+        assert (record.matmul(x) - expected).abs().max() < 1e-2 * expected.abs().max()
+    # a weight that starts 8 bytes past a 16-byte boundary, as safetensors may place it
+    shifted = torch.empty(8 + CB.numel(), dtype=torch.int8)[8:].view_as(CB).copy_(CB)
+    x = torch.randn(4, 64, generator=g)
+    assert torch.equal(Int8Weight(shifted, SCB).matmul(x), record.matmul(x))
+    odd = Int8Weight(*quantize_int8(torch.randn(8, 36, generator=g), "source"))  # row length not a multiple of 16
+    x = torch.randn(3, 36, generator=g)
+    assert not odd.uses_fused_kernel(x)
+    assert torch.equal(odd.matmul(x), F.linear(x, dequantize_int8(odd.CB, odd.SCB, torch.float32)))
+
+
+QUANTIZED = {
+    # name: (settings, logits tolerance relative to the largest logit)
+    "int8": (dataclasses.replace(preset_settings("int8"), embeddings=False), 1e-2),  # the fused kernel is bf16
+    "int8+embeddings": (dataclasses.replace(preset_settings("int8"), embeddings=True), 1e-2),
+    "nf4": (preset_settings("nf4"), 1e-5),
+    "fp4": (dataclasses.replace(preset_settings("fp4"), block_size=128, double_quant=False), 1e-5),
+}
+
+
+@pytest.fixture(scope="module")
+def quantized_dirs(tiny, tmp_path_factory):
+    """`tiny`'s source converted with each of QUANTIZED's settings (built once, on first use)."""
+    source = tiny[0].checkpoint.directory.parent / "src"
+    root = tmp_path_factory.mktemp("quantized")
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = root / name
+            convert(source, built[name], quantization=QUANTIZED[name][0])
+        return built[name]
+    return get
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_quantized_directory_matches_transformers_on_the_dequantized_weights(tiny, quantized_dirs, name):
+    _, reference = tiny
+    dst = quantized_dirs(name)
+    tolerance = QUANTIZED[name][1]
+    expected_model = with_weights(reference, dequantized_state(dst))
+    ids, mask = padded_batch(reference.config.vocab_size)
+    with runtime.load(dst) as quantized:
+        logits, _ = quantized.forward(ids, mask)
+    expected = reference_logits(expected_model, ids, mask)
+    assert (logits - expected)[mask.bool()].abs().max() < tolerance * expected.abs().max()
+
+
+def dequantized_state(directory) -> dict[str, torch.Tensor]:
+    """Every weight of a quantized directory as fp32, with transformers' names."""
+    from safetensors.torch import load_file
+    tensors = {}
+    for entry in read_manifest(directory).files:
+        if entry.tensors:
+            tensors.update(load_file(directory / entry.name))
+    return {name: t.float() for name, t in dequantize_stored(tensors).items()}
+
+
+def with_weights(reference, state):
+    from transformers import BloomForCausalLM
+    model = BloomForCausalLM(reference.config).eval()
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    assert torch.equal(model.lm_head.weight, state[PREFIX + EMBEDDING_WEIGHT])
+    return model
+
+
+def test_quantized_layout_is_read_as_written(quantized_dirs):
+    with runtime.load(quantized_dirs("nf4")) as model:
+        block = model.checkpoint.block(1)
+        record = block.dense_h_to_4h.weight
+        assert type(record).__name__ == "FourBitWeight" and record.shape == (256, 64)
+        state = json.loads(bytes(record.stored["weight.quant_state.bitsandbytes__nf4"].tolist()))
+        assert state["blocksize"] == preset_settings("nf4").block_size
+        assert type(model.checkpoint.embeddings().word_embeddings).__name__ == "DenseWeight"
+
+
+# ---------------------------------------------------------------------- RAM budget and read-ahead
+
+def test_parse_size_reads_decimal_and_binary_units():
+    assert runtime.parse_size("12GB") == 12 * 10**9
+    assert runtime.parse_size("800MB") == 800 * 10**6
+    assert runtime.parse_size("1.5GiB") == 3 * 2**29
+    assert runtime.parse_size("64k") == 64000 and runtime.parse_size(" 2 mib ") == 2 * 2**20
+    assert runtime.parse_size("4096") == runtime.parse_size(4096) == 4096
+    for bad in ("12XB", "", "GB", "-1GB", -1, "1.2.3GB"):
+        with pytest.raises(ValueError):
+            runtime.parse_size(bad)
+
+
+PAGE = mmap.PAGESIZE  # stream buffers hold whole pages (O_DIRECT reads)
+
+
+def sizes_for(n_layer, block=100, embeddings=50, final=1):
+    return {EMBEDDINGS_UNIT: embeddings * PAGE, FINAL_UNIT: final * PAGE,
+            **{block_unit(i): block * PAGE for i in range(n_layer)}}
+
+
+def test_residency_pins_what_fits_and_spreads_the_streamed_blocks():
+    sizes = sizes_for(10)
+    everything = loader.plan_residency(sizes, 10, sum(sizes.values()))
+    assert everything.streamed == () and everything.resident_bytes == sum(sizes.values())
+    nothing = loader.plan_residency(sizes, 10, 0)
+    assert nothing.pinned == () and set(nothing.streamed) == set(sizes)
+    assert nothing.streamed[-2:] == (FINAL_UNIT, EMBEDDINGS_UNIT)  # in use order: lm_head last
+    plan = loader.plan_residency(sizes, 10, 500 * PAGE)  # 2 buffers (200) + final + embeddings (51) + 2 blocks
+    assert plan.resident_bytes <= 500 * PAGE and plan.buffer_bytes == 100 * PAGE
+    assert set(plan.pinned) == {FINAL_UNIT, EMBEDDINGS_UNIT, block_unit(4), block_unit(9)}
+    assert plan.streamed == tuple(block_unit(i) for i in (0, 1, 2, 3, 5, 6, 7, 8))
+    big_embeddings = loader.plan_residency(sizes_for(4, embeddings=1000), 4, 600 * PAGE)
+    assert EMBEDDINGS_UNIT in big_embeddings.streamed and big_embeddings.buffer_bytes == 1000 * PAGE
+
+
+def test_default_budget_leaves_room_for_working_set_and_kv_cache():
+    g = Geometry(hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880)
+    working_set = 4 * 1024 * 1024 * 4 + loader.RUNTIME_OVERHEAD_BYTES
+    kv = 2 * 24 * 1024 * loader.KV_RESERVE_TOKENS * 4
+    assert loader.default_ram_budget(g, torch.float32, available=10**10) == int(0.9 * 10**10) - working_set - kv
+    assert loader.default_ram_budget(g, torch.float32, available=10**8) == 0
+    assert 0 < loader.available_memory() <= int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) * 1024
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """Six thin blocks: enough to have pinned and streamed blocks interleaved."""
+    root = tmp_path_factory.mktemp("deep")
+    write_example_checkpoint(root / "src", (32, 6, 4, 256), dtype=torch.float32)
+    convert(root / "src", root / "dst")
+    return root / "dst"
+
+
+def budget_streaming(directory, n_streamed_blocks):
+    sizes = {u: f.stat().st_size for u, f in [(EMBEDDINGS_UNIT, directory / "embeddings.safetensors"),
+                                              (FINAL_UNIT, directory / "final.safetensors")]}
+    block = (directory / "blocks" / "block_000.safetensors").stat().st_size
+    n_layer = len(list((directory / "blocks").iterdir()))
+    return sum(sizes.values()) + loader.STREAM_BUFFERS * (-(-block // PAGE) * PAGE) + (n_layer - n_streamed_blocks) * block
+
+
+def test_streaming_gives_the_same_tokens_and_reads_in_use_order(deep, monkeypatch):
+    ids, mask = padded_batch(256, lengths=(5, 3))
+    with runtime.load(deep) as pinned:
+        expected = pinned.generate_ids(ids, mask, max_new_tokens=4)
+    reads = []
+    original = loader.MappedFile.read_into
+    monkeypatch.setattr(loader.MappedFile, "read_into",
+                        lambda self, buffer, streaming: reads.append((self.path.stem, streaming))
+                        or original(self, buffer, streaming))
+    with runtime.load(deep, ram_budget=budget_streaming(deep, 3)) as model:
+        residency = model.checkpoint.residency
+        assert residency.streamed == ("block_000", "block_002", "block_004")
+        assert torch.equal(model.generate_ids(ids, mask, max_new_tokens=4), expected)
+    pinned_reads = [(unit, False) for unit in residency.pinned]
+    assert reads[:len(pinned_reads)] == pinned_reads  # each pinned file read once, in load order
+    streamed = [name for name, drop in reads[len(pinned_reads):]]
+    assert all(drop for _, drop in reads[len(pinned_reads):])
+    # every forward pass reads each streamed block once, and the next pass's first two ahead
+    assert streamed[:12] == list(residency.streamed) * 4 and len(streamed) <= 14
+
+
+def test_a_pass_that_stops_part_way_does_not_desynchronise_read_ahead(deep, monkeypatch):
+    ids, mask = padded_batch(256, lengths=(5, 3))
+    with runtime.load(deep, ram_budget=budget_streaming(deep, 4)) as model:
+        expected, _ = model.forward(ids, mask)
+        original = model.transformer._block
+
+        def fail_at_layer_3(x, w, layer, *args):
+            if layer == 3:
+                raise RuntimeError("interrupted")
+            return original(x, w, layer, *args)
+        monkeypatch.setattr(model.transformer, "_block", fail_at_layer_3)
+        with pytest.raises(RuntimeError):
+            model.forward(ids, mask)
+        monkeypatch.setattr(model.transformer, "_block", original)
+        assert torch.equal(model.forward(ids, mask)[0], expected)
+
+
+def test_weight_memory_stays_within_the_budget(deep, monkeypatch):
+    allocated = []
+    original = loader.AnonymousBuffer.__init__
+
+    def counting(self, size):
+        allocated.append(size)
+        original(self, size)
+    monkeypatch.setattr(loader.AnonymousBuffer, "__init__", counting)
+    budget = budget_streaming(deep, 3)
+    with runtime.load(deep, ram_budget=budget) as model:
+        model.generate_ids(*padded_batch(256, lengths=(4,)), max_new_tokens=3)
+        assert sum(allocated) == model.checkpoint.residency.resident_bytes <= budget
+
+
+# ----------------------------------------------------------------------------- generate command
+
+@pytest.fixture
+def restores_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_sets_torchs_thread_count(tiny, restores_threads):
+    runtime.load(tiny[0].checkpoint.directory, threads=1).close()
+    assert torch.get_num_threads() == 1
+
+
+def test_generate_command_prints_the_continuation(tiny, restores_threads):
+    model, _ = tiny
+    directory = str(model.checkpoint.directory)
+    result = CliRunner().invoke(main, ["generate", directory, "Return the", "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Return the" + model.generate("Return the", max_new_tokens=12) + "\n"
+    sampled = ["--temperature", "1.2", "--top-k", "40", "--top-p", "0.9", "--seed", "5"]
+    result = CliRunner().invoke(main, ["generate", directory, "a", "--max-new-tokens", "8", *sampled,
+                                       "--ram-budget", "1KB", "--threads", "1", "--verify", "full"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "a" + model.generate("a", 8, temperature=1.2, top_k=40, top_p=0.9, seed=5) + "\n"
+    result = CliRunner().invoke(main, ["generate", directory, "The", "--max-new-tokens", "6", "--dtype", "bfloat16"])
+    with runtime.load(directory, dtype=torch.bfloat16) as bf16:
+        assert result.stdout == "The" + bf16.generate("The", max_new_tokens=6) + "\n"
+
+
+def test_generate_stats_go_to_stderr(tiny):
+    result = CliRunner().invoke(main, ["generate", str(tiny[0].checkpoint.directory), "x", "--max-new-tokens", "5",
+                                       "--stats"])
+    assert result.exit_code == 0, result.output
+    assert "prefill" not in result.stdout
+    for expected in (r"start-to-ready \d+\.\d\d s", r"prefill 1 tokens .* tokens/s", r"decode 4 tokens .* tokens/s",
+                     r"peak RSS \d+\.\d\d GB, peak RssAnon \d+\.\d\d GB"):
+        assert re.search(expected, result.stderr), result.stderr
+
+
+def test_generate_command_errors(damaged_copy):
+    result = CliRunner().invoke(main, ["generate", str(damaged_copy), "x", "--ram-budget", "lots"])
+    assert result.exit_code == 2 and "--ram-budget" in result.stderr
+    os.truncate(damaged_copy / BLOCK, 100)
+    result = CliRunner().invoke(main, ["generate", str(damaged_copy), "x"])
+    assert result.exit_code == 1 and f"{BLOCK}: truncated" in result.stderr
