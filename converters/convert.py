@@ -96,12 +96,25 @@ def _run(source: SourceCheckpoint, destination: Destination, quantization: Quant
         source_hashes = {name: hasher.submit(_source_entry, source, destination, name)
                          for name in (*source.weight_files, *source.side_files)}
         shards = ShardCache(source.root)
-        # fsync of one unit overlaps the writing of the next; commits stay in order
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
-            pending = [_resumed(destination, unit) or _write_unit(source, destination, shards, unit,
-                                                                  quantization, committer)
-                       for unit in _progressing(units, source, bar)]
-            outputs = [future.result() for future in pending]
+        resumed = {unit: _resumed(destination, unit) for unit in units}
+        remaining = [unit for unit in units if resumed[unit] is None]
+        bar.update(sum(_unit_bytes(source, unit) for unit in units if resumed[unit] is not None))
+        written = {}
+        # Three stages overlap: the encoder reads (and quantizes) the next unit while this thread
+        # hashes and writes the current one and the committer fsyncs the previous one. At most
+        # two units' tensors are in memory at once; commits stay in order.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder, \
+                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
+            def encode(unit: str):
+                return encoder.submit(_stored_tensors, source, shards, unit, quantization)
+            upcoming = encode(remaining[0]) if remaining else None
+            for position, unit in enumerate(remaining):
+                stored = upcoming.result()
+                upcoming = encode(remaining[position + 1]) if position + 1 < len(remaining) else None
+                written[unit] = _write_stored(destination, unit, stored, committer)
+                del stored
+                bar.update(_unit_bytes(source, unit))
+            outputs = [(resumed[unit] or written[unit]).result() for unit in units]
         shards.close()
         side_outputs = [_write_side_file(source, destination, name, quantization) for name in source.side_files]
         index = _write_hf_index(destination, outputs)
@@ -112,12 +125,9 @@ def _run(source: SourceCheckpoint, destination: Destination, quantization: Quant
                     quantization=quantization)
 
 
-def _progressing(units, source: SourceCheckpoint, bar):
-    """Yield units, advancing the bar by each unit's share of source bytes once it is done."""
-    for unit in units:
-        yield unit
-        bar.update(sum(math.prod(source.tensors[n].shape) for n in unit_tensor_names(unit))
-                   * source.dtype.itemsize)
+def _unit_bytes(source: SourceCheckpoint, unit: str) -> int:
+    """Source bytes of one unit's tensors (what the progress bar counts)."""
+    return sum(math.prod(source.tensors[n].shape) for n in unit_tensor_names(unit)) * source.dtype.itemsize
 
 
 def _source_entry(source: SourceCheckpoint, destination: Destination, name: str) -> FileEntry:
@@ -130,10 +140,9 @@ def _source_entry(source: SourceCheckpoint, destination: Destination, name: str)
     return entry
 
 
-def _write_unit(source: SourceCheckpoint, destination: Destination, shards: ShardCache, unit: str,
-                quantization: QuantSettings | None,
-                committer: concurrent.futures.Executor) -> concurrent.futures.Future:
-    """Write one unit to a temporary file; its fsync, rename and journal entry run on `committer`."""
+def _stored_tensors(source: SourceCheckpoint, shards: ShardCache, unit: str,
+                    quantization: QuantSettings | None) -> list[tuple[str, torch.Tensor, QuantType]]:
+    """The tensors one unit's file holds: source tensors, quantized where asked."""
     stored: list[tuple[str, torch.Tensor, QuantType]] = []
     for name in unit_tensor_names(unit):
         tensor = shards.get(source.tensors[name])
@@ -141,6 +150,12 @@ def _write_unit(source: SourceCheckpoint, destination: Destination, shards: Shar
             _check_tied_head(source, shards, tensor)
             tensor = shards.get(source.tensors[name])  # the shard cache may have moved on
         stored.extend(_encode(PREFIX + name, tensor, quantization))
+    return stored
+
+
+def _write_stored(destination: Destination, unit: str, stored: list[tuple[str, torch.Tensor, QuantType]],
+                  committer: concurrent.futures.Executor) -> concurrent.futures.Future:
+    """Write one unit to a temporary file; its fsync, rename and journal entry run on `committer`."""
     relative = unit_file(unit)
     temporary = open_temporary(destination.path / relative)
     try:
