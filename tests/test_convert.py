@@ -290,3 +290,41 @@ def test_run_killed_before_its_job_record_leaves_a_restartable_destination(relea
     (dst / ".bloomconv-job.json.tmp-12345").write_text("{half")
     convert(release_checkpoint, dst)
     assert verify(dst).ok
+
+
+def test_index_pointing_outside_the_checkpoint_is_refused(release_checkpoint, tmp_path):
+    src = _copy(release_checkpoint, tmp_path)
+    index = json.loads((src / "pytorch_model.bin.index.json").read_text())
+    index["weight_map"]["ln_f.bias"] = "../../etc/passwd"
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    _cli_refuses(src, tmp_path / "dst", "index names a file outside the checkpoint")
+
+
+def test_missing_config_is_refused(release_checkpoint, tmp_path):
+    src = _copy(release_checkpoint, tmp_path)
+    (src / "config.json").unlink()
+    _cli_refuses(src, tmp_path / "dst", "config.json is missing")
+
+
+def test_full_disk_names_the_destination_and_resumes(release_checkpoint, tmp_path, monkeypatch):
+    import errno
+
+    from bloomconv.converters import convert as convert_module
+    real_write = convert_module.write_safetensors
+    calls = {"n": 0}
+
+    def fills_up(file, tensors, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(file, tensors, metadata)
+
+    monkeypatch.setattr(convert_module, "write_safetensors", fills_up)
+    dst = tmp_path / "dst"
+    with pytest.raises(DestinationError, match="no space left on the destination"):
+        convert(release_checkpoint, dst)
+    assert not (dst / MANIFEST_NAME).exists()
+    assert not [p for p in dst.rglob("*") if ".tmp-" in p.name]
+    monkeypatch.setattr(convert_module, "write_safetensors", real_write)
+    convert(release_checkpoint, dst)
+    assert verify(dst).ok
