@@ -36,6 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+import bloomconv  # noqa: F401  (first: start-to-ready counts from this import in both kinds of child)
+from bloomconv.process_stats import seconds_since_start, status_bytes
+
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_convert import dir_bytes, make_checkpoint  # noqa: E402
 from measure import drop_caches, gb, memory_cgroup, run_sampled  # noqa: E402
@@ -46,18 +49,6 @@ WEIGHT_GLOBS = ("embeddings.safetensors", "blocks/*.safetensors", "final.safeten
 
 
 # ------------------------------------------------------------------------------ child process
-
-def process_age() -> float:
-    started = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-    return float(open("/proc/uptime").read().split()[0]) - started
-
-
-def status_bytes(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
 
 def child(spec: dict) -> dict:
     """Load one model, then time a prefill and decoding at each batch size. Runs in its own process."""
@@ -74,7 +65,7 @@ def child(spec: dict) -> dict:
         import bloomconv.runtime as runtime
         model = runtime.load(spec["dir"], ram_budget=spec["ram_budget"], dtype=getattr(torch, spec["dtype"]))
         model.checkpoint.wait_until_loaded()
-        out["ready_s"] = process_age()
+        out["ready_s"] = seconds_since_start()
         r = model.checkpoint.residency
         out["residency"] = {"budget": r.budget, "pinned": len(r.pinned), "streamed": len(r.streamed),
                             "pinned_bytes": r.pinned_bytes, "resident_bytes": r.resident_bytes,
@@ -93,7 +84,7 @@ def child(spec: dict) -> dict:
     else:
         from transformers import BloomForCausalLM
         model = BloomForCausalLM.from_pretrained(spec["dir"], dtype=getattr(torch, spec["dtype"])).eval()
-        out["ready_s"] = process_age()
+        out["ready_s"] = seconds_since_start()
 
         def start(input_ids):
             mask = torch.ones_like(input_ids)

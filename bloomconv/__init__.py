@@ -6,7 +6,10 @@
 >>> model = bloomconv.load("bloom-560m-blocks")                   # doctest: +SKIP
 >>> model.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
 """
+import time as _time
+
 __version__ = "0.1.0"
+IMPORTED_AT = _time.monotonic()  # start of "start-to-ready" (see process_stats.py)
 
 __all__ = ["__version__", "convert", "inspect", "load", "quantize", "verify"]
 

@@ -214,16 +214,17 @@ def generate(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed,
     """Continue PROMPT with the model in DIRECTORY, printing tokens as they are produced."""
     import torch
 
+    from .process_stats import PeakRssAnon, seconds_since_start, status_bytes
     from .runtime import GenerationStats, load, parse_size
     try:
         budget = None if ram_budget is None else parse_size(ram_budget)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ram-budget") from None
-    watch = _PeakRssAnon() if stats else None
+    watch = PeakRssAnon() if stats else None
     with load(directory, verify=verify_mode, ram_budget=budget, threads=threads, dtype=getattr(torch, dtype)) as model:
         if stats:
             model.checkpoint.wait_until_loaded()  # "ready": every weight that stays in RAM is there
-            ready = _process_age()
+            ready = seconds_since_start()
         counts = GenerationStats()
         click.echo(prompt, nl=False)
         for piece in model.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -234,8 +235,8 @@ def generate(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed,
         residency = model.checkpoint.residency
     if stats:
         peak_anon = watch.stop()
-        hwm = _status_bytes("VmHWM")
-        click.echo(f"start-to-ready {ready:.2f} s (process start to weights in RAM; {len(residency.pinned)} files "
+        hwm = status_bytes("VmHWM")
+        click.echo(f"start-to-ready {ready:.2f} s (`import bloomconv` to weights in RAM; {len(residency.pinned)} files "
                    f"pinned, {len(residency.streamed)} streamed, budget {residency.budget / 1e6:,.0f} MB)\n"
                    f"prefill {counts.prompt_tokens} tokens in {counts.prefill_seconds:.2f} s = "
                    f"{counts.prefill_tokens_per_s:.1f} tokens/s\n"
@@ -243,39 +244,6 @@ def generate(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                    f"{counts.decode_tokens_per_s:.2f} tokens/s\n"
                    f"peak RSS {hwm / 1e9:.2f} GB, peak RssAnon {peak_anon / 1e9:.2f} GB (sampled every 10 ms)",
                    err=True)
-
-
-def _status_bytes(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _process_age() -> float:
-    """Seconds since this process started (the kernel's clock-tick resolution, 10 ms)."""
-    import os
-    started = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-    return float(open("/proc/uptime").read().split()[0]) - started
-
-
-class _PeakRssAnon:
-    """Sample this process's RssAnon every 10 ms on a daemon thread (the kernel keeps no peak of it)."""
-
-    def __init__(self):
-        import threading
-        self.peak, self._done = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._done.wait(0.01):
-            self.peak = max(self.peak, _status_bytes("RssAnon"))
-
-    def stop(self) -> int:
-        self._done.set()
-        self._thread.join()
-        return max(self.peak, _status_bytes("RssAnon"))
 
 
 if __name__ == "__main__":

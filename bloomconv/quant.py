@@ -79,7 +79,8 @@ def quantize_int8(weight: torch.Tensor, scale_from: str = DEFAULT_INT8_SCALE_FRO
     """LLM.int8() vector-wise quantization of a 2-D weight: (CB int8 [out, in], SCB float32 [out]).
 
     SCB is each row's absmax (not absmax/127); CB = round-half-even(w * (127/SCB)) in fp32. An
-    all-zero row gives SCB 0 and CB 0. With `scale_from="float16"` a weight with a value float16
+    all-zero row gives SCB 0 and CB 0. A row whose absmax is below 127/FLT_MAX (~7.5e-37) also
+    gets CB 0, as in bitsandbytes (127/SCB overflows): an absolute error below 7.5e-37. With `scale_from="float16"` a weight with a value float16
     cannot hold (|w| >= 65520, which casts to inf) raises QuantizationError, where bitsandbytes
     would store an infinite scale; `name` only labels errors.
 

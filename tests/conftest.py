@@ -50,3 +50,12 @@ def load_converted_tensors(path):
     for f in sorted(path.rglob("*.safetensors")):
         out.update(load_file(f))
     return {k.removeprefix("transformer."): v for k, v in out.items()}
+
+
+# Property tests are derandomized by default so that CI is reproducible: the same examples run on
+# every machine. `HYPOTHESIS_PROFILE=explore pytest` draws fresh random examples (and more of them).
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+_hypothesis_settings.register_profile("explore", max_examples=500, print_blob=True)
+_hypothesis_settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -188,7 +188,21 @@ def test_int8_property(weight, scale_from):
     assert not CB[~nonzero].any()
     quantized_from = (weight.half() if scale_from == "float16" else weight).float()
     error = (dequantize_int8(CB, SCB) - quantized_from).abs()
-    assert (error <= SCB[:, None] * (0.5 / 127 + 1e-6)).all()  # half a step of each row's scale
+    # Half a step of each row's scale; a row with absmax below 127/FLT_MAX quantizes to 0 (as in bnb).
+    tolerance = torch.clamp(SCB[:, None] * (0.5 / 127 + 1e-6), min=TINY_INT8_ROW)
+    assert (error <= tolerance).all()
+
+
+TINY_INT8_ROW = 127 / torch.finfo(torch.float32).max
+
+
+def test_int8_row_too_small_for_its_reciprocal_scale_quantizes_to_zero_like_bitsandbytes():
+    weight = torch.tensor([[torch.finfo(torch.float32).tiny, -1e-38], [1e-36, 5e-37]])
+    CB, SCB = quantize_int8(weight, "source")
+    ref_CB, ref_SCB = bnb_int8(weight, "source")
+    assert torch.equal(CB, ref_CB) and torch.equal(bits(SCB), bits(ref_SCB))
+    assert CB[0].tolist() == [0, 0] and CB[1, 0] == 127
+    assert ((dequantize_int8(CB, SCB) - weight).abs() < TINY_INT8_ROW).all()
 
 
 @FAST
