@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from bloomconv.errors import QuantizationError
 from bloomconv.format import QuantType
-from bloomconv.quant import FourBitState, code_table, dequantize_4bit, dynamic_map, quantize_4bit
+from bloomconv.quant import (FourBitState, _bucket_bounds, _quantize_4bit_chunk, code_table, dequantize_4bit,
+                             dynamic_map, quantize_4bit)
 from bloomconv.runtime import kernels
 from bloomconv.runtime.weights import FourBitWeight
 
@@ -108,6 +109,40 @@ def test_any_shape_matches_reference(rows, cols, batch, block_size, quant_type, 
     for isa in kernels.isas():
         assert_matches_reference(kernels.fourbit_matmul(x, matrix, isa=isa), x, weight)
         assert torch.equal(kernels.fourbit_dequantize(matrix, isa=isa), weight)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 700), block_size=st.sampled_from([32, 64, 128, 256]),
+       quant_type=st.sampled_from([QuantType.NF4, QuantType.FP4]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+       scale=st.sampled_from([1e-30, 0.02, 1.0, 1e4]), seed=st.integers(0, 2**31 - 1))
+def test_quantizer_is_bit_exact_with_the_torch_reference(n, block_size, quant_type, dtype, scale, seed, isa):
+    """Random values plus the hard cases: zero blocks, values that scale exactly onto a bucket
+    boundary (ties go to the lower code), and the tensor's partial tail block."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, generator=g) * scale
+    bounds, order = _bucket_bounds(quant_type)
+    values[:min(n, 15)] = bounds[:min(n, 15)]                  # absmax 1: scaled == bound exactly
+    values[min(n, 15):min(n, 16)] = 1.0
+    zero_start = (n // 2) // block_size * block_size
+    values[zero_start:zero_start + block_size] = 0              # a zero block (or the zero tail)
+    values = values.clamp(-6e4, 6e4).to(dtype)                  # finite in float16 too
+    expected = _quantize_4bit_chunk(values, block_size, bounds, order)
+    absmax, packed = kernels.fourbit_quantize_blocks(values, block_size, bounds, order, isa=isa)
+    assert torch.equal(absmax, expected[0]) and torch.equal(packed, expected[1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantizer_marks_non_finite_blocks(bad):
+    values = torch.ones(256)
+    values[70] = bad
+    bounds, order = _bucket_bounds(QuantType.NF4)
+    for isa in kernels.isas():
+        absmax, _ = kernels.fourbit_quantize_blocks(values, 64, bounds, order, isa=isa)
+        assert absmax[0] == 1 and not torch.isfinite(absmax[1]) and (absmax[2:] == 1).all()
 
 
 @needs_kernels

@@ -9,6 +9,7 @@ eager gave the same bits when checked).
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
@@ -84,8 +85,11 @@ def bnb_int8(weight, scale_from):
 
 
 def check_4bit_against_bnb(weight, quant_type, block_size, double_quant, **chunking):
+    """Both quantizers (the compiled one, when built, and the torch one) against bitsandbytes."""
     ours = quantize_4bit(weight, quant_type, block_size, double_quant, **chunking)
     assert_bit_identical(ours, bnb_4bit(weight, quant_type, block_size, double_quant))
+    with mock.patch("bloomconv.quant._compiled_4bit_quantizer", lambda: None):
+        assert_bit_identical(quantize_4bit(weight, quant_type, block_size, double_quant, **chunking), ours)
     restored = dequantize_4bit(ours, **chunking)
     assert restored.shape == weight.shape and restored.dtype == weight.dtype
     assert torch.equal(bits(restored), bits(bnb_dequantize_4bit(ours, "reference")))

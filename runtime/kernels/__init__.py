@@ -53,7 +53,7 @@ except ImportError:  # installed without a C compiler
     _fourbit = None
 
 __all__ = ["DEQUANTIZE_TILE_BYTES", "SMALL_BATCH_ROWS", "FourBitMatrix", "NestedAbsmax", "available",
-           "fourbit_dequantize", "fourbit_matmul", "isas"]
+           "fourbit_dequantize", "fourbit_matmul", "fourbit_quantize_blocks", "isas"]
 
 # Rows of x multiplied by the fused kernel; a larger batch dequantizes tiles for torch's GEMM, which
 # wins once the multiply, not reading the weight, is the cost. At 32 rows the two took about as long
@@ -185,6 +185,32 @@ def fourbit_dequantize(matrix: FourBitMatrix, rows: torch.Tensor | None = None, 
     if out.numel():
         _dequantize_into(matrix, ids, out, _isa_code(isa))
     return out
+
+
+def fourbit_quantize_blocks(values: torch.Tensor, block_size: int, bounds: torch.Tensor,
+                            order: torch.Tensor | None, *, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU 4-bit quantizer on flat `values` (whole blocks, plus the tensor's partial
+    tail if it ends there): (absmax fp32 [nblocks], packed uint8 [ceil(n/2)]), bit for bit what
+    `bloomconv.quant._quantize_4bit_chunk` computes, in one pass over the input (bf16 is read as
+    is; other dtypes are cast to fp32 first). A non-finite value gives its block a non-finite absmax.
+    `bounds`: the 15 midpoints of the sorted code; `order`: sorted position -> code (uint8) or None.
+    """
+    isa_code = _isa_code(isa)
+    if values.dtype not in (torch.bfloat16, torch.float32):
+        values = values.float()
+    values = values.reshape(-1).contiguous()
+    bounds = bounds.to(torch.float32).contiguous()
+    if bounds.numel() != 15 or (order is not None and (order.dtype != torch.uint8 or order.numel() != 16)):
+        raise QuantizationError("weight", "the 4-bit quantizer needs 15 bounds and 16 uint8 codes",
+                                "Pass bloomconv.quant's bucket bounds for the quant type.")
+    n = values.numel()
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    if n:
+        _fourbit.quantize(values.data_ptr(), values.dtype == torch.bfloat16, n, block_size, bounds.data_ptr(),
+                          0 if order is None else order.contiguous().data_ptr(), absmax.data_ptr(),
+                          packed.data_ptr(), isa_code)
+    return absmax, packed
 
 
 def _dequantize_into(matrix: FourBitMatrix, ids: torch.Tensor, out: torch.Tensor, isa_code: int) -> None:

@@ -17,6 +17,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -435,6 +436,147 @@ static int cpu_has_avx2(void)
 static int cpu_has_avx2(void) { return 0; }
 #endif
 
+/* ------------------------------------------------------------------------------- quantize */
+
+/* bitsandbytes' CPU `quantize_4bit`, bit for bit (bloomconv.quant._quantize_4bit_chunk is the
+ * reference): per block absmax; scaled = x * (1 / max(absmax, 1e-38)), or x / absmax for the
+ * tensor's last, partial block; clamped to [-1, 1]; sorted position = how many of the 15 midpoints
+ * of the sorted code are < scaled (torch.bucketize, ties low); code = order[position]. Non-finite
+ * input gives a non-finite absmax, which the caller refuses, so the codes of such a block do not
+ * matter. Elements 2i go to the high nibble; an odd count is padded with the code of 0.0. */
+typedef struct {
+    const void *x;                 /* n elements, fp32 or bf16 */
+    int bf16;
+    int64_t n, block_size;         /* a partial last block is the tensor's tail */
+    const float *bounds;           /* 15 midpoints */
+    const uint8_t *order;          /* 16 sorted position -> code, NULL when the code is sorted */
+    float *absmax;                 /* ceil(n / block_size) */
+    uint8_t *packed;               /* ceil(n / 2) */
+} Quantize;
+
+static inline float load_element(const Quantize *q, int64_t i)
+{
+    return q->bf16 ? bits_to_float((uint32_t)((const uint16_t *)q->x)[i] << 16) : ((const float *)q->x)[i];
+}
+
+static inline uint8_t code_of(const Quantize *q, float scaled)
+{
+    scaled = scaled < -1.0f ? -1.0f : scaled > 1.0f ? 1.0f : scaled;
+    int position = 0;
+    for (int b = 0; b < 15; b++)
+        position += scaled > q->bounds[b];
+    return q->order ? q->order[position] : (uint8_t)position;
+}
+
+static inline void put_code(uint8_t *packed, int64_t i, uint8_t code)
+{
+    if (i & 1)
+        packed[i >> 1] |= code;
+    else
+        packed[i >> 1] = (uint8_t)(code << 4);
+}
+
+/* Elements [begin, end) of one block; a partial block (the tensor's tail) divides, as bitsandbytes. */
+static void scalar_quantize_block(const Quantize *q, int64_t block, int64_t begin, int64_t end)
+{
+    int divide = end - begin < q->block_size;
+    float absmax = 0.0f;
+    int non_finite = 0;
+    for (int64_t i = begin; i < end; i++) {
+        float a = fabsf(load_element(q, i));
+        non_finite |= !(a <= 3.4028234663852886e38f);
+        absmax = a > absmax ? a : absmax;
+    }
+    if (non_finite) {
+        q->absmax[block] = NAN;
+        return;
+    }
+    float clamped = absmax < 1e-38f ? 1e-38f : absmax;
+    q->absmax[block] = divide ? clamped : absmax;
+    float reciprocal = 1.0f / clamped;
+    for (int64_t i = begin; i < end; i++) {
+        float v = load_element(q, i);
+        put_code(q->packed, i, code_of(q, divide ? v / clamped : v * reciprocal));
+    }
+}
+
+static void quantize_tail_padding(const Quantize *q)
+{
+    if (q->n & 1)
+        put_code(q->packed, q->n, code_of(q, 0.0f));
+}
+
+static void scalar_quantize(const Quantize *q)
+{
+    int64_t blocks = (q->n + q->block_size - 1) / q->block_size;
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t begin = b * q->block_size, end = begin + q->block_size < q->n ? begin + q->block_size : q->n;
+        scalar_quantize_block(q, b, begin, end);
+    }
+    quantize_tail_padding(q);
+}
+
+#ifdef HAVE_AVX2_KERNEL
+AVX2_TARGET static inline __m256 load8(const Quantize *q, int64_t i)
+{
+    if (q->bf16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)q->x + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)q->x + i);
+}
+
+/* Whole blocks of a multiple of 8 elements: 8 lanes at a time, the 15 comparisons as mask sums. */
+AVX2_TARGET static void avx2_quantize(const Quantize *q)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), minus_one = _mm256_set1_ps(-1.0f);
+    const __m256 largest = _mm256_set1_ps(3.4028234663852886e38f);
+    __m256 bounds[15];
+    for (int b = 0; b < 15; b++)
+        bounds[b] = _mm256_set1_ps(q->bounds[b]);
+    int64_t blocks = (q->n + q->block_size - 1) / q->block_size;
+    int64_t whole = q->n / q->block_size;
+    for (int64_t block = 0; block < whole; block++) {
+        int64_t begin = block * q->block_size, end = begin + q->block_size;
+        __m256 max = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        for (int64_t i = begin; i < end; i += 8) {
+            __m256 a = _mm256_andnot_ps(sign, load8(q, i));
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, largest, _CMP_NLE_UQ));  /* inf or NaN */
+            max = _mm256_max_ps(max, a);
+        }
+        if (_mm256_movemask_ps(bad)) {
+            q->absmax[block] = NAN;
+            continue;
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps(max, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float absmax = _mm_cvtss_f32(m4);
+        q->absmax[block] = absmax;
+        const __m256 reciprocal = _mm256_set1_ps(1.0f / (absmax < 1e-38f ? 1e-38f : absmax));
+        for (int64_t i = begin; i < end; i += 8) {
+            __m256 scaled = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(load8(q, i), reciprocal), minus_one), one);
+            __m256i position = _mm256_setzero_si256();
+            for (int b = 0; b < 15; b++)  /* a true comparison is -1 */
+                position = _mm256_sub_epi32(position, _mm256_castps_si256(_mm256_cmp_ps(scaled, bounds[b], _CMP_GT_OQ)));
+            int32_t p[8];
+            _mm256_storeu_si256((__m256i *)p, position);
+            uint8_t *dst = q->packed + (i >> 1);
+            for (int k = 0; k < 8; k += 2) {
+                uint8_t hi = q->order ? q->order[p[k]] : (uint8_t)p[k];
+                uint8_t lo = q->order ? q->order[p[k + 1]] : (uint8_t)p[k + 1];
+                dst[k >> 1] = (uint8_t)(hi << 4 | lo);
+            }
+        }
+    }
+    for (int64_t b = whole; b < blocks; b++) {
+        int64_t begin = b * q->block_size, end = begin + q->block_size < q->n ? begin + q->block_size : q->n;
+        scalar_quantize_block(q, b, begin, end);
+    }
+    quantize_tail_padding(q);
+}
+#endif
+
 /* ------------------------------------------------------------------------------- threading */
 
 /* Items [0, count) handed out GRAIN_BYTES of work at a time from a shared counter. The calling
@@ -638,6 +780,34 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(quantize_doc,
+"quantize(x, bf16, n, block_size, bounds, order, absmax, packed, isa) -> None\n\n"
+"Blockwise 4-bit quantization of n fp32 or bf16 values at address x into absmax (fp32) and\n"
+"packed (uint8); bounds: 15 fp32 midpoints; order: 16 uint8 or 0. All given by address.");
+
+static PyObject *py_quantize(PyObject *self, PyObject *args)
+{
+    unsigned long long x, bounds, order, absmax, packed;
+    long long n, block_size;
+    int bf16, isa;
+    if (!PyArg_ParseTuple(args, "KiLLKKKKi", &x, &bf16, &n, &block_size, &bounds, &order,
+                          &absmax, &packed, &isa))
+        return NULL;
+    Quantize q = {.x = (const void *)(uintptr_t)x, .bf16 = bf16, .n = n, .block_size = block_size,
+                  .bounds = (const float *)(uintptr_t)bounds,
+                  .order = (const uint8_t *)(uintptr_t)order, .absmax = (float *)(uintptr_t)absmax,
+                  .packed = (uint8_t *)(uintptr_t)packed};
+    Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_KERNEL
+    if (isa != ISA_SCALAR && cpu_has_avx2() && block_size % 8 == 0)
+        avx2_quantize(&q);
+    else
+#endif
+        scalar_quantize(&q);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_isas(PyObject *self, PyObject *unused)
 {
     return cpu_has_avx2() ? Py_BuildValue("(ss)", "avx2", "scalar") : Py_BuildValue("(s)", "scalar");
@@ -646,6 +816,7 @@ static PyObject *py_isas(PyObject *self, PyObject *unused)
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, matmul_doc},
     {"dequantize", py_dequantize, METH_VARARGS, dequantize_doc},
+    {"quantize", py_quantize, METH_VARARGS, quantize_doc},
     {"isas", py_isas, METH_NOARGS, "The instruction sets this CPU runs, fastest first."},
     {NULL, NULL, 0, NULL},
 };
