@@ -8,10 +8,12 @@ A weight record wraps the memory-mapped tensors of one matrix exactly as the fil
 
 Each record knows how to multiply an activation by itself (`matmul`) and how to read whole rows
 (`rows`, the embedding lookup), so the model code never branches on storage. Nothing here keeps a
-full-precision copy of a quantized matrix beyond the one being multiplied: int8 uses a fused
-kernel where one exists, dense weights of another dtype are converted CONVERT_CHUNK_BYTES at a
-time, and 4-bit ones go through bloomconv's own fused CPU kernel (runtime/kernels; without a C
-compiler at install time they are dequantized one matrix at a time).
+full-precision copy of a quantized matrix beyond the one being multiplied. Decoding steps (a few
+activation rows) go through bloomconv's compiled kernels, which read each weight as stored:
+runtime/kernels/dense.c for int8/bf16/fp16, fourbit.c for nf4/fp4. Larger batches are
+compute-bound and go to torch's GEMM on weights widened CONVERT_CHUNK_BYTES at a time (int8 in
+bf16 compute: torch's fused int8 GEMM). Without a C compiler at install time everything takes
+the torch paths.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from bloomconv.format import INT8_SCALE_SUFFIX, QUANT_STATE_SUFFIX_TEMPLATE, Qua
 from bloomconv.quant import FourBitState, dequantize_4bit, dequantize_int8
 
 from . import kernels
+from .kernels import dense
 
 __all__ = ["CONVERT_CHUNK_BYTES", "DenseWeight", "FourBitWeight", "Int8Weight", "WeightRecord", "linear",
            "weight_record"]
@@ -48,10 +51,12 @@ class DenseWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if _small_batch_on_cpu(x, w):
+            # reads the bf16/fp16 weight once, widening in registers; fp32 products and sums
+            return dense.dense_matmul(x, w).to(x.dtype)
         if w.dtype == x.dtype:
             return F.linear(x, w)
-        rows = max(1, CONVERT_CHUNK_BYTES // (w.shape[1] * x.element_size()))
-        return torch.cat([F.linear(x, w[i:i + rows].to(x.dtype)) for i in range(0, w.shape[0], rows)], dim=-1)
+        return _linear_in_pieces(x, w.shape, lambda start, end: w[start:end].to(x.dtype))
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.weight[ids].to(dtype)
@@ -69,15 +74,21 @@ class Int8Weight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.CB.shape)
 
-    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+    def uses_int8pack(self, x: torch.Tensor) -> bool:
+        """torch's fused int8 GEMM, for large batches computed in bf16 anyway."""
+        return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and hasattr(torch, "_weight_int8pack_mm")
                 and self.CB.shape[1] % _INT8PACK_ALIGN == 0)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_fused_kernel(x):
-            return F.linear(x, self.dequantize(x.dtype))
-        # The fused CPU kernel multiplies int8 weights by bf16 activations without widening the
-        # matrix: ~4x faster than fp32 F.linear at batch 1 here (notes/bitsandbytes-on-cpu.md).
+        if _small_batch_on_cpu(x, self.CB):
+            # decoding: int8 widened in registers, fp32 sums, each row's sum scaled by SCB / 127
+            return dense.dense_matmul(x, self.CB, self.SCB * (1 / 127)).to(x.dtype)
+        if not self.uses_int8pack(x):
+            return _linear_in_pieces(x, self.CB.shape,
+                                     lambda start, end: dequantize_int8(self.CB[start:end], self.SCB[start:end],
+                                                                        x.dtype))
+        # Prefill in bf16: torch's fused kernel multiplies int8 weights by bf16 activations
+        # without widening the matrix.
         CB = self.CB
         if CB.data_ptr() % _INT8PACK_ALIGN:
             CB = CB.clone()  # safetensors only aligns data to 8 bytes; torch allocates 64-aligned
@@ -132,6 +143,21 @@ class FourBitWeight:
 
 
 WeightRecord = DenseWeight | Int8Weight | FourBitWeight
+
+
+def _small_batch_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the dense kernel takes this product: a decoding step's few rows, on the CPU."""
+    return (dense.available() and x.device.type == "cpu" and dense.supports(weight)
+            and x.numel() // max(x.shape[-1], 1) <= dense.SMALL_BATCH_ROWS)
+
+
+def _linear_in_pieces(x: torch.Tensor, shape: tuple[int, int], piece) -> torch.Tensor:
+    """F.linear against a weight widened CONVERT_CHUNK_BYTES at a time: `piece(start, end)` gives
+    rows [start, end) in x's dtype. Bounds the memory a vocab × hidden matrix would take."""
+    out_features, in_features = shape
+    rows = max(1, CONVERT_CHUNK_BYTES // (in_features * x.element_size()))
+    return torch.cat([F.linear(x, piece(start, min(start + rows, out_features)))
+                      for start in range(0, out_features, rows)], dim=-1)
 
 
 def linear(x: torch.Tensor, weight: WeightRecord, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -285,29 +285,10 @@ def test_runtime_imports_neither_converters_nor_transformers(tiny):
 
 # ---------------------------------------------------------------------------- quantized weights
 
-def test_int8_fused_kernel_matches_dequantize_then_linear():
-    g = torch.Generator().manual_seed(0)
-    weight = torch.randn(192, 64, generator=g)
-    CB, SCB = quantize_int8(weight, "source")
-    record = Int8Weight(CB, SCB)
-    for x in (torch.randn(1, 64, generator=g), torch.randn(2, 5, 64, generator=g)):
-        assert record.uses_fused_kernel(x)
-        expected = F.linear(x, dequantize_int8(CB, SCB, torch.float32))
-        assert (record.matmul(x) - expected).abs().max() < 1e-2 * expected.abs().max()
-    # a weight that starts 8 bytes past a 16-byte boundary, as safetensors may place it
-    shifted = torch.empty(8 + CB.numel(), dtype=torch.int8)[8:].view_as(CB).copy_(CB)
-    x = torch.randn(4, 64, generator=g)
-    assert torch.equal(Int8Weight(shifted, SCB).matmul(x), record.matmul(x))
-    odd = Int8Weight(*quantize_int8(torch.randn(8, 36, generator=g), "source"))  # row length not a multiple of 16
-    x = torch.randn(3, 36, generator=g)
-    assert not odd.uses_fused_kernel(x)
-    assert torch.equal(odd.matmul(x), F.linear(x, dequantize_int8(odd.CB, odd.SCB, torch.float32)))
-
-
 QUANTIZED = {
     # name: (settings, logits tolerance relative to the largest logit)
-    "int8": (dataclasses.replace(preset_settings("int8"), embeddings=False), 1e-2),  # the fused kernel is bf16
-    "int8+embeddings": (dataclasses.replace(preset_settings("int8"), embeddings=True), 1e-2),
+    "int8": (dataclasses.replace(preset_settings("int8"), embeddings=False), 1e-5),
+    "int8+embeddings": (dataclasses.replace(preset_settings("int8"), embeddings=True), 1e-5),
     "nf4": (preset_settings("nf4"), 1e-5),
     "fp4": (dataclasses.replace(preset_settings("fp4"), block_size=128, double_quant=False), 1e-5),
 }

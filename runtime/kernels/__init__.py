@@ -219,13 +219,19 @@ def _dequantize_into(matrix: FourBitMatrix, ids: torch.Tensor, out: torch.Tensor
 
 
 def _isa_code(isa: str | None) -> int:
-    if _fourbit is None:
-        raise QuantizationError("weight", "the 4-bit kernels are not installed (no C compiler at install time)",
-                                "Check bloomconv.runtime.kernels.available() first, or reinstall with gcc.")
-    if isa is not None and isa not in isas():
+    return isa_code(_fourbit, "4-bit kernels", "available()", _ISA_CODES, isa)
+
+
+def isa_code(extension, what: str, check: str, codes: dict, isa: str | None) -> int:
+    """The C code of instruction set `isa` (None: the fastest) for a kernel module, or a typed error
+    when the module was not built or this CPU lacks `isa`. Shared with dense.py."""
+    if extension is None:
+        raise QuantizationError("weight", f"the {what} are not installed (no C compiler at install time)",
+                                f"Check bloomconv.runtime.kernels.{check} first, or reinstall with gcc.")
+    if isa is not None and isa not in extension.isas():
         raise QuantizationError("weight", f"instruction set {isa!r} is not available on this CPU",
-                                f"Use one of {', '.join(isas())}, or None for the fastest.")
-    return _ISA_CODES[isa]
+                                f"Use one of {', '.join(extension.isas())}, or None for the fastest.")
+    return codes[isa]
 
 
 def _state(stored: Mapping[str, torch.Tensor]) -> FourBitState:

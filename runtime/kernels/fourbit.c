@@ -9,8 +9,7 @@
  *
  * Two implementations, chosen at run time: AVX2+FMA (rows of a multiple of 32 elements; compiled
  * for AVX2 per function with a target attribute, so the build needs no -march flag) and portable
- * C (any shape). Weight rows are shared out among `threads` pthreads created per call (tens of
- * microseconds); per-call threads keep the module free of global state and safe across fork().
+ * C (any shape). Weight rows are shared out among `threads` threads (parallel.h).
  *
  * Called from Python with raw data pointers (see __init__.py, which validates every argument).
  */
@@ -22,11 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if !defined(_WIN32) && (defined(__GNUC__) || defined(__clang__))  /* pthreads and __atomic builtins */
-#include <pthread.h>
-#include <sched.h>
-#define HAVE_PTHREADS 1
-#endif
+#include "parallel.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -39,8 +34,6 @@ enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2 };
 enum { CHUNK = 32 };            /* elements decoded per AVX2 step: 16 packed bytes */
 enum { SLICE_FLOATS = 65536 };  /* AVX2 small batches: x floats (batch * columns) per pass, in L2 */
 enum { ROW_BUFFER = 4096 };     /* small batches: decoded weights per pass, in L1 */
-enum { MIN_BYTES_PER_THREAD = 64 * 1024 };  /* below this a thread costs more than it saves */
-enum { GRAIN_BYTES = 32 * 1024 };           /* work a thread takes at a time */
 
 typedef struct {
     const uint8_t *packed;         /* ceil(N*K/2) bytes */
@@ -579,88 +572,13 @@ AVX2_TARGET static void avx2_quantize(const Quantize *q)
 
 /* ------------------------------------------------------------------------------- threading */
 
-/* Items [0, count) handed out GRAIN_BYTES of work at a time from a shared counter. The calling
- * thread works too and then waits only for grains already taken: a helper that the OS has not yet
- * run (other jobs on a 2-core machine) finds nothing left and quits later on its own, so it costs
- * the call nothing. Each item's result does not depend on which thread computes it. */
-typedef struct {
-    Task task;
-    int64_t count, grain;
-    int64_t next, done;  /* atomic: items handed out, items finished */
-    int64_t refs;        /* atomic: threads still holding the queue; the last one frees it */
-} WorkQueue;
-
-#ifdef HAVE_PTHREADS
-static int64_t fetch_add(int64_t *value, int64_t delta) { return __atomic_fetch_add(value, delta, __ATOMIC_ACQ_REL); }
-static int64_t load(int64_t *value) { return __atomic_load_n(value, __ATOMIC_ACQUIRE); }
-#else  /* one thread */
-static int64_t fetch_add(int64_t *value, int64_t delta) { int64_t old = *value; *value += delta; return old; }
-#endif
-
-static void work(WorkQueue *queue)
+/* parallel.h's RangeFunction for a Task: the task over rows (or row ids) [begin, end). */
+static void run_task(const void *job, int64_t begin, int64_t end)
 {
-    for (;;) {
-        const int64_t begin = fetch_add(&queue->next, queue->grain);
-        if (begin >= queue->count)
-            return;
-        Task part = queue->task;
-        part.begin = begin;
-        part.end = begin + queue->grain < queue->count ? begin + queue->grain : queue->count;
-        part.run(&part);
-        fetch_add(&queue->done, part.end - part.begin);
-    }
-}
-
-static void release(WorkQueue *queue)
-{
-    if (fetch_add(&queue->refs, -1) == 1)
-        free(queue);
-}
-
-#ifdef HAVE_PTHREADS
-static void *helper(void *arg)
-{
-    work(arg);
-    release(arg);
-    return NULL;
-}
-#endif
-
-/* Runs `task` over items [0, count) on up to `threads` threads, this one included; -1 when out of
- * memory. */
-static int run_parallel(Task task, int64_t count, int64_t bytes_per_item, int threads)
-{
-    bytes_per_item = bytes_per_item > 0 ? bytes_per_item : 1;
-    const int64_t grain = GRAIN_BYTES / bytes_per_item;
-    int64_t helpers = count * bytes_per_item / MIN_BYTES_PER_THREAD - 1;  /* threads besides this one */
-    helpers = helpers < threads - 1 ? helpers : threads - 1;
-    WorkQueue *queue = malloc(sizeof *queue);
-    if (!queue)
-        return -1;
-    *queue = (WorkQueue){.task = task, .count = count, .grain = grain > 0 ? grain : 1, .refs = 1};
-#ifdef HAVE_PTHREADS
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    for (int64_t i = 0; i < helpers; i++) {
-        pthread_t id;
-        fetch_add(&queue->refs, 1);
-        if (pthread_create(&id, &attr, helper, queue) != 0) {
-            fetch_add(&queue->refs, -1);
-            break;
-        }
-    }
-    pthread_attr_destroy(&attr);
-#else
-    (void)helpers;
-#endif
-    work(queue);
-#ifdef HAVE_PTHREADS
-    while (load(&queue->done) < count)  /* only grains other threads are finishing */
-        sched_yield();
-#endif
-    release(queue);
-    return 0;
+    Task part = *(const Task *)job;
+    part.begin = begin;
+    part.end = end;
+    part.run(&part);
 }
 
 /* ------------------------------------------------------------------------------ Python glue */
@@ -741,7 +659,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args)
 #endif
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_parallel(task, rows, (cols + 1) / 2 * batch, threads);  /* work ~ packed bytes x batch */
+    status = run_parallel(run_task, &task, rows, (cols + 1) / 2 * batch, threads);  /* work ~ packed bytes x batch */
     Py_END_ALLOW_THREADS
     free(laid_out);
     if (status)
@@ -773,7 +691,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args)
 #endif
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_parallel(task, count, cols * 4, threads);
+    status = run_parallel(run_task, &task, count, cols * 4, threads);
     Py_END_ALLOW_THREADS
     if (status)
         return PyErr_NoMemory();

@@ -1,0 +1,303 @@
+/* Matrix-vector products straight from stored int8, bf16 and fp16 weights, in fp32, on CPU.
+ *
+ * out (M, N) = x (M, K) @ W (N, K)^T * scale[n], for small M (decoding: one token per sequence).
+ * W is read as stored and widened to fp32 in registers, never as a whole fp32 copy:
+ *   - int8 (bitsandbytes LLM.int8() `CB`), with scale[n] = SCB[n] / 127 applied to each row's sum;
+ *   - bf16 and fp16 (BLOOM's released dtypes), no scale.
+ * Every product and sum is fp32, so the result differs from F.linear on the fp32 weight only in the
+ * order of the sums (and, for int8, in applying the row scale once per row instead of per weight).
+ *
+ * Why: at batch 1 a token reads every weight once, so speed is how fast the weights stream. Torch's
+ * paths here either widen first (bf16 weights with fp32 activations: a converted copy) or compute
+ * in bf16 (`torch._weight_int8pack_mm`: bf16 activations, 1e-2 relative error on logits).
+ *
+ * Three implementations, chosen at run time: AVX-512 (16 lanes), AVX2+FMA (8 lanes), compiled per
+ * function with target attributes so the build needs no -march flag, both for rows of a multiple
+ * of 16 elements; portable C for anything else. Four weight rows are processed together so each x
+ * vector loaded serves four rows, and up to BATCH_GROUP x rows share each widened weight vector
+ * while the four rows sit in L1. Rows are shared out among threads (parallel.h).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#include "parallel.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_X86_KERNELS 1
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
+#endif
+
+enum { KIND_INT8 = 0, KIND_BF16 = 1, KIND_FP16 = 2 };
+enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+enum { ROWS = 4 };         /* weight rows per step */
+enum { BATCH_GROUP = 4 };  /* x rows per pass over a step's weight rows: 16 accumulators */
+enum { LANES_NEEDED = 16 };
+
+typedef struct {
+    const void *w;         /* (N, K) */
+    int kind;
+    const float *scale;    /* (N,) or NULL */
+    const float *x;        /* (M, K) fp32 */
+    float *out;            /* (M, N) fp32 */
+    int64_t batch, rows, cols;
+} Job;
+
+/* ------------------------------------------------------------------------------ scalar path */
+
+static inline float widen(const void *w, int kind, int64_t i)
+{
+    if (kind == KIND_INT8)
+        return (float)((const int8_t *)w)[i];
+    uint16_t h = ((const uint16_t *)w)[i];
+    if (kind == KIND_BF16) {
+        uint32_t bits = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    /* IEEE half -> single, subnormals included */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+    if (exponent == 0x1f)
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    else if (exponent)
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    else if (!mantissa)
+        bits = sign;
+    else {
+        int shift = 0;
+        while (!(mantissa & 0x400)) {
+            mantissa <<= 1;
+            shift++;
+        }
+        bits = sign | ((uint32_t)(113 - shift) << 23) | ((mantissa & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Weight rows [begin, end). */
+static void scalar_rows(const void *job, int64_t begin, int64_t end)
+{
+    const Job *j = job;
+    for (int64_t n = begin; n < end; n++)
+        for (int64_t m = 0; m < j->batch; m++) {
+            const float *x = j->x + m * j->cols;
+            float sum = 0.0f;
+            for (int64_t k = 0; k < j->cols; k++)
+                sum += widen(j->w, j->kind, n * j->cols + k) * x[k];
+            j->out[m * j->rows + n] = j->scale ? sum * j->scale[n] : sum;
+        }
+}
+
+/* Groups of ROWS weight rows [begin, end), as the SIMD paths take their work. */
+static void scalar_groups(const void *job, int64_t begin, int64_t end)
+{
+    const Job *j = job;
+    scalar_rows(job, begin * ROWS, end * ROWS < j->rows ? end * ROWS : j->rows);
+}
+
+#ifdef HAVE_X86_KERNELS
+/* ----------------------------------------------------------------------------- AVX-512 path */
+
+AVX512_TARGET static inline __m512 widen16(const void *w, int kind, int64_t i)
+{
+    if (kind == KIND_INT8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i))));
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    if (kind == KIND_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+/* ROWS weight rows n.. times x rows m0 .. m0 + MC - 1: MC is a constant in every call (see the
+ * switch below), so the accumulators stay in registers. */
+#define DEFINE_STEP(PREFIX, TARGET, VEC, LANES, ZERO, WIDEN, LOADX, FMA, REDUCE, KIND, NAME)          \
+    TARGET static inline __attribute__((always_inline)) void NAME(const Job *j, int64_t n, int64_t m0, \
+                                                                   const int MC)                    \
+    {                                                                                              \
+        const int64_t K = j->cols;                                                                 \
+        VEC acc[ROWS][BATCH_GROUP];                                                                \
+        for (int r = 0; r < ROWS; r++)                                                             \
+            for (int b = 0; b < MC; b++)                                                           \
+                acc[r][b] = ZERO();                                                                \
+        for (int64_t k = 0; k < K; k += LANES) {                                                   \
+            VEC wv[ROWS];                                                                          \
+            for (int r = 0; r < ROWS; r++)                                                         \
+                wv[r] = WIDEN(j->w, KIND, (n + r) * K + k);                                        \
+            for (int b = 0; b < MC; b++) {                                                         \
+                VEC xv = LOADX(j->x + (m0 + b) * K + k);                                           \
+                for (int r = 0; r < ROWS; r++)                                                     \
+                    acc[r][b] = FMA(wv[r], xv, acc[r][b]);                                         \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < ROWS; r++)                                                             \
+            for (int b = 0; b < MC; b++) {                                                         \
+                float sum = REDUCE(acc[r][b]);                                                     \
+                j->out[(m0 + b) * j->rows + n + r] = j->scale ? sum * j->scale[n + r] : sum;       \
+            }                                                                                      \
+    }
+
+/* Items are groups of ROWS weight rows; a last, partial group runs the scalar code. */
+#define DEFINE_GROUPS(TARGET, STEP, NAME)                                                          \
+    TARGET static void NAME(const void *job, int64_t begin, int64_t end)                           \
+    {                                                                                              \
+        const Job *j = job;                                                                        \
+        for (int64_t g = begin; g < end; g++) {                                                    \
+            const int64_t n = g * ROWS;                                                            \
+            if (n + ROWS > j->rows) {                                                              \
+                scalar_rows(job, n, j->rows);                                                      \
+                continue;                                                                          \
+            }                                                                                      \
+            int64_t m0 = 0;                                                                        \
+            for (; m0 + BATCH_GROUP <= j->batch; m0 += BATCH_GROUP)                                \
+                STEP(j, n, m0, BATCH_GROUP);                                                       \
+            switch (j->batch - m0) {                                                               \
+            case 3: STEP(j, n, m0, 3); break;                                                      \
+            case 2: STEP(j, n, m0, 2); break;                                                      \
+            case 1: STEP(j, n, m0, 1); break;                                                      \
+            default: break;                                                                        \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+AVX512_TARGET static inline float reduce16(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+#define AVX512_KERNELS(KIND, SUFFIX)                                                               \
+    DEFINE_STEP(avx512, AVX512_TARGET, __m512, 16, _mm512_setzero_ps, widen16, _mm512_loadu_ps,   \
+                _mm512_fmadd_ps, reduce16, KIND, avx512_step_##SUFFIX)                             \
+    DEFINE_GROUPS(AVX512_TARGET, avx512_step_##SUFFIX, avx512_rows_##SUFFIX)
+
+AVX512_KERNELS(KIND_INT8, int8)
+AVX512_KERNELS(KIND_BF16, bf16)
+AVX512_KERNELS(KIND_FP16, fp16)
+
+/* -------------------------------------------------------------------------------- AVX2 path */
+
+AVX2_TARGET static inline __m256 widen8(const void *w, int kind, int64_t i)
+{
+    if (kind == KIND_INT8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    if (kind == KIND_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+AVX2_TARGET static inline float sum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 lanes, 16 registers: ROWS x BATCH_GROUP = 16 accumulators would spill; gcc keeps what fits and
+ * spills the rest to L1, which costs less than re-widening the weights per batch row. */
+#define AVX2_KERNELS(KIND, SUFFIX)                                                                 \
+    DEFINE_STEP(avx2, AVX2_TARGET, __m256, 8, _mm256_setzero_ps, widen8, _mm256_loadu_ps,          \
+                _mm256_fmadd_ps, sum8, KIND, avx2_step_##SUFFIX)                                   \
+    DEFINE_GROUPS(AVX2_TARGET, avx2_step_##SUFFIX, avx2_rows_##SUFFIX)
+
+AVX2_KERNELS(KIND_INT8, int8)
+AVX2_KERNELS(KIND_BF16, bf16)
+AVX2_KERNELS(KIND_FP16, fp16)
+
+static int cpu_has(int isa)
+{
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (isa == ISA_AVX2)
+        return avx2;
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+#else
+static int cpu_has(int isa) { (void)isa; return 0; }
+#endif
+
+/* The fastest row function allowed by `isa` for this job, or NULL if `isa` cannot run here. */
+static RangeFunction pick(int isa, const Job *j)
+{
+    const int simd = j->cols % LANES_NEEDED == 0;
+#ifdef HAVE_X86_KERNELS
+    static const RangeFunction avx512[] = {avx512_rows_int8, avx512_rows_bf16, avx512_rows_fp16};
+    static const RangeFunction avx2[] = {avx2_rows_int8, avx2_rows_bf16, avx2_rows_fp16};
+    if ((isa == ISA_AUTO || isa == ISA_AVX512) && cpu_has(ISA_AVX512) && simd)
+        return avx512[j->kind];
+    if (isa == ISA_AVX512)
+        return cpu_has(ISA_AVX512) ? scalar_groups : NULL;
+    if ((isa == ISA_AUTO || isa == ISA_AVX2) && cpu_has(ISA_AVX2) && simd)
+        return avx2[j->kind];
+    if (isa == ISA_AVX2)
+        return cpu_has(ISA_AVX2) ? scalar_groups : NULL;
+#else
+    (void)simd;
+    if (isa == ISA_AVX2 || isa == ISA_AVX512)
+        return NULL;
+#endif
+    return scalar_groups;
+}
+
+/* ------------------------------------------------------------------------------ Python glue */
+
+PyDoc_STRVAR(matmul_doc,
+"matmul(x, batch, out, threads, isa, weight, rows, cols, kind, scale) -> None\n\n"
+"out (batch, rows) fp32 = x (batch, cols) fp32 @ W.T [* scale]; W (rows, cols) int8 (kind 0), bf16 (1)\n"
+"or fp16 (2); scale (rows,) fp32 or 0. All contiguous, given by address.");
+
+static PyObject *py_matmul(PyObject *self, PyObject *args)
+{
+    unsigned long long x, out, weight, scale;
+    long long batch, rows, cols;
+    int threads, isa, kind;
+    if (!PyArg_ParseTuple(args, "KLKiiKLLiK", &x, &batch, &out, &threads, &isa, &weight, &rows, &cols, &kind,
+                          &scale))
+        return NULL;
+    if (kind < KIND_INT8 || kind > KIND_FP16 || isa < ISA_AUTO || isa > ISA_AVX512) {
+        PyErr_SetString(PyExc_ValueError, "unknown weight kind or instruction set");
+        return NULL;
+    }
+    Job job = {.w = (const void *)(uintptr_t)weight, .kind = kind, .scale = (const float *)(uintptr_t)scale,
+               .x = (const float *)(uintptr_t)x, .out = (float *)(uintptr_t)out, .batch = batch, .rows = rows,
+               .cols = cols};
+    RangeFunction run = pick(isa, &job);
+    if (!run) {
+        PyErr_SetString(PyExc_ValueError, "this CPU lacks the requested instruction set");
+        return NULL;
+    }
+    const int64_t bytes_per_row = cols * (kind == KIND_INT8 ? 1 : 2) * (batch > 0 ? batch : 1);
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_parallel(run, &job, (rows + ROWS - 1) / ROWS, ROWS * bytes_per_row, threads);
+    Py_END_ALLOW_THREADS
+    if (status)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_isas(PyObject *self, PyObject *unused)
+{
+    if (cpu_has(ISA_AVX512))
+        return Py_BuildValue("(sss)", "avx512", "avx2", "scalar");
+    if (cpu_has(ISA_AVX2))
+        return Py_BuildValue("(ss)", "avx2", "scalar");
+    return Py_BuildValue("(s)", "scalar");
+}
+
+static PyMethodDef methods[] = {
+    {"matmul", py_matmul, METH_VARARGS, matmul_doc},
+    {"isas", py_isas, METH_NOARGS, "The instruction sets this CPU runs, fastest first."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_dense", "Matrix-vector products from stored int8/bf16/fp16 weights (see __init__.py).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__dense(void) { return PyModule_Create(&module); }

@@ -1,0 +1,155 @@
+"""The dense kernel (runtime/kernels/dense.c) against F.linear on the fp32 weight, and its use by
+the weight records. As in test_kernels.py, only the order of fp32 sums differs, so each output
+may differ from the reference by |out - ref| <= 1e-5 * (|x| @ |W|.T), elementwise."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bloomconv.errors import QuantizationError
+from bloomconv.quant import dequantize_int8, quantize_int8
+from bloomconv.runtime.kernels import dense
+from bloomconv.runtime.weights import DenseWeight, Int8Weight
+
+needs_dense = pytest.mark.skipif(not dense.available(), reason="the C extension is not built")
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in dense.isas(), reason=f"CPU lacks {isa}"))
+        for isa in ("avx512", "avx2", "scalar")]
+KINDS = [torch.int8, torch.bfloat16, torch.float16]
+
+
+def random_weight(rows, cols, dtype, generator):
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=generator)
+    return torch.randn(rows, cols, generator=generator).to(dtype)
+
+
+def assert_close_to_reference(out, x, weight_fp32, scale=None):
+    x = x.reshape(x.shape[:-1].numel(), x.shape[-1]).float()
+    expected = F.linear(x, weight_fp32)
+    bound = 1e-5 * F.linear(x.abs(), weight_fp32.abs())
+    if scale is not None:
+        expected, bound = expected * scale, bound * scale.abs()
+    out = out.reshape(expected.shape)
+    assert out.dtype == torch.float32
+    assert ((out - expected).abs() <= bound + 1e-30).all(), (out - expected).abs().max()
+
+
+@needs_dense
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", KINDS, ids=str)
+@pytest.mark.parametrize("batch", [1, 3, 4, 9])
+@pytest.mark.parametrize("shape", [(3072, 1024), (1030, 64), (37, 48)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matmul_matches_linear_on_the_fp32_weight(shape, batch, dtype, isa):
+    g = torch.Generator().manual_seed(batch)
+    weight = random_weight(*shape, dtype, g)
+    scale = torch.rand(shape[0], generator=g) if dtype == torch.int8 else None
+    x = torch.randn(batch, shape[1], generator=g)
+    assert_close_to_reference(dense.dense_matmul(x, weight, scale, isa=isa), x, weight.float(), scale)
+
+
+@needs_dense
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 41), cols=st.integers(0, 100), batch=st.integers(0, 6),
+       dtype=st.sampled_from(KINDS), scaled=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_any_shape_matches_reference(rows, cols, batch, dtype, scaled, seed):
+    """Rows not a multiple of the 4-row step, rows not a multiple of 16 (portable path), empty."""
+    g = torch.Generator().manual_seed(seed)
+    weight = random_weight(rows, cols, dtype, g)
+    scale = torch.rand(rows, generator=g) if scaled else None
+    x = torch.randn(batch, cols, generator=g)
+    for isa in dense.isas():
+        assert_close_to_reference(dense.dense_matmul(x, weight, scale, isa=isa), x, weight.float(), scale)
+
+
+@needs_dense
+def test_fp16_subnormals_and_extremes_widen_exactly():
+    specials = torch.tensor([6e-8, -6e-8, 1e-5, 65504.0, -65504.0, 3e-5, 0.0, -0.0] * 2)  # subnormals, extremes
+    weight = specials.to(torch.float16).view(1, 16)
+    for isa in dense.isas():
+        for position in range(16):
+            x = torch.zeros(1, 16)
+            x[0, position] = 1.0
+            assert torch.equal(dense.dense_matmul(x, weight, isa=isa), weight.float()[:, position:position + 1])
+    big = torch.tensor([3.3e38, -3.3e38, 1e-40] + [1.0] * 13).to(torch.bfloat16).view(1, 16)
+    x = torch.zeros(1, 16)
+    x[0, 2] = 1.0
+    for isa in dense.isas():
+        assert torch.equal(dense.dense_matmul(x, big, isa=isa), big.float()[:, 2:3])
+
+
+@needs_dense
+def test_result_does_not_depend_on_the_thread_count_and_strides_are_handled():
+    g = torch.Generator().manual_seed(1)
+    weight = random_weight(4099, 256, torch.bfloat16, g)
+    x = torch.randn(2, 256, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = dense.dense_matmul(x, weight)
+        torch.set_num_threads(2)
+        assert torch.equal(dense.dense_matmul(x, weight), single)
+    finally:
+        torch.set_num_threads(before)
+    wide = random_weight(64, 512, torch.int8, g)[:, ::2]  # not contiguous: copied
+    scale = torch.rand(64, generator=g)
+    x = torch.randn(1, 256, generator=g)
+    assert_close_to_reference(dense.dense_matmul(x, wide, scale), x, wide.float(), scale)
+
+
+@needs_dense
+def test_bad_arguments_raise_typed_errors():
+    weight = torch.zeros(8, 32, dtype=torch.bfloat16)
+    with pytest.raises(QuantizationError, match="cannot multiply"):
+        dense.dense_matmul(torch.zeros(1, 31), weight)
+    with pytest.raises(QuantizationError, match="cannot multiply"):
+        dense.dense_matmul(torch.zeros(1, 32), weight.float())
+    with pytest.raises(QuantizationError, match="scale"):
+        dense.dense_matmul(torch.zeros(1, 32), weight, torch.ones(7))
+    with pytest.raises(QuantizationError, match="not available"):
+        dense.dense_matmul(torch.zeros(1, 32), weight, isa="avx9000")
+    assert dense.dense_matmul(torch.zeros(0, 32), weight).shape == (0, 8)
+
+
+# ------------------------------------------------------------------------------ weight records
+
+def test_int8_weight_decodes_in_fp32_and_prefills_through_torch(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    CB, SCB = quantize_int8(torch.randn(192, 64, generator=g), "source")
+    record = Int8Weight(CB, SCB)
+    reference = dequantize_int8(CB, SCB, torch.float32)
+    calls = []
+    if dense.available():
+        real = dense.dense_matmul
+        monkeypatch.setattr(dense, "dense_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    decode = torch.randn(2, 1, 64, generator=g)   # a decoding step: 2 rows
+    assert_close_to_reference(record.matmul(decode), decode, reference)
+    assert len(calls) == int(dense.available())
+    prefill = torch.randn(2, 5, 64, generator=g)  # 10 rows: torch's GEMM on widened pieces
+    assert (record.matmul(prefill) - F.linear(prefill, reference)).abs().max() < 1e-5
+    assert len(calls) == int(dense.available())
+    # bf16 compute: large batches take torch's fused int8 GEMM, wherever the weight starts
+    shifted = torch.empty(8 + CB.numel(), dtype=torch.int8)[8:].view_as(CB).copy_(CB)
+    x = torch.randn(4, 3, 64, generator=g).to(torch.bfloat16)
+    assert record.uses_int8pack(x)
+    assert torch.equal(Int8Weight(shifted, SCB).matmul(x), record.matmul(x))
+    odd = Int8Weight(*quantize_int8(torch.randn(8, 36, generator=g), "source"))  # row length not a multiple of 16
+    x = torch.randn(3, 6, 36, generator=g)
+    assert not odd.uses_int8pack(x.to(torch.bfloat16))
+    assert (odd.matmul(x) - F.linear(x, dequantize_int8(odd.CB, odd.SCB, torch.float32))).abs().max() < 1e-5
+
+
+def test_dense_weight_multiplies_bf16_storage_in_fp32(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(100, 64, generator=g).to(torch.bfloat16)
+    record = DenseWeight(weight)
+    for rows in (1, 3, 17):
+        x = torch.randn(rows, 64, generator=g)
+        out = record.matmul(x)
+        assert out.dtype == torch.float32
+        assert_close_to_reference(out, x, weight.float())
+    monkeypatch.setattr(dense, "_dense", None)  # as installed without a C compiler
+    x = torch.randn(1, 64, generator=g)
+    assert_close_to_reference(record.matmul(x), x, weight.float())
