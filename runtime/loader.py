@@ -15,8 +15,10 @@ Residency. A RAM budget (`ram_budget`, bytes of weights held in memory) splits t
 The budget covers the pinned files plus the stream buffers. The ln_f and embedding files are
 pinned first (used every token, the embeddings twice), then as many blocks as fit, chosen
 evenly spaced, so that while one streamed block is read the pinned blocks before it compute.
-When the whole model fits the budget even in float32 and computes in float32, 16-bit weights
-are widened once at load (`plan_residency`), the form this CPU multiplies fastest.
+16-bit weights stay 16-bit in RAM: the dense kernel (runtime/kernels/dense.c) multiplies them
+in fp32 at the speed it reads them. Only where it was not built, and the whole model fits the
+budget even in float32 and computes in float32, are they widened once at load (`plan_residency`)
+for torch's fp32 GEMM.
 
 Read-ahead. The reader thread keeps the next STREAM_BUFFERS streamed files, in cyclic use order,
 read or being read: when the forward pass finishes with a streamed file its buffer is refilled
@@ -57,6 +59,7 @@ from bloomconv.geometry import Geometry
 from bloomconv.manifest import Manifest, read_manifest
 from bloomconv.safetensors_io import SafetensorsHeader, read_header
 
+from .kernels import dense
 from .weights import WeightRecord, weight_record
 
 __all__ = ["BlockWeights", "Checkpoint", "EmbeddingWeights", "LayerNormWeights", "LinearWeights",
@@ -430,9 +433,9 @@ def plan_residency(sizes: dict[str, int], n_layer: int, budget: int,
     """Pin what fits in `budget` (final, embeddings, then evenly spaced blocks); stream the rest.
 
     When the whole model fits even with its 16-bit weights widened to float32 (`widened_sizes`,
-    given for float32 compute), it is pinned widened: in RAM the CPU, not the disk, is the limit,
-    and fp32 matmuls run ~3x faster here than bf16 ones or converting on the fly. Otherwise
-    files are pinned as stored, so that the budget saves the most disk reads.
+    given for float32 compute without the dense kernel), it is pinned widened: torch's fp32 matmuls
+    ran ~3x faster here than its bf16 ones or converting on the fly. Otherwise files are pinned as
+    stored, so that the budget saves the most disk reads.
 
     Streaming needs STREAM_BUFFERS buffers of the largest streamed file whatever the budget, so
     a budget below that still runs, using that much.
@@ -587,7 +590,8 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_b
     units = [EMBEDDINGS_UNIT, *(block_unit(i) for i in range(geometry.n_layer)), FINAL_UNIT]
     files = {unit: MappedFile(directory / unit_file(unit)) for unit in units}
     budget = default_ram_budget(geometry, dtype) if ram_budget is None else parse_size(ram_budget)
-    widened = {unit: f.widened_size for unit, f in files.items()} if dtype == torch.float32 else None
+    widen = dtype == torch.float32 and not dense.available()  # the kernel reads 16-bit weights faster
+    widened = {unit: f.widened_size for unit, f in files.items()} if widen else None
     residency = plan_residency({unit: f.size for unit, f in files.items()}, geometry.n_layer, budget, widened)
     return Checkpoint(directory, manifest, config, geometry, files, _tokenizer(directory), residency)
 

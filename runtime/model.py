@@ -9,6 +9,7 @@ Shapes: B batch, T new tokens, S = past + T keys, H hidden, nh heads, hs = H / n
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from bloomconv.format import EMBEDDINGS_UNIT, FINAL_UNIT, block_unit
 from bloomconv.geometry import Geometry
 
+from . import kernels
 from .loader import BlockWeights, Checkpoint, LayerNormWeights, block_weights, embedding_weights, final_weights
 from .weights import linear
 
@@ -129,6 +131,12 @@ class Transformer:
         blocked.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         bias = alibi_bias(attention_mask, g.n_head, self.dtype) + blocked               # (B, nh, T, S)
 
+        decoding = self.device.type == "cpu" and B * T <= kernels.SMALL_BATCH_ROWS
+        with kernels.kernels_own_the_cores() if decoding else contextlib.nullcontext():
+            return self._layers(input_ids, bias, past, last_only), past
+
+    def _layers(self, input_ids: torch.Tensor, bias: torch.Tensor, past: KVCache, last_only: bool) -> torch.Tensor:
+        g = self.geometry
         checkpoint = self.checkpoint
         embeddings = self._on_device(embedding_weights(checkpoint.peek(EMBEDDINGS_UNIT)))  # B*T rows only
         x = embeddings.word_embeddings.rows(input_ids, self.dtype)                        # (B, T, H)
@@ -143,8 +151,7 @@ class Transformer:
             # copies the whole lm_head weight per call (50x slower for bf16)
             x = x[:, -1:].clone(memory_format=torch.contiguous_format)
         with checkpoint.use(EMBEDDINGS_UNIT) as source:
-            logits = linear(x, self._on_device(embedding_weights(source)).word_embeddings)  # (B, T, vocab)
-        return logits, past
+            return linear(x, self._on_device(embedding_weights(source)).word_embeddings)  # (B, T, vocab)
 
     def _block(self, x: torch.Tensor, w: BlockWeights, layer: int, bias: torch.Tensor,
                past: KVCache) -> torch.Tensor:

@@ -8,12 +8,12 @@ A weight record wraps the memory-mapped tensors of one matrix exactly as the fil
 
 Each record knows how to multiply an activation by itself (`matmul`) and how to read whole rows
 (`rows`, the embedding lookup), so the model code never branches on storage. Nothing here keeps a
-full-precision copy of a quantized matrix beyond the one being multiplied. Decoding steps (a few
-activation rows) go through bloomconv's compiled kernels, which read each weight as stored:
-runtime/kernels/dense.c for int8/bf16/fp16, fourbit.c for nf4/fp4. Larger batches are
-compute-bound and go to torch's GEMM on weights widened CONVERT_CHUNK_BYTES at a time (int8 in
-bf16 compute: torch's fused int8 GEMM). Without a C compiler at install time everything takes
-the torch paths.
+full-precision copy of a quantized matrix beyond the one being multiplied. Products go through
+bloomconv's compiled kernels, which read each weight as stored: runtime/kernels/dense.c for
+int8/bf16/fp16, fourbit.c for nf4/fp4 (decoding steps; larger batches multiply dequantized tiles).
+A bf16 weight times many bf16 rows goes to torch's bf16 GEMM. Without a C compiler at install
+time: torch, on weights widened CONVERT_CHUNK_BYTES at a time (int8 in bf16 compute: torch's
+fused int8 GEMM).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class DenseWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if _small_batch_on_cpu(x, w):
+        if _dense_kernel_takes(x, w) and (w.dtype != x.dtype or _rows(x) <= dense.SMALL_BATCH_ROWS):
             # reads the bf16/fp16 weight once, widening in registers; fp32 products and sums
             return dense.dense_matmul(x, w).to(x.dtype)
         if w.dtype == x.dtype:
@@ -80,9 +80,9 @@ class Int8Weight:
                 and self.CB.shape[1] % _INT8PACK_ALIGN == 0)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if _small_batch_on_cpu(x, self.CB):
-            # decoding: int8 widened in registers, fp32 sums, each row's sum scaled by SCB / 127
-            return dense.dense_matmul(x, self.CB, self.SCB * (1 / 127)).to(x.dtype)
+        if _dense_kernel_takes(x, self.CB):
+            # int8 widened in registers, fp32 sums, each row's sum scaled by SCB / 127
+            return dense.dense_matmul(x, self.CB, self.row_scale).to(x.dtype)
         if not self.uses_int8pack(x):
             return _linear_in_pieces(x, self.CB.shape,
                                      lambda start, end: dequantize_int8(self.CB[start:end], self.SCB[start:end],
@@ -96,6 +96,11 @@ class Int8Weight:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()       # (B*T, in)
         out = torch._weight_int8pack_mm(flat, CB, scales)                       # (B*T, out)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.CB.shape[0])
+
+    @functools.cached_property
+    def row_scale(self) -> torch.Tensor:
+        """SCB / 127 (fp32): what each row's integer sum is multiplied by."""
+        return self.SCB * (1 / 127)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int8(self.CB, self.SCB, dtype)
@@ -145,10 +150,13 @@ class FourBitWeight:
 WeightRecord = DenseWeight | Int8Weight | FourBitWeight
 
 
-def _small_batch_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the dense kernel takes this product: a decoding step's few rows, on the CPU."""
-    return (dense.available() and x.device.type == "cpu" and dense.supports(weight)
-            and x.numel() // max(x.shape[-1], 1) <= dense.SMALL_BATCH_ROWS)
+def _dense_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the dense kernel can compute this product (built, on the CPU, an int8/16-bit weight)."""
+    return dense.available() and x.device.type == "cpu" and dense.supports(weight)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.shape[:-1].numel()
 
 
 def _linear_in_pieces(x: torch.Tensor, shape: tuple[int, int], piece) -> torch.Tensor:

@@ -115,7 +115,7 @@ def test_bad_arguments_raise_typed_errors():
 
 # ------------------------------------------------------------------------------ weight records
 
-def test_int8_weight_decodes_in_fp32_and_prefills_through_torch(monkeypatch):
+def test_int8_weight_multiplies_in_fp32_with_the_kernel_and_falls_back_to_torch(monkeypatch):
     g = torch.Generator().manual_seed(0)
     CB, SCB = quantize_int8(torch.randn(192, 64, generator=g), "source")
     record = Int8Weight(CB, SCB)
@@ -124,13 +124,14 @@ def test_int8_weight_decodes_in_fp32_and_prefills_through_torch(monkeypatch):
     if dense.available():
         real = dense.dense_matmul
         monkeypatch.setattr(dense, "dense_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
-    decode = torch.randn(2, 1, 64, generator=g)   # a decoding step: 2 rows
-    assert_close_to_reference(record.matmul(decode), decode, reference)
-    assert len(calls) == int(dense.available())
-    prefill = torch.randn(2, 5, 64, generator=g)  # 10 rows: torch's GEMM on widened pieces
-    assert (record.matmul(prefill) - F.linear(prefill, reference)).abs().max() < 1e-5
-    assert len(calls) == int(dense.available())
-    # bf16 compute: large batches take torch's fused int8 GEMM, wherever the weight starts
+    for x in (torch.randn(2, 1, 64, generator=g), torch.randn(2, 40, 64, generator=g)):  # decode, prefill
+        assert_close_to_reference(record.matmul(x), x, reference)
+    assert len(calls) == 2 * int(dense.available())
+
+    monkeypatch.setattr(dense, "_dense", None)  # as installed without a C compiler
+    x = torch.randn(3, 5, 64, generator=g)
+    assert (record.matmul(x) - F.linear(x, reference)).abs().max() < 1e-5
+    # bf16 compute: torch's fused int8 GEMM, wherever the weight starts
     shifted = torch.empty(8 + CB.numel(), dtype=torch.int8)[8:].view_as(CB).copy_(CB)
     x = torch.randn(4, 3, 64, generator=g).to(torch.bfloat16)
     assert record.uses_int8pack(x)
@@ -145,11 +146,28 @@ def test_dense_weight_multiplies_bf16_storage_in_fp32(monkeypatch):
     g = torch.Generator().manual_seed(2)
     weight = torch.randn(100, 64, generator=g).to(torch.bfloat16)
     record = DenseWeight(weight)
-    for rows in (1, 3, 17):
+    for rows in (1, 3, 17, dense.SMALL_BATCH_ROWS + 1):
         x = torch.randn(rows, 64, generator=g)
         out = record.matmul(x)
         assert out.dtype == torch.float32
         assert_close_to_reference(out, x, weight.float())
+    many = torch.randn(dense.SMALL_BATCH_ROWS + 1, 64, generator=g).to(torch.bfloat16)
+    assert torch.equal(record.matmul(many), F.linear(many, weight))  # bf16 x bf16, many rows: torch's GEMM
     monkeypatch.setattr(dense, "_dense", None)  # as installed without a C compiler
     x = torch.randn(1, 64, generator=g)
     assert_close_to_reference(record.matmul(x), x, weight.float())
+
+
+def test_decoding_runs_torch_on_one_thread_and_the_kernels_on_all():
+    from bloomconv.runtime import kernels
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with kernels.kernels_own_the_cores():
+            assert torch.get_num_threads() == 1 and kernels.kernel_threads() == 2
+        assert torch.get_num_threads() == 2 and kernels.kernel_threads() == 2
+        with pytest.raises(RuntimeError), kernels.kernels_own_the_cores():
+            raise RuntimeError("restored on errors too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -26,7 +26,7 @@ from bloomconv.manifest import read_manifest
 from bloomconv.quant import dequantize_int8, dequantize_stored, quantize_int8
 from bloomconv.recipes import preset_settings
 from bloomconv.runtime import loader
-from bloomconv.runtime.weights import Int8Weight
+from bloomconv.runtime.kernels import dense
 
 GEOMETRIES = {
     # hidden, layers, heads, vocab: heads a power of two or not (ALiBi's interleaved slopes)
@@ -204,7 +204,19 @@ def test_bf16_stored_weights_are_converted_piecewise(bf16_pair, monkeypatch):
     assert (logits - reference_logits(reference, ids, mask))[mask.bool()].abs().max() < 1e-4
 
 
-def test_bf16_weights_are_widened_once_when_the_model_fits_in_ram_as_fp32(bf16_pair):
+def test_bf16_weights_stay_bf16_in_ram_with_the_dense_kernel(bf16_pair):
+    directory, reference = bf16_pair
+    ids, mask = padded_batch(1024)
+    with runtime.load(directory) as model:
+        assert not model.checkpoint.residency.widened
+        assert model.checkpoint.block(0).dense.weight.weight.dtype == torch.bfloat16
+        logits, _ = model.forward(ids, mask)
+    assert (logits - reference_logits(reference, ids, mask))[mask.bool()].abs().max() < 1e-4
+
+
+def test_bf16_weights_are_widened_once_without_the_dense_kernel(bf16_pair, monkeypatch):
+    """Installed without a C compiler, fp32 compute widens bf16 weights at load when they fit."""
+    monkeypatch.setattr(dense, "_dense", None)
     directory, reference = bf16_pair
     ids, mask = padded_batch(1024)
     with runtime.load(directory) as model:

@@ -19,7 +19,7 @@ multiply. Every weight is exactly `code[q] * absmax` in fp32, rounded to the dty
 quantized from, as `bloomconv.quant.dequantize_4bit` computes it; only the order of the fp32 sums
 differs from multiplying the dequantized matrix. Portable C (a per-block table, two weights per
 byte) runs elsewhere, and on rows whose length is not a multiple of 32. Rows are shared out among
-torch.get_num_threads() threads.
+kernel_threads() threads.
 
 Batches: up to SMALL_BATCH_ROWS rows of x share each decoded weight (decoded once per call); a
 larger batch (prefill) is compute-bound, so the matrix is dequantized DEQUANTIZE_TILE_BYTES at a
@@ -36,8 +36,10 @@ torch.Size([3, 64])
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +55,8 @@ except ImportError:  # installed without a C compiler
     _fourbit = None
 
 __all__ = ["DEQUANTIZE_TILE_BYTES", "SMALL_BATCH_ROWS", "FourBitMatrix", "NestedAbsmax", "available",
-           "fourbit_dequantize", "fourbit_matmul", "fourbit_quantize_blocks", "isas"]
+           "fourbit_dequantize", "fourbit_matmul", "fourbit_quantize_blocks", "isas", "kernel_threads",
+           "kernels_own_the_cores"]
 
 # Rows of x multiplied by the fused kernel; a larger batch dequantizes tiles for torch's GEMM, which
 # wins once the multiply, not reading the weight, is the cost. At 32 rows the two took about as long
@@ -63,6 +66,33 @@ DEQUANTIZE_TILE_BYTES = 8 * 1024 * 1024  # fp32 tile for the large-batch path
 
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # fourbit.c's ROUND_*
 _ISA_CODES = {None: 0, "scalar": 1, "avx2": 2}                      # fourbit.c's ISA_*
+
+
+_KERNEL_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("bloomconv_kernel_threads",
+                                                                           default=None)
+
+
+def kernel_threads() -> int:
+    """Threads the compiled kernels use: torch.get_num_threads(), or what `kernels_own_the_cores` set."""
+    return _KERNEL_THREADS.get() or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def kernels_own_the_cores() -> Iterator[None]:
+    """Run torch's own ops on one thread while the compiled kernels keep torch's thread count.
+
+    For a decoding step, where the kernels do the heavy work and torch's ops are tiny: torch's
+    OpenMP workers spin-wait after each op, and on the cores the kernels' threads need they slowed
+    a bloom-560m int8 step from 35 to 39 ms here (62 vs 42 ms with other jobs on the machine).
+    """
+    threads = torch.get_num_threads()
+    token = _KERNEL_THREADS.set(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _KERNEL_THREADS.reset(token)
 
 
 def available() -> bool:
@@ -147,7 +177,7 @@ class FourBitMatrix:
 def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = None) -> torch.Tensor:
     """x @ W.T in fp32 for the 4-bit matrix W: x (..., in) of any float dtype -> (..., out) fp32.
 
-    Uses torch.get_num_threads() threads. `isa` forces an instruction set from `isas()` (the
+    Uses `kernel_threads()` threads. `isa` forces an instruction set from `isas()` (the
     default takes the fastest; rows whose length is not a multiple of 32 always run scalar code).
     """
     rows, cols = matrix.shape
@@ -161,7 +191,7 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
     if out.numel() == 0 or cols == 0:
         return out.zero_().reshape(*x.shape[:-1], rows)
     if batch <= SMALL_BATCH_ROWS:
-        _fourbit.matmul(flat.data_ptr(), batch, out.data_ptr(), torch.get_num_threads(), isa_code,
+        _fourbit.matmul(flat.data_ptr(), batch, out.data_ptr(), kernel_threads(), isa_code,
                         *matrix._arguments())
     else:
         step = max(1, DEQUANTIZE_TILE_BYTES // (4 * cols))
@@ -214,7 +244,7 @@ def fourbit_quantize_blocks(values: torch.Tensor, block_size: int, bounds: torch
 
 
 def _dequantize_into(matrix: FourBitMatrix, ids: torch.Tensor, out: torch.Tensor, isa_code: int) -> None:
-    _fourbit.dequantize(ids.data_ptr(), ids.numel(), out.data_ptr(), torch.get_num_threads(), isa_code,
+    _fourbit.dequantize(ids.data_ptr(), ids.numel(), out.data_ptr(), kernel_threads(), isa_code,
                         *matrix._arguments())
 
 

@@ -6,8 +6,8 @@ registers (dense.c): the matrix is read once, as stored. The alternatives measur
 slower or less exact: fp32 activations against bf16 weights need a converted copy of the weight
 first (`DenseWeight` did this in 64 MB pieces), `F.linear` in bf16 rounds the activations and the
 result to bf16, and `torch._weight_int8pack_mm` multiplies in bf16 (about 1e-2 relative error on
-BLOOM's logits, against 1e-6 here). Larger batches are compute-bound and go to torch's GEMM
-(callers decide, see SMALL_BATCH_ROWS).
+BLOOM's logits, against 1e-6 here). With many activation rows the kernel is compute-bound; it
+still beat widening first, but not torch's bf16 GEMM on bf16 x bf16 (see SMALL_BATCH_ROWS).
 
 Where the extension did not build (no C compiler at install time) `available()` is False and the
 weight records fall back to torch.
@@ -18,7 +18,7 @@ import torch
 
 from bloomconv.errors import QuantizationError
 
-from . import isa_code
+from . import isa_code, kernel_threads
 
 try:
     from . import _dense
@@ -27,8 +27,12 @@ except ImportError:  # installed without a C compiler
 
 __all__ = ["SMALL_BATCH_ROWS", "available", "dense_matmul", "isas"]
 
-# Activation rows multiplied by the kernel; more rows go to torch's GEMM (see bench/bench_kernels.py).
-SMALL_BATCH_ROWS = 4
+# Above this many activation rows, a weight already in the compute dtype (bf16 x bf16) goes to
+# torch's GEMM: 4096 x 1024 bf16 here, the kernel vs F.linear took 1.6 vs 8.0 ms at 16 rows, 5.3
+# vs 16 ms at 64 rows and 34 vs 20 ms at 512. Weights that torch would have to widen or
+# dequantize first (int8; bf16 for fp32 compute) always take the kernel: it was faster at every
+# batch size measured (512 rows: 36 ms vs 84 ms to dequantize then F.linear in fp32).
+SMALL_BATCH_ROWS = 64
 
 _KINDS = {torch.int8: 0, torch.bfloat16: 1, torch.float16: 2}  # dense.c's KIND_*
 _ISA_CODES = {None: 0, "scalar": 1, "avx2": 2, "avx512": 3}   # dense.c's ISA_*
@@ -54,7 +58,7 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
     """x (..., in) of any float dtype @ weight (out, in).T [* scale (out,)] -> (..., out) fp32.
 
     `weight` is int8, bf16 or fp16 (memory-mapped is fine; a non-contiguous one is copied). Uses
-    torch.get_num_threads() threads; `isa` forces an instruction set from `isas()`.
+    `kernel_threads()` threads; `isa` forces an instruction set from `isas()`.
     """
     code = isa_code(_dense, "dense kernels", "dense.available()", _ISA_CODES, isa)
     rows, cols = weight.shape if weight.dim() == 2 else (-1, -1)
@@ -71,6 +75,6 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
     scale = None if scale is None else scale.contiguous()
     out = torch.empty(flat.shape[0], rows, dtype=torch.float32)                          # (M, out)
     if out.numel():
-        _dense.matmul(flat.data_ptr(), flat.shape[0], out.data_ptr(), torch.get_num_threads(), code,
+        _dense.matmul(flat.data_ptr(), flat.shape[0], out.data_ptr(), kernel_threads(), code,
                       weight.data_ptr(), rows, cols, _KINDS[weight.dtype], 0 if scale is None else scale.data_ptr())
     return out.reshape(*x.shape[:-1], rows)
