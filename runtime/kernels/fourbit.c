@@ -32,6 +32,10 @@
 enum { ROUND_NONE = 0, ROUND_BF16 = 1, ROUND_FP16 = 2 };
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2 };
 enum { CHUNK = 32 };            /* elements decoded per AVX2 step: 16 packed bytes */
+/* Software prefetch distance in packed bytes: rows are short (512 bytes for 1024 columns) and a
+ * thread's rows are not all contiguous, so the hardware prefetcher alone kept a core well below
+ * the memory's speed (as in dense.c). Prefetches never fault, even past the end. */
+enum { PREFETCH_BYTES = 4096 };
 enum { SLICE_FLOATS = 65536 };  /* AVX2 small batches: x floats (batch * columns) per pass, in L2 */
 enum { ROW_BUFFER = 4096 };     /* small batches: decoded weights per pass, in L1 */
 
@@ -267,6 +271,7 @@ AVX2_TARGET static ALWAYS_INLINE void decode32(const uint8_t *p, const CodeLut *
         for (int64_t c = (c0); c < (c1); c += CHUNK) {                                            \
             if (c == (c0) || ((first_ + c) & mask_) == 0)                                         \
                 begin_block(w, lut, (first_ + c) >> (w)->block_shift, rounding, &d_);             \
+            _mm_prefetch((const char *)(w)->packed + ((first_ + c) >> 1) + PREFETCH_BYTES, _MM_HINT_T0); \
             __m256 f[4];                                                                          \
             decode32((w)->packed + ((first_ + c) >> 1), lut, &d_, rounding, f);                   \
             __VA_ARGS__                                                                           \
