@@ -122,7 +122,7 @@ def dequantize_int8(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype = to
     tensor([[ 1.0079, -2.0000]])
     """
     rows, cols = CB.shape
-    out = torch.empty((rows, cols), dtype=dtype)
+    out = torch.empty((rows, cols), dtype=dtype, device=CB.device)
     step = max(1, chunk_elements // max(cols, 1))
     for start in range(0, rows, step):
         rows_SCB = SCB[start:start + step].view(-1, 1)
@@ -340,12 +340,12 @@ def dequantize_4bit(stored: Mapping[str, torch.Tensor], dtype: torch.dtype | Non
     if state.nested:
         absmax = _dequantize_blockwise8(absmax, stored[f"weight.{NESTED_ABSMAX_SUFFIX}"],
                                         stored[f"weight.{NESTED_QUANT_MAP_SUFFIX}"])
-        absmax += torch.tensor(state.nested_offset, dtype=torch.float32)
+        absmax += torch.tensor(state.nested_offset, dtype=torch.float32, device=absmax.device)
     # each byte holds two codes: look both values up at once
-    code = code_table(state.quant_type)
-    pair_values = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)   # (256, 2)
     packed = stored["weight"].view(torch.uint8).view(-1)
-    out = torch.empty(state.shape, dtype=dtype or state.dtype)
+    code = code_table(state.quant_type).to(packed.device)
+    pair_values = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)   # (256, 2)
+    out = torch.empty(state.shape, dtype=dtype or state.dtype, device=packed.device)
     flat_out = out.view(-1)
     n, block_size = flat_out.numel(), state.block_size
     step = max(1, chunk_elements // block_size) * block_size

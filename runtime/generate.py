@@ -32,10 +32,13 @@ def load(directory: str | os.PathLike, *, device="cpu", verify: str = "fast",
     thread meanwhile (the first forward pass waits for what it needs).
 
     `verify`: "fast" checks sizes and headers against the manifest, "full" hashes every byte.
-    `dtype`: compute dtype. float32 matches transformers' fp32 to ~1e-6; when the whole model
-    fits the budget in fp32, 16-bit weights are widened once at load (fp32 matmuls on the fly
-    from bf16 would convert every matrix every token). bfloat16 multiplies 16-bit weights as
-    stored: half the memory, and faster on CPUs with AVX512-BF16 or AMX.
+    `device`: "cpu", or an accelerator such as "cuda": each file is copied to it in turn, the
+    next one on a side stream while the current one computes; 4-bit weights multiply through
+    bitsandbytes' kernels there, int8 ones are dequantized on the device in pieces.
+    `dtype`: compute dtype. float32 matches transformers' fp32 to ~1e-6; on the CPU 16-bit and
+    int8 weights are widened in registers by bloomconv's kernels, never copied to fp32 (without
+    a C compiler at install time, 16-bit weights are widened once at load when they fit).
+    bfloat16 activations also work: torch's bf16 GEMM for large batches of bf16 weights.
     `ram_budget`: bytes of weights to hold in RAM, e.g. "12GB", "800MB", "1.5GiB" or an int;
     files that do not fit are read from disk on every forward pass (see `loader`). None: 90 % of
     available memory (MemAvailable, or the memory cgroup's room if smaller) minus one block's

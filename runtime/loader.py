@@ -95,9 +95,6 @@ class LinearWeights:
     weight: WeightRecord  # (out, in), in whatever storage the file has
     bias: torch.Tensor    # (out,)
 
-    def to(self, device) -> "LinearWeights":
-        return LinearWeights(self.weight.to(device), self.bias.to(device))
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockWeights:
@@ -108,17 +105,11 @@ class BlockWeights:
     dense_h_to_4h: LinearWeights
     dense_4h_to_h: LinearWeights
 
-    def to(self, device) -> "BlockWeights":
-        return BlockWeights(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
-
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingWeights:
     word_embeddings: WeightRecord  # (vocab, hidden); also the tied lm_head
     layernorm: LayerNormWeights
-
-    def to(self, device) -> "EmbeddingWeights":
-        return EmbeddingWeights(self.word_embeddings.to(device), self.layernorm.to(device))
 
 
 class UnitBytes:
@@ -142,6 +133,10 @@ class UnitBytes:
 
     def get(self, name: str) -> torch.Tensor | None:
         return self.tensors.get(name)
+
+    def to(self, device: torch.device) -> "UnitBytes":
+        """Copies on `device`, queued on the current stream (see Transformer._on_device)."""
+        return UnitBytes({name: t.to(device, non_blocking=True) for name, t in self.tensors.items()})
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors named `prefix…`, keyed by the rest of their name."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ from bloomconv.format import EMBEDDINGS_UNIT, FINAL_UNIT, block_unit
 from bloomconv.geometry import Geometry
 
 from . import kernels
-from .loader import BlockWeights, Checkpoint, LayerNormWeights, block_weights, embedding_weights, final_weights
+from .loader import (BlockWeights, Checkpoint, LayerNormWeights, UnitBytes, block_weights, embedding_weights,
+                     final_weights)
 from .weights import linear
 
 __all__ = ["KVCache", "Transformer", "alibi_bias", "alibi_slopes", "gelu"]
@@ -103,6 +105,7 @@ class Transformer:
         self.checkpoint = checkpoint
         self.geometry: Geometry = checkpoint.geometry
         self.dtype, self.device = dtype, torch.device(device)
+        self.copies_to_device = self.device.type != "cpu"  # see _on_device; tests set it on the CPU too
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -138,21 +141,55 @@ class Transformer:
     def _layers(self, input_ids: torch.Tensor, bias: torch.Tensor, past: KVCache, last_only: bool) -> torch.Tensor:
         g = self.geometry
         checkpoint = self.checkpoint
-        embeddings = self._on_device(embedding_weights(checkpoint.peek(EMBEDDINGS_UNIT)))  # B*T rows only
-        x = embeddings.word_embeddings.rows(input_ids, self.dtype)                        # (B, T, H)
-        x = self._layer_norm(x, embeddings.layernorm)
+        # the B*T embedding rows are looked up where the weights live, then moved (not the matrix)
+        embeddings = embedding_weights(checkpoint.peek(EMBEDDINGS_UNIT))
+        x = embeddings.word_embeddings.rows(input_ids.cpu(), self.dtype).to(self.device)  # (B, T, H)
+        x = self._layer_norm(x, embeddings.layernorm.to(self.device))
+        units = [*(block_unit(layer) for layer in range(g.n_layer)), FINAL_UNIT, EMBEDDINGS_UNIT]
+        weights = self._on_device(units)
         for layer in range(g.n_layer):
-            with checkpoint.use(block_unit(layer)) as source:
-                x = self._block(x, self._on_device(block_weights(source, layer)), layer, bias, past)
-        with checkpoint.use(FINAL_UNIT) as source:
-            x = self._layer_norm(x, self._on_device(final_weights(source)))
+            x = self._block(x, block_weights(next(weights), layer), layer, bias, past)
+        x = self._layer_norm(x, final_weights(next(weights)))
         if last_only:
             # standard strides: with a size-1 dim strided otherwise, F.linear goes through bmm and
             # copies the whole lm_head weight per call (50x slower for bf16)
             x = x[:, -1:].clone(memory_format=torch.contiguous_format)
-        with checkpoint.use(EMBEDDINGS_UNIT) as source:
-            return linear(x, self._on_device(embedding_weights(source)).word_embeddings)  # (B, T, vocab)
+        logits = linear(x, embedding_weights(next(weights)).word_embeddings)              # (B, T, vocab)
+        weights.close()
+        return logits
 
+    def _on_device(self, units: list[str]) -> Iterator[UnitBytes]:
+        """Each unit's tensors on the compute device, in the order of a pass.
+
+        On the CPU: the checkpoint's own views (nothing is copied). On an accelerator, unit i+1 is
+        copied on a side stream while the kernels queued for unit i run (a copy on the compute
+        stream would wait for them), and the compute stream waits for a unit's copy before using
+        it. A streamed unit's host buffer is released only once its copy has finished.
+        """
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        def start(unit):
+            host = contextlib.ExitStack()
+            source = host.enter_context(self.checkpoint.use(unit))
+            if not self.copies_to_device:
+                return host, source, None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                on_device = source.to(self.device)
+                copied = stream.record_event() if stream is not None else None
+            return host, on_device, copied
+
+        pending = start(units[0])
+        for following in [*units[1:], None]:
+            host, tensors, copied = pending
+            if copied is not None:
+                torch.cuda.current_stream(self.device).wait_event(copied)
+            try:
+                yield tensors  # the caller queues this unit's work
+            finally:
+                if copied is not None:
+                    copied.synchronize()
+                host.close()
+            pending = start(following) if following is not None else None
     def _block(self, x: torch.Tensor, w: BlockWeights, layer: int, bias: torch.Tensor,
                past: KVCache) -> torch.Tensor:
         B, T, H = x.shape
@@ -176,6 +213,3 @@ class Transformer:
     def _layer_norm(self, x: torch.Tensor, w: LayerNormWeights) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], w.weight.to(x.dtype), w.bias.to(x.dtype),
                             self.geometry.layer_norm_epsilon)
-
-    def _on_device(self, weights):
-        return weights if self.device.type == "cpu" else weights.to(self.device)

@@ -61,9 +61,6 @@ class DenseWeight:
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.weight[ids].to(dtype)
 
-    def to(self, device) -> "DenseWeight":
-        return DenseWeight(self.weight.to(device))
-
 
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
@@ -83,7 +80,7 @@ class Int8Weight:
         if _dense_kernel_takes(x, self.CB):
             # int8 widened in registers, fp32 sums, each row's sum scaled by SCB / 127
             return dense.dense_matmul(x, self.CB, self.row_scale).to(x.dtype)
-        if not self.uses_int8pack(x):
+        if not self.uses_int8pack(x):  # also on accelerators: exact, dequantized on the device in pieces
             return _linear_in_pieces(x, self.CB.shape,
                                      lambda start, end: dequantize_int8(self.CB[start:end], self.SCB[start:end],
                                                                         x.dtype))
@@ -109,9 +106,6 @@ class Int8Weight:
         flat = ids.reshape(-1)
         return dequantize_int8(self.CB[flat], self.SCB[flat], dtype).reshape(*ids.shape, -1)
 
-    def to(self, device) -> "Int8Weight":
-        return Int8Weight(self.CB.to(device), self.SCB.to(device))
-
 
 @dataclasses.dataclass(frozen=True)
 class FourBitWeight:
@@ -127,11 +121,23 @@ class FourBitWeight:
         return kernels.available() and x.device.type == "cpu" and self.stored["weight"].device.type == "cpu"
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_fused_kernel(x):
-            return F.linear(x, self.dequantize(x.dtype))
-        # Decodes the packed bytes as it multiplies: reads the matrix once, at several GB/s, where
-        # dequantize-then-F.linear ran at ~0.2 GB/s (runtime/kernels/__init__.py).
-        return kernels.fourbit_matmul(x, self.matrix).to(x.dtype)
+        if self.uses_fused_kernel(x):
+            # Decodes the packed bytes as it multiplies: reads the matrix once, at several GB/s, where
+            # dequantize-then-F.linear ran at ~0.2 GB/s (runtime/kernels/__init__.py).
+            return kernels.fourbit_matmul(x, self.matrix).to(x.dtype)
+        if x.device.type != "cpu":
+            return self.bitsandbytes_matmul(x)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def bitsandbytes_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T through `bitsandbytes.matmul_4bit`, on whatever device the tensors are (on CUDA its
+        fused 4-bit GEMV for a decoding step; elsewhere it dequantizes first). Imported only here:
+        the CPU runtime never loads bitsandbytes."""
+        import bitsandbytes
+        from bitsandbytes.functional import QuantState
+        state = QuantState.from_dict({k.removeprefix("weight."): v for k, v in self.stored.items() if k != "weight"},
+                                     device=self.stored["weight"].device)
+        return bitsandbytes.matmul_4bit(x, self.stored["weight"].t(), quant_state=state)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         if self.stored["weight"].device.type == "cpu" and kernels.available():
@@ -142,9 +148,6 @@ class FourBitWeight:
         if self.stored["weight"].device.type == "cpu" and kernels.available():
             return kernels.fourbit_dequantize(self.matrix, ids).to(dtype).reshape(*ids.shape, self.shape[1])
         return self.dequantize(dtype)[ids]
-
-    def to(self, device) -> "FourBitWeight":
-        return FourBitWeight({k: v.to(device) for k, v in self.stored.items()}, self.shape)
 
 
 WeightRecord = DenseWeight | Int8Weight | FourBitWeight

@@ -523,3 +523,37 @@ def test_generate_command_errors(damaged_copy):
     os.truncate(damaged_copy / BLOCK, 100)
     result = CliRunner().invoke(main, ["generate", str(damaged_copy), "x"])
     assert result.exit_code == 1 and f"{BLOCK}: truncated" in result.stderr
+
+
+# ------------------------------------------------------------------------ accelerator paths (on CPU)
+
+@pytest.mark.parametrize("budget", [None, 0], ids=["pinned", "streamed"])
+def test_device_copy_pipeline_gives_the_same_logits(tiny, budget):
+    """The accelerator path's control flow (copy unit i+1 while unit i computes, release a streamed
+    buffer only after its copy) run on the CPU, where the copies are no-ops: same logits."""
+    model, _ = tiny
+    ids, mask = padded_batch(model.geometry.vocab_size)
+    with runtime.load(model.checkpoint.directory, ram_budget=budget) as copied:
+        copied.transformer.copies_to_device = True
+        logits, past = copied.forward(ids, mask)
+        step, _ = copied.forward(ids[:, -1:], torch.cat([mask, torch.ones_like(mask[:, :1])], 1), past)
+    expected, expected_past = model.forward(ids, mask)
+    assert torch.equal(logits, expected)
+    assert torch.equal(step, model.forward(ids[:, -1:], torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+                                           expected_past)[0])
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_four_bit_weight_through_bitsandbytes_matches_the_dequantized_weight(quant_type):
+    """What a CUDA device runs (bitsandbytes.matmul_4bit), here on bitsandbytes' CPU backend."""
+    from bloomconv.quant import dequantize_4bit, quantize_4bit
+    from bloomconv.runtime.weights import FourBitWeight
+    g = torch.Generator().manual_seed(7)
+    weight = (torch.randn(96, 320, generator=g) * 0.02).to(torch.bfloat16)
+    stored = quantize_4bit(weight, quant_type, 64, True)
+    record = FourBitWeight(stored, (96, 320))
+    reference = dequantize_4bit(stored, torch.float32)  # as Linear4bit: straight to the compute dtype
+    for x in (torch.randn(1, 1, 320, generator=g), torch.randn(2, 5, 320, generator=g)):
+        out = record.bitsandbytes_matmul(x)
+        assert out.shape == (*x.shape[:-1], 96)
+        assert (out - F.linear(x, reference)).abs().max() < 1e-5
