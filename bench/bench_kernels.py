@@ -1,4 +1,4 @@
-"""Speed of the fused 4-bit kernel against the other ways to multiply by the same matrix, in one run.
+"""Speed of bloomconv's CPU kernels against the other ways to multiply by the same matrix, in one run.
 
     python bench/bench_kernels.py [--repeats 10] [--threads 2] [--json bench/out/kernels.json]
 
@@ -13,6 +13,8 @@ turn within each repeat so a burst of load from other jobs hits them all alike):
     fp32 linear      F.linear on the fp32 matrix
     bf16 linear      F.linear on the bf16 matrix, bf16 x
     int8pack bf16    torch._weight_int8pack_mm: int8 matrix, bf16 x and per-row scales
+    int8 kernel      bloomconv.runtime.kernels.dense.dense_matmul on the int8 matrix + row scales, fp32 x
+    bf16 kernel      the same on the bf16 matrix (fp32 x: what the runtime does for fp32 compute)
 
 GB/s counts the bytes of each method's own weight (packed bytes + absmax for 4-bit) read once per
 call; "% BW" relates it to the memory bandwidth measured in the same run (torch.sum over a 1 GB
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 from bloomconv.quant import dequantize_4bit, quantize_4bit
 from bloomconv.runtime import kernels
+from bloomconv.runtime.kernels import dense
 
 SHAPES = ((250880, 1024), (4096, 1024), (1024, 4096))
 BATCHES = (1, 16)
@@ -75,6 +78,9 @@ def methods(rows: int, cols: int, batch: int) -> dict[str, tuple[object, int]]:
     out["bf16 linear"] = (lambda: F.linear(x_bf16, weight_bf16), weight.numel() * 2)
     if hasattr(torch, "_weight_int8pack_mm") and cols % 16 == 0:
         out["int8pack bf16"] = (lambda: torch._weight_int8pack_mm(x_bf16, weight_int8, scale_bf16), weight.numel())
+    if dense.available():
+        out["int8 kernel"] = (lambda: dense.dense_matmul(x, weight_int8, scale), weight.numel())
+        out["bf16 kernel"] = (lambda: dense.dense_matmul(x, weight_bf16), weight.numel() * 2)
     return out
 
 
@@ -101,14 +107,14 @@ def run(repeats: int, threads: int, shapes=SHAPES, batches=BATCHES) -> dict:
     bandwidth = max(bandwidth_before, bandwidth_after)
     for r in results:
         r["percent_of_bandwidth"] = 100 * r["gb_per_s"] / bandwidth
-    return {"threads": threads, "repeats": repeats, "isa": kernels.isas()[:1],
+    return {"threads": threads, "repeats": repeats, "isa": kernels.isas()[:1] + dense.isas()[:1],
             "bandwidth_gb_per_s": [bandwidth_before, bandwidth_after], "results": results}
 
 
 def table(report: dict) -> str:
     before, after = report["bandwidth_gb_per_s"]
     lines = [f"memory bandwidth (torch.sum, 1 GB fp32): {before:.1f} GB/s before, {after:.1f} GB/s after; "
-             f"{report['threads']} threads, median of {report['repeats']}, kernel isa {report['isa']}",
+             f"{report['threads']} threads, median of {report['repeats']}, kernel isas (4-bit, dense) {report['isa']}",
              "",
              "| shape | batch | method | ms | GB/s of weight | % BW | vs fp32 linear |",
              "|---|---|---|---|---|---|---|"]
