@@ -22,9 +22,18 @@ def fsync_dir(directory: Path) -> None:
 
 
 def open_temporary(path: str | os.PathLike) -> BinaryIO:
-    """A new file next to `path`, named so that `is_temporary` recognises leftovers."""
+    """A new file next to `path`, named so that `is_temporary` recognises leftovers.
+
+    The name is predictable, so it is created exclusively and never through a symlink: a link
+    planted there fails the open instead of sending the bytes elsewhere."""
     path = Path(path)
-    return open(path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}"), "wb")
+    temporary = path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
+    temporary.unlink(missing_ok=True)  # a leftover of an earlier process with this pid (or a link)
+    return open(temporary, "wb", opener=_create_exclusively)
+
+
+def _create_exclusively(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_EXCL | os.O_NOFOLLOW, 0o644)
 
 
 def commit(temporary: BinaryIO, path: str | os.PathLike) -> None:
@@ -41,7 +50,8 @@ def commit(temporary: BinaryIO, path: str | os.PathLike) -> None:
 
 
 def discard(temporary: BinaryIO) -> None:
-    temporary.close()
+    with contextlib.suppress(OSError):  # flushing its buffer fails again on a full disk
+        temporary.close()
     Path(temporary.name).unlink(missing_ok=True)
 
 

@@ -123,7 +123,8 @@ def recipes(as_json):
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--fast", is_flag=True, help="Check sizes and safetensors headers only (no hashing).")
+@click.option("--fast", is_flag=True, help="Check sizes and safetensors headers; hash only the small files "
+              "without tensors (config, tokenizer, index).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @quiet_option
 @_errors_to_exit_codes
@@ -136,7 +137,7 @@ def verify(directory, fast, as_json, quiet):
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     elif report.ok:
-        mode = "sizes and headers" if fast else f"{report.bytes_hashed:,} bytes hashed"
+        mode = "sizes and headers, small files hashed" if fast else f"{report.bytes_hashed:,} bytes hashed"
         click.echo(f"{directory}: OK ({report.files_checked} files, {mode})")
     else:
         for problem in report.problems:

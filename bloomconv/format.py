@@ -10,7 +10,8 @@ Layout of a converted directory::
     blocks/block_000.safetensors …        transformer.h.<i>.* (one transformer block each)
     final.safetensors                     transformer.ln_f.* (lm_head is tied: never stored)
     model.safetensors.index.json          lets transformers' from_pretrained read the directory
-    SHA256SUMS                            `sha256sum -c` compatible, written before the manifest
+    SHA256SUMS                            `sha256sum -c` compatible, written before the manifest, ends
+                                          with the manifest's own hash
     manifest.json                         written last: a directory with a manifest is complete
 """
 from __future__ import annotations

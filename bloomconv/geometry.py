@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from .errors import NotBloomError, SourceError
@@ -71,7 +72,14 @@ class Geometry:
         h, v = self.hidden_size, self.vocab_size
         shapes = {EMBEDDING_TENSORS[0]: (v, h), EMBEDDING_TENSORS[1]: (h,), EMBEDDING_TENSORS[2]: (h,),
                   FINAL_TENSORS[0]: (h,), FINAL_TENSORS[1]: (h,)}
-        block = {
+        block = self._block_shapes()
+        for i in range(self.n_layer):
+            shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
+        return shapes
+
+    def _block_shapes(self) -> dict[str, tuple[int, ...]]:
+        h = self.hidden_size
+        return {
             "input_layernorm.weight": (h,), "input_layernorm.bias": (h,),
             "self_attention.query_key_value.weight": (3 * h, h), "self_attention.query_key_value.bias": (3 * h,),
             "self_attention.dense.weight": (h, h), "self_attention.dense.bias": (h,),
@@ -79,18 +87,13 @@ class Geometry:
             "mlp.dense_h_to_4h.weight": (4 * h, h), "mlp.dense_h_to_4h.bias": (4 * h,),
             "mlp.dense_4h_to_h.weight": (h, 4 * h), "mlp.dense_4h_to_h.bias": (h,),
         }
-        for i in range(self.n_layer):
-            shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
-        return shapes
 
     def parameter_count(self) -> int:
-        total = 0
-        for shape in self.expected_shapes().values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        """Without listing every layer: a manifest may claim any number of them."""
+        def count(shapes):
+            return sum(math.prod(shape) for shape in shapes.values())
+        outside_blocks = dataclasses.replace(self, n_layer=0).expected_shapes()
+        return count(outside_blocks) + self.n_layer * count(self._block_shapes())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import posixpath
@@ -26,10 +27,20 @@ def _require(cond: bool, what: str) -> None:
         raise ValueError(what)
 
 
+def is_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate: JSON can escape one, UTF-8 cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def safe_relative_name(name) -> str:
     """A file name from a manifest must stay inside its directory: relative, normalised, no '..'."""
-    _require(isinstance(name, str) and name != "", f"file name {name!r} is not a non-empty string")
+    _require(isinstance(name, str) and name not in ("", "."), f"file name {name!r} does not name a file")
     _require("\\" not in name and "\x00" not in name, f"file name {name!r} has a backslash or NUL")
+    _require(is_unicode(name), f"file name {name!r} is not valid Unicode")
     _require(not posixpath.isabs(name) and posixpath.normpath(name) == name
              and not name.startswith("../") and name != "..",
              f"file name {name!r} is not a normalised relative path inside the directory")
@@ -160,7 +171,7 @@ class Manifest:
                             "source", "files"}, "manifest has unexpected keys")
         src = d["source"]
         _require(isinstance(src, dict) and set(src) == {"layout", "files"}, "invalid source record")
-        _require(isinstance(d["model"], dict), "invalid model record")
+        _require(_valid_model_record(d["model"]), "invalid model record (geometry and dtype)")
         _require(isinstance(d["files"], list) and isinstance(src["files"], list), "files must be lists")
         files = tuple(FileEntry.from_dict(f) for f in d["files"])
         names = [f.name for f in files]
@@ -179,6 +190,14 @@ class Manifest:
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=1) + "\n").encode("utf-8")
+
+
+def _valid_model_record(model) -> bool:
+    """hidden_size, n_layer, n_head, vocab_size (positive ints), layer_norm_epsilon, dtype."""
+    return (isinstance(model, dict)
+            and set(model) == {"hidden_size", "n_layer", "n_head", "vocab_size", "layer_norm_epsilon", "dtype"}
+            and all(type(model[k]) is int and model[k] > 0 for k in ("hidden_size", "n_layer", "n_head", "vocab_size"))
+            and type(model["layer_norm_epsilon"]) in (int, float) and isinstance(model["dtype"], str))
 
 
 class _UnknownVersion(Exception):
@@ -201,18 +220,22 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     except _UnknownVersion as exc:
         raise ManifestError(path, f"format version {exc.version!r} is not one this bloomconv reads "
                             f"(it reads {FORMAT_VERSION})", "Upgrade bloomconv, or convert again.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError, KeyError) as exc:
-        raise ManifestError(path, f"manifest is unreadable ({exc})",
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise ManifestError(path, f"manifest is unreadable ({str(exc)[:200]})",
                             "Copy manifest.json again from the source of this directory.") from None
 
 
-def checksums_text(files) -> bytes:
-    """`sha256sum -c` input for the given FileEntries (binary mode marker, '/'-paths)."""
-    return "".join(f"{f.sha256} *{f.name}\n" for f in files).encode("utf-8")
+def checksums_text(manifest: Manifest, manifest_json: bytes) -> bytes:
+    """`sha256sum -c` input (binary mode marker, '/'-paths): every file the manifest lists, then
+    manifest.json itself, hashed before it is written, so that damage to it is caught too."""
+    lines = [(f.sha256, f.name) for f in manifest.files]
+    lines.append((hashlib.sha256(manifest_json).hexdigest(), MANIFEST_NAME))
+    return "".join(f"{sha256} *{name}\n" for sha256, name in lines).encode("utf-8")
 
 
 def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> None:
     """SHA256SUMS first, manifest.json last: a directory with a manifest is complete."""
     directory = Path(directory)
-    atomic_write_bytes(directory / CHECKSUMS_NAME, checksums_text(manifest.files))
-    atomic_write_bytes(directory / MANIFEST_NAME, manifest.to_json())
+    manifest_json = manifest.to_json()
+    atomic_write_bytes(directory / CHECKSUMS_NAME, checksums_text(manifest, manifest_json))
+    atomic_write_bytes(directory / MANIFEST_NAME, manifest_json)

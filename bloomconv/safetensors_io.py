@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from .errors import HeaderError
 from .format import SAFETENSORS_DTYPES
+from .manifest import is_unicode
 
 if TYPE_CHECKING:  # the reader runs in `verify`, which should not pay torch's ~1.7 s import
     import torch
@@ -74,11 +75,13 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also an integer of 4300+ digits
         raise HeaderError(path, f"header is not UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise HeaderError(path, "header nests JSON too deeply") from None
     if not isinstance(header, dict):
         raise HeaderError(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in metadata.items()):
         raise HeaderError(path, "__metadata__ must map strings to strings")
@@ -99,11 +102,15 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
 def _tensor_info(path: Path, name: str, entry) -> TensorInfo:
     if not isinstance(entry, dict):
         raise HeaderError(path, f"entry for {name!r} is not an object")
+    if not is_unicode(name):
+        raise HeaderError(path, f"tensor name {name!r} is not valid Unicode (a lone surrogate)")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise HeaderError(path, f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise HeaderError(path, f"tensor {name!r} has invalid shape {shape!r}")
+    if math.prod(max(d, 1) for d in shape) >= 2**63:  # even with no elements, torch needs int64 strides
+        raise HeaderError(path, f"tensor {name!r} has shape {shape}, too large to index")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
         raise HeaderError(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")

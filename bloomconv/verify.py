@@ -7,11 +7,13 @@ each names the file and what was expected vs found. Exit codes (see cli.py): 0 a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import stat
 from pathlib import Path
 
 from .errors import HeaderError, IncompleteDirectoryError, ManifestError, VerificationError
-from .format import CHECKSUMS_NAME, JOB_NAME, MANIFEST_NAME
+from .format import CHECKSUMS_NAME, JOB_NAME, JOURNAL_DIR, LOCK_NAME, MANIFEST_NAME
 from .hashing import sha256_files
 from .manifest import FileEntry, Manifest, checksums_text, read_manifest
 from .progress import ProgressFactory, no_progress
@@ -21,7 +23,7 @@ from .safetensors_io import read_header
 @dataclasses.dataclass(frozen=True)
 class Problem:
     file: str
-    kind: str          # missing | truncated | oversized | corrupted | header | extra | unreadable | outside | checksums
+    kind: str  # missing | truncated | oversized | corrupted | header | extra | unreadable | outside | not a file
     expected: str = ""
     actual: str = ""
 
@@ -54,7 +56,9 @@ class Report:
 
 def load_manifest_for_check(directory: Path) -> Manifest:
     """The manifest, or IncompleteDirectoryError when a conversion has not finished here."""
-    if not (directory / MANIFEST_NAME).exists() and (directory / JOB_NAME).exists():
+    # The lock is all a run has written before its job record.
+    if not (directory / MANIFEST_NAME).exists() and ((directory / JOB_NAME).exists()
+                                                     or (directory / LOCK_NAME).exists()):
         raise IncompleteDirectoryError(directory, "conversion incomplete: it is still running or was "
                                        "interrupted (no manifest yet)",
                                        "Wait for it, or re-run the same convert command to finish it.")
@@ -65,7 +69,10 @@ def verify(directory: str | os.PathLike, *, fast: bool = False, workers: int | N
            progress: ProgressFactory = no_progress) -> Report:
     """Check every file of a bloomconv directory against its manifest.
 
-    `fast` checks sizes and safetensors headers only; otherwise every byte is hashed, files in
+    Always checked: each listed file is a regular file inside the directory, of the listed size;
+    SHA256SUMS agrees with the manifest and vouches for manifest.json; nothing unlisted; the small
+    files without tensors (config, tokenizer, index) hash as listed. Then `fast` checks each
+    safetensors header against the manifest's tensors, otherwise every byte is hashed, files in
     parallel on all cores. Raises ManifestError when there is no usable manifest.
 
     >>> report = verify("bloom-560m-int8")          # doctest: +SKIP
@@ -80,7 +87,7 @@ def verify(directory: str | os.PathLike, *, fast: bool = False, workers: int | N
         problem = _check_size_and_header(root, entry, fast)
         if problem:
             problems.append(problem)
-        elif not fast:
+        elif not fast or not entry.tensors:  # config, tokenizer, index: small, and parsed as they are
             to_hash[root / entry.name] = entry
     bytes_hashed = sum(e.size for e in to_hash.values())
     if to_hash:
@@ -101,18 +108,24 @@ def verify(directory: str | os.PathLike, *, fast: bool = False, workers: int | N
 
 def _check_size_and_header(root: Path, entry: FileEntry, check_header: bool) -> Problem | None:
     path = root / entry.name
-    if not path.resolve().is_relative_to(root):  # a symlink leading out of the directory
-        return Problem(entry.name, "outside", "a file inside the directory", f"a link to {path.resolve()}")
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):  # a symlink leading out of the directory
+        return Problem(entry.name, "outside", "a file inside the directory", f"a link to {resolved}")
+    if resolved != path:  # names are normalised and root is resolved: a link on the way
+        return Problem(entry.name, "not a file", "a regular file", f"a link to {resolved.relative_to(root)}")
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         return Problem(entry.name, "missing", f"{entry.size} bytes", "no file")
     except OSError as exc:
         return Problem(entry.name, "unreadable", "readable file", exc.strerror or str(exc))
-    if size < entry.size:
-        return Problem(entry.name, "truncated", f"{entry.size} bytes", f"{size} bytes")
-    if size > entry.size:
-        return Problem(entry.name, "oversized", f"{entry.size} bytes", f"{size} bytes")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the hashing for ever
+        return Problem(entry.name, "not a file", "a regular file",
+                       "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, socket or device")
+    if st.st_size < entry.size:
+        return Problem(entry.name, "truncated", f"{entry.size} bytes", f"{st.st_size} bytes")
+    if st.st_size > entry.size:
+        return Problem(entry.name, "oversized", f"{entry.size} bytes", f"{st.st_size} bytes")
     if check_header and entry.tensors:
         try:
             header = read_header(path)
@@ -128,20 +141,36 @@ def _check_size_and_header(root: Path, entry: FileEntry, check_header: bool) -> 
 
 
 def _check_checksums_file(root: Path, manifest: Manifest) -> list[Problem]:
+    """SHA256SUMS must list the manifest's hashes, and its last line vouches for manifest.json."""
     try:
         text = (root / CHECKSUMS_NAME).read_bytes()
     except FileNotFoundError:
         return [Problem(CHECKSUMS_NAME, "missing", "checksum list", "no file")]
-    if text != checksums_text(manifest.files):
-        return [Problem(CHECKSUMS_NAME, "corrupted", "the hashes in manifest.json", "different content")]
-    return []
+    manifest_json = (root / MANIFEST_NAME).read_bytes()
+    expected = checksums_text(manifest, manifest_json)
+    if text == expected:
+        return []
+    if text == expected[:expected.rfind(b"\n", 0, -1) + 1]:  # all but the manifest's line
+        return [Problem(CHECKSUMS_NAME, "corrupted", f"a last line for {MANIFEST_NAME}",
+                        "none (cut short, or written by an older bloomconv: re-run the conversion)")]
+    listed = text.rstrip(b"\n").rpartition(b"\n")[2].decode("utf-8", "replace")
+    actual = hashlib.sha256(manifest_json).hexdigest()
+    if listed.endswith(f" *{MANIFEST_NAME}") and not listed.startswith(actual):
+        return [Problem(MANIFEST_NAME, "corrupted", f"sha256 {listed.partition(' ')[0]} (as SHA256SUMS lists it)",
+                        f"sha256 {actual}")]
+    return [Problem(CHECKSUMS_NAME, "corrupted", "the hashes in manifest.json", "different content")]
 
 
 def _extra_files(root: Path, manifest: Manifest) -> list[Problem]:
-    known = {e.name for e in manifest.files} | {MANIFEST_NAME, CHECKSUMS_NAME}
+    # A run killed after writing its manifest leaves its bookkeeping (removed by re-running it):
+    # the directory is complete all the same.
+    known = {e.name for e in manifest.files} | {MANIFEST_NAME, CHECKSUMS_NAME, JOB_NAME, LOCK_NAME}
     extra = []
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
+    for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root and JOURNAL_DIR in dirnames:
+            dirnames.remove(JOURNAL_DIR)
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]  # os.walk skips them
+        for name in (*filenames, *links):
             relative = (Path(dirpath) / name).relative_to(root).as_posix()
             if relative not in known:
                 extra.append(Problem(relative, "extra", "not in the manifest", "file present"))

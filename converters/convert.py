@@ -44,13 +44,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: Qua
     with Destination(dst) as destination:
         if destination.has_manifest():
             return _already_finished(destination, source, quantization)
-        destination.start_or_resume(job)
         try:
+            destination.start_or_resume(job)
             manifest = _run(source, destination, quantization, progress)
+            write_manifest(destination.path, manifest)
+            destination.finish()
         except OSError as exc:
             raise explain_os_error(destination.path, exc) from exc
-        write_manifest(destination.path, manifest)
-        destination.finish()
         return manifest
 
 
@@ -87,7 +87,7 @@ def _already_finished(destination: Destination, source: SourceCheckpoint,
 def _run(source: SourceCheckpoint, destination: Destination, quantization: QuantSettings | None,
          progress: ProgressFactory) -> Manifest:
     units = all_units(source.geometry.n_layer)
-    (destination.path / "blocks").mkdir(exist_ok=True)
+    destination.folder("blocks")
     total = sum(source.file_size(n) for n in source.weight_files)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hash-source") as hasher, \
             progress(total=total, desc="convert", unit="B", unit_scale=True) as bar:

@@ -34,15 +34,33 @@ class Destination:
         except OSError as exc:
             raise DestinationError(self.path, f"cannot create the destination ({exc.strerror})",
                                    "Choose a writable destination.") from None
-        self._lock_fd = os.open(self.path / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+        while self._lock_fd is None:
+            self._lock_fd = self._lock()
+        return self
+
+    def _lock(self) -> int | None:
+        """A locked descriptor of DST's lock file; None when that file was removed meanwhile."""
+        path = self.path / LOCK_NAME
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise explain_os_error(self.path, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            os.close(fd)
             raise DestinationBusyError(self.path, "another bloomconv process is writing here",
                                        "Wait for it to finish, or pick another destination.") from None
-        return self
+        # A holder removes the file as it leaves: a lock won on the removed file would guard
+        # nothing against the next process, which creates a new one. Take the new one instead.
+        try:
+            current = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        if current is None or not os.path.samestat(current, os.fstat(fd)):
+            os.close(fd)
+            return None
+        return fd
 
     def __exit__(self, *exc) -> None:
         if self._lock_fd is not None:
@@ -64,7 +82,7 @@ class Destination:
                                        "or with different settings",
                                        "Re-run that exact command to finish it, or choose an empty destination.")
             self._remove_temporaries()
-            (self.path / JOURNAL_DIR).mkdir(exist_ok=True)
+            self.folder(JOURNAL_DIR)
             return True
         # A run killed before its job record was in place leaves at most a temporary file and
         # an empty journal: treat the directory as empty then.
@@ -76,13 +94,22 @@ class Destination:
                                    "no bloomconv conversion", "Choose an empty or new destination.")
         self._remove_temporaries()
         atomic_write_bytes(job_path, json.dumps(job, sort_keys=True).encode())
-        (self.path / JOURNAL_DIR).mkdir(exist_ok=True)
+        self.folder(JOURNAL_DIR)
         return False
 
     def _remove_temporaries(self) -> None:
         for p in self.path.rglob("*"):
-            if p.is_file() and is_temporary(p.name):
+            if is_temporary(p.name) and (p.is_symlink() or p.is_file()):
                 p.unlink()
+
+    def folder(self, name: str) -> Path:
+        """DST/name, created if need be; refused if it is a symlink, which would send writes elsewhere."""
+        path = self.path / name
+        path.mkdir(exist_ok=True)
+        if path.is_symlink() or not path.is_dir():
+            raise DestinationError(path, "is a symbolic link or not a folder; bloomconv writes only inside "
+                                   "the destination", "Remove it and re-run the same command.")
+        return path
 
     def has_manifest(self) -> bool:
         return (self.path / MANIFEST_NAME).is_file()
@@ -123,5 +150,8 @@ def explain_os_error(path: Path, exc: OSError) -> DestinationError:
     if exc.errno == errno.ENOSPC:
         return DestinationError(path, "no space left on the destination's filesystem",
                                 "Free space (or pick another disk) and re-run the same command to resume.")
+    if exc.errno in (errno.ELOOP, errno.EEXIST):  # O_NOFOLLOW / O_EXCL met something planted
+        return DestinationError(path, f"refused to write through {exc.filename}: a symbolic link or "
+                                "unexpected file stands there", "Remove it and re-run the same command.")
     return DestinationError(path, f"cannot write ({exc.strerror})",
                             "Fix the destination, then re-run the same command to resume.")

@@ -1,6 +1,9 @@
 """Fixtures: random BLOOM checkpoints written by the tests themselves, in every source layout."""
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -58,4 +61,32 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 
 _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
 _hypothesis_settings.register_profile("explore", max_examples=500, print_blob=True)
-_hypothesis_settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "ci"))
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# The reliability suites (test_reliability, test_transfer_damage, test_hostile_inputs) run a
+# reduced form by default; BLOOMCONV_FULL_RELIABILITY=1 runs them in full (20+ kill points per
+# scheme, thousands of fuzz cases). Each records its figures, printed at the end of the session
+# and written as JSON to $BLOOMCONV_RELIABILITY_REPORT when that is set.
+FULL_RELIABILITY = os.environ.get("BLOOMCONV_FULL_RELIABILITY") == "1"
+RELIABILITY_FIGURES: dict[str, dict] = {}
+
+
+def reliability_scale(ci: int, full: int) -> int:
+    """How many cases a reliability test runs: `ci` by default, `full` in the full suites."""
+    return full if FULL_RELIABILITY else ci
+
+
+def record_figures(suite: str, **figures) -> None:
+    RELIABILITY_FIGURES.setdefault(suite, {}).update(figures)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RELIABILITY_FIGURES:
+        return
+    terminalreporter.section(f"reliability figures ({'full' if FULL_RELIABILITY else 'reduced, CI'} suites)")
+    for suite, figures in sorted(RELIABILITY_FIGURES.items()):
+        terminalreporter.write_line(f"{suite}: {json.dumps(figures, sort_keys=True)}")
+    if os.environ.get("BLOOMCONV_RELIABILITY_REPORT"):
+        with open(os.environ["BLOOMCONV_RELIABILITY_REPORT"], "w") as f:
+            json.dump({"full": FULL_RELIABILITY, "figures": RELIABILITY_FIGURES}, f, indent=1, sort_keys=True)
