@@ -117,6 +117,15 @@ class UnitBytes:
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
+        self._records: dict = {}
+
+    def records(self, key, build):
+        """`build()`'s weight records over these views, built once per UnitBytes: a pinned file's
+        records (parsed 4-bit state, int8 row scales) then live as long as its bytes instead of
+        being rebuilt every token (~10 ms per bloom-560m token for 4-bit)."""
+        if key not in self._records:
+            self._records[key] = build()
+        return self._records[key]
 
     @classmethod
     def parse(cls, header: SafetensorsHeader, data: torch.Tensor) -> "UnitBytes":
@@ -168,24 +177,24 @@ def _aligned(size: int) -> int:
 
 
 def embedding_weights(source: UnitBytes) -> EmbeddingWeights:
-    return EmbeddingWeights(weight_record(f"{PREFIX}word_embeddings", source),
-                            _layer_norm(source, f"{PREFIX}word_embeddings_layernorm"))
+    return source.records("embeddings", lambda: EmbeddingWeights(
+        weight_record(f"{PREFIX}word_embeddings", source), _layer_norm(source, f"{PREFIX}word_embeddings_layernorm")))
 
 
 def block_weights(source: UnitBytes, index: int) -> BlockWeights:
     module = f"{PREFIX}h.{index}"
-    return BlockWeights(
+    return source.records(("block", index), lambda: BlockWeights(
         input_layernorm=_layer_norm(source, f"{module}.input_layernorm"),
         query_key_value=_linear(source, f"{module}.self_attention.query_key_value"),
         dense=_linear(source, f"{module}.self_attention.dense"),
         post_attention_layernorm=_layer_norm(source, f"{module}.post_attention_layernorm"),
         dense_h_to_4h=_linear(source, f"{module}.mlp.dense_h_to_4h"),
         dense_4h_to_h=_linear(source, f"{module}.mlp.dense_4h_to_h"),
-    )
+    ))
 
 
 def final_weights(source: UnitBytes) -> LayerNormWeights:
-    return _layer_norm(source, f"{PREFIX}ln_f")
+    return source.records("final", lambda: _layer_norm(source, f"{PREFIX}ln_f"))
 
 
 def _layer_norm(source: UnitBytes, module: str) -> LayerNormWeights:

@@ -42,6 +42,10 @@ enum { LANES_NEEDED = 16 };
  * the hardware prefetcher to ramp up, and one core read ~11 GB/s without it, ~22 GB/s with it
  * (250880 x 1024 int8, AVX-512; the page-cache bound there was ~27 GB/s). */
 enum { PREFETCH_GROUPS = 2 };
+/* One core with prefetch streams about as fast as the memory allows, so threads pay off only on
+ * large matrices: bloom-560m's 1-4 MB int8 block matrices ran a decoding step 35-38 ms with a
+ * thread per 64 KB and 32-34 ms single-threaded here; its 257 MB lm_head still gets all threads. */
+enum { MIN_BYTES_PER_THREAD = 4 * 1024 * 1024 };
 
 typedef struct {
     const void *w;         /* (N, K) */
@@ -283,7 +287,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args)
     const int64_t bytes_per_row = cols * (kind == KIND_INT8 ? 1 : 2) * (batch > 0 ? batch : 1);
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_parallel(run, &job, (rows + ROWS - 1) / ROWS, ROWS * bytes_per_row, threads);
+    status = run_parallel(run, &job, (rows + ROWS - 1) / ROWS, ROWS * bytes_per_row, threads, MIN_BYTES_PER_THREAD);
     Py_END_ALLOW_THREADS
     if (status)
         return PyErr_NoMemory();

@@ -32,6 +32,9 @@
 enum { ROUND_NONE = 0, ROUND_BF16 = 1, ROUND_FP16 = 2 };
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2 };
 enum { CHUNK = 32 };            /* elements decoded per AVX2 step: 16 packed bytes */
+/* Decoding is compute-bound (~7 GB/s of packed bytes per core here), so a second thread pays off
+ * from small matrices on. */
+enum { MIN_BYTES_PER_THREAD = 64 * 1024 };
 /* Software prefetch distance in packed bytes: rows are short (512 bytes for 1024 columns) and a
  * thread's rows are not all contiguous, so the hardware prefetcher alone kept a core well below
  * the memory's speed (as in dense.c). Prefetches never fault, even past the end. */
@@ -664,7 +667,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args)
 #endif
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_parallel(run_task, &task, rows, (cols + 1) / 2 * batch, threads);  /* work ~ packed bytes x batch */
+    status = run_parallel(run_task, &task, rows, (cols + 1) / 2 * batch, threads, MIN_BYTES_PER_THREAD);  /* work ~ packed bytes x batch */
     Py_END_ALLOW_THREADS
     free(laid_out);
     if (status)
@@ -696,7 +699,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args)
 #endif
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_parallel(run_task, &task, count, cols * 4, threads);
+    status = run_parallel(run_task, &task, count, cols * 4, threads, MIN_BYTES_PER_THREAD);
     Py_END_ALLOW_THREADS
     if (status)
         return PyErr_NoMemory();

@@ -19,7 +19,6 @@
 #define HAVE_PTHREADS 1
 #endif
 
-enum { MIN_BYTES_PER_THREAD = 64 * 1024 };  /* below this a thread costs more than it saves */
 enum { GRAIN_BYTES = 32 * 1024 };           /* work a thread takes at a time */
 
 /* Computes items [begin, end) of the job described by `job`. */
@@ -67,14 +66,16 @@ static void *helper(void *arg)
 }
 #endif
 
-/* Runs `run(job, ...)` over items [0, count) on up to `threads` threads, this one included; -1
- * when out of memory. `job` must stay valid until the call returns (helpers still alive then only
- * find the queue empty). */
-static int run_parallel(RangeFunction run, const void *job, int64_t count, int64_t bytes_per_item, int threads)
+/* Runs `run(job, ...)` over items [0, count) on up to `threads` threads, this one included, one
+ * per `min_bytes_per_thread` of work (below that a thread costs more than it saves: creating it
+ * takes tens of microseconds); -1 when out of memory. `job` must stay valid until the call
+ * returns (helpers still alive then only find the queue empty). */
+static int run_parallel(RangeFunction run, const void *job, int64_t count, int64_t bytes_per_item, int threads,
+                        int64_t min_bytes_per_thread)
 {
     bytes_per_item = bytes_per_item > 0 ? bytes_per_item : 1;
     const int64_t grain = GRAIN_BYTES / bytes_per_item;
-    int64_t helpers = count * bytes_per_item / MIN_BYTES_PER_THREAD - 1;  /* threads besides this one */
+    int64_t helpers = count * bytes_per_item / min_bytes_per_thread - 1;  /* threads besides this one */
     helpers = helpers < threads - 1 ? helpers : threads - 1;
     WorkQueue *queue = malloc(sizeof *queue);
     if (!queue)
