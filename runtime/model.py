@@ -146,17 +146,15 @@ class Transformer:
         x = embeddings.word_embeddings.rows(input_ids.cpu(), self.dtype).to(self.device)  # (B, T, H)
         x = self._layer_norm(x, embeddings.layernorm.to(self.device))
         units = [*(block_unit(layer) for layer in range(g.n_layer)), FINAL_UNIT, EMBEDDINGS_UNIT]
-        weights = self._on_device(units)
-        for layer in range(g.n_layer):
-            x = self._block(x, block_weights(next(weights), layer), layer, bias, past)
-        x = self._layer_norm(x, final_weights(next(weights)))
-        if last_only:
-            # standard strides: with a size-1 dim strided otherwise, F.linear goes through bmm and
-            # copies the whole lm_head weight per call (50x slower for bf16)
-            x = x[:, -1:].clone(memory_format=torch.contiguous_format)
-        logits = linear(x, embedding_weights(next(weights)).word_embeddings)              # (B, T, vocab)
-        weights.close()
-        return logits
+        with contextlib.closing(self._on_device(units)) as weights:  # closing releases a unit held on errors
+            for layer in range(g.n_layer):
+                x = self._block(x, block_weights(next(weights), layer), layer, bias, past)
+            x = self._layer_norm(x, final_weights(next(weights)))
+            if last_only:
+                # standard strides: with a size-1 dim strided otherwise, F.linear goes through bmm and
+                # copies the whole lm_head weight per call (50x slower for bf16)
+                x = x[:, -1:].clone(memory_format=torch.contiguous_format)
+            return linear(x, embedding_weights(next(weights)).word_embeddings)            # (B, T, vocab)
 
     def _on_device(self, units: list[str]) -> Iterator[UnitBytes]:
         """Each unit's tensors on the compute device, in the order of a pass.

@@ -557,3 +557,22 @@ def test_four_bit_weight_through_bitsandbytes_matches_the_dequantized_weight(qua
         out = record.bitsandbytes_matmul(x)
         assert out.shape == (*x.shape[:-1], 96)
         assert (out - F.linear(x, reference)).abs().max() < 1e-5
+
+
+def test_an_error_mid_pass_releases_the_streamed_buffer(tiny, monkeypatch):
+    model, _ = tiny
+    ids, mask = padded_batch(model.geometry.vocab_size)
+    with runtime.load(model.checkpoint.directory, ram_budget=0) as streamed:
+        expected, _ = streamed.forward(ids, mask)
+        real_block = streamed.transformer._block
+
+        def fails_in_layer_1(x, w, layer, bias, past):
+            if layer == 1:
+                raise KeyboardInterrupt
+            return real_block(x, w, layer, bias, past)
+
+        monkeypatch.setattr(streamed.transformer, "_block", fails_in_layer_1)
+        with pytest.raises(KeyboardInterrupt):
+            streamed.forward(ids, mask)
+        monkeypatch.setattr(streamed.transformer, "_block", real_block)
+        assert torch.equal(streamed.forward(ids, mask)[0], expected)
