@@ -44,6 +44,8 @@ def load(directory: str | os.PathLike, *, device="cpu", verify: str = "fast",
     available memory (MemAvailable, or the memory cgroup's room if smaller) minus one block's
     working set and a 1024-token KV cache (`loader.default_ram_budget`).
     `threads`: torch's intra-op threads (process-wide, `torch.set_num_threads`); None leaves it.
+    bloomconv's kernels use as many. During a decoding step torch's own ops run on one thread
+    (process-wide too, restored after the step): run one model per process, not one per thread.
     Raises VerificationError naming each damaged file.
     """
     if threads is not None:
