@@ -35,6 +35,30 @@ def converted_copy(converted, tmp_path):
     return dst
 
 
+def edit_config(checkpoint, **changes):
+    """Overwrite keys of a checkpoint's config.json (the test's own copy)."""
+    path = checkpoint / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def fail_on_nth_write(monkeypatch, n, error):
+    """Make the converter's nth safetensors write raise `error`; returns the real writer."""
+    from bloomconv.converters import convert as convert_module
+    real_write = convert_module.write_safetensors
+    calls = {"n": 0}
+
+    def failing(file, tensors, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise error
+        return real_write(file, tensors, metadata)
+
+    monkeypatch.setattr(convert_module, "write_safetensors", failing)
+    return real_write
+
+
 def load_source_tensors(path):
     """Every tensor of a source checkpoint, unprefixed, whatever its layout (test oracle)."""
     from safetensors.torch import load_file

@@ -24,7 +24,7 @@ from bloomconv.hashing import sha256_file
 from bloomconv.manifest import read_manifest
 from bloomconv.verify import verify
 
-from .conftest import SMALL, load_converted_tensors, load_source_tensors
+from .conftest import SMALL, edit_config, fail_on_nth_write, load_converted_tensors, load_source_tensors
 
 
 @pytest.mark.parametrize("layout,dtype", [
@@ -177,25 +177,19 @@ def test_index_names_a_missing_tensor(release_checkpoint, tmp_path):
 
 def test_shape_disagrees_with_config(release_checkpoint, tmp_path):
     src = _copy(release_checkpoint, tmp_path)
-    config = json.loads((src / "config.json").read_text())
-    config["vocab_size"] = 1000
-    (src / "config.json").write_text(json.dumps(config))
+    edit_config(src, vocab_size=1000)
     _cli_refuses(src, tmp_path / "dst", "config.json implies [1000, 64]")
 
 
 def test_layer_count_disagrees_with_config(release_checkpoint, tmp_path):
     src = _copy(release_checkpoint, tmp_path)
-    config = json.loads((src / "config.json").read_text())
-    config["n_layer"] = 4
-    (src / "config.json").write_text(json.dumps(config))
+    edit_config(src, n_layer=4)
     _cli_refuses(src, tmp_path / "dst", "missing tensors")
 
 
 def test_not_a_bloom(release_checkpoint, tmp_path):
     src = _copy(release_checkpoint, tmp_path)
-    config = json.loads((src / "config.json").read_text())
-    config["model_type"] = "gpt2"
-    (src / "config.json").write_text(json.dumps(config))
+    edit_config(src, model_type="gpt2")
     with pytest.raises(NotBloomError, match="not 'bloom'"):
         convert(src, tmp_path / "dst")
     _cli_refuses(src, tmp_path / "dst", "model_type is 'gpt2'")
@@ -310,16 +304,7 @@ def test_full_disk_names_the_destination_and_resumes(release_checkpoint, tmp_pat
     import errno
 
     from bloomconv.converters import convert as convert_module
-    real_write = convert_module.write_safetensors
-    calls = {"n": 0}
-
-    def fills_up(file, tensors, metadata=None):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(file, tensors, metadata)
-
-    monkeypatch.setattr(convert_module, "write_safetensors", fills_up)
+    real_write = fail_on_nth_write(monkeypatch, 3, OSError(errno.ENOSPC, "No space left on device"))
     dst = tmp_path / "dst"
     with pytest.raises(DestinationError, match="no space left on the destination"):
         convert(release_checkpoint, dst)

@@ -41,7 +41,7 @@ from bloomconv.runtime.loader import UnitBytes
 from bloomconv.safetensors_io import MAX_HEADER_BYTES, read_header
 from bloomconv.verify import verify
 
-from .conftest import record_figures, reliability_scale
+from .conftest import fail_on_nth_write, record_figures, reliability_scale
 
 FUZZ = settings(max_examples=reliability_scale(ci=150, full=4000), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
@@ -543,16 +543,7 @@ def test_converter_never_writes_through_a_planted_symlink(release_checkpoint, tm
 
 def test_resume_refuses_a_blocks_folder_replaced_by_a_symlink(release_checkpoint, tmp_path, monkeypatch):
     from bloomconv.converters import convert as convert_module
-    real_write = convert_module.write_safetensors
-    calls = {"n": 0}
-
-    def interrupted(file, tensors, metadata=None):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_write(file, tensors, metadata)
-
-    monkeypatch.setattr(convert_module, "write_safetensors", interrupted)
+    real_write = fail_on_nth_write(monkeypatch, 3, KeyboardInterrupt())
     dst = tmp_path / "dst"
     with pytest.raises(KeyboardInterrupt):
         convert(release_checkpoint, dst)

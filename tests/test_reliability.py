@@ -27,7 +27,7 @@ from bloomconv.errors import DestinationBusyError, IncompleteDirectoryError, Man
 from bloomconv.format import JOB_NAME, JOURNAL_DIR, LOCK_NAME, MANIFEST_NAME, TMP_MARKER, all_units
 from bloomconv.verify import verify
 
-from .conftest import FULL_RELIABILITY, SMALL, record_figures, reliability_scale
+from .conftest import FULL_RELIABILITY, SMALL, edit_config, record_figures, reliability_scale
 
 KILL_GEOMETRY = (128, 6, 4, 2048)  # hidden, layers, heads, vocab: a run of 0.2-0.5 s, 12 files
 SCHEMES = {"convert": ["convert"], "int8": ["quantize", "--bits", "8"], "nf4": ["quantize", "--bits", "4"]}
@@ -447,22 +447,16 @@ def test_lock_survives_the_holder_unlinking_it_on_exit(release_checkpoint, tmp_p
 
 # -- wrong models: refused before anything is written ---------------------------------------------
 
-def _edit_config(src, **changes):
-    config = json.loads((src / "config.json").read_text())
-    config.update(changes)
-    (src / "config.json").write_text(json.dumps(config))
-
-
 def _resave(path, transform):
     torch.save(transform(torch.load(path, weights_only=True)), path)
 
 
 WRONG_MODELS = {
     # name: (edit of a copy of the SMALL release checkpoint, words the refusal must contain)
-    "vocab": (lambda s: _edit_config(s, vocab_size=SMALL[3] * 2), "config.json implies [1024, 64]"),
-    "hidden size": (lambda s: _edit_config(s, hidden_size=128, n_embed=128), "config.json implies"),
-    "fewer layers": (lambda s: _edit_config(s, n_layer=SMALL[1] - 1), "unexpected tensors"),
-    "more layers": (lambda s: _edit_config(s, n_layer=SMALL[1] + 1), "missing tensors"),
+    "vocab": (lambda s: edit_config(s, vocab_size=SMALL[3] * 2), "config.json implies [1024, 64]"),
+    "hidden size": (lambda s: edit_config(s, hidden_size=128, n_embed=128), "config.json implies"),
+    "fewer layers": (lambda s: edit_config(s, n_layer=SMALL[1] - 1), "unexpected tensors"),
+    "more layers": (lambda s: edit_config(s, n_layer=SMALL[1] + 1), "missing tensors"),
     "one tensor's shape": (lambda s: _resave(s / "pytorch_model_00003-of-00005.bin", lambda d: {
         **d, "h.1.mlp.dense_4h_to_h.weight": d["h.1.mlp.dense_4h_to_h.weight"][:, :-1].clone()}),
         "'h.1.mlp.dense_4h_to_h.weight' has shape [64, 255]"),
@@ -470,11 +464,11 @@ WRONG_MODELS = {
         k: v.half() for k, v in d.items()}), "mixed dtypes"),
     "integer weights": (lambda s: [_resave(p, lambda d: {k: (v * 100).to(torch.int32) for k, v in d.items()})
                                    for p in s.glob("*.bin")], "dtype torch.int32 is not supported"),
-    "gpt2 config": (lambda s: _edit_config(s, model_type="gpt2"), "model_type is 'gpt2', not 'bloom'"),
+    "gpt2 config": (lambda s: edit_config(s, model_type="gpt2"), "model_type is 'gpt2', not 'bloom'"),
     "no model_type": (lambda s: (s / "config.json").write_text(json.dumps(
         {k: v for k, v in json.loads((s / "config.json").read_text()).items() if k != "model_type"})),
         "model_type is None"),
-    "untied lm_head": (lambda s: _edit_config(s, tie_word_embeddings=False), "tie_word_embeddings is false"),
+    "untied lm_head": (lambda s: edit_config(s, tie_word_embeddings=False), "tie_word_embeddings is false"),
     "gpt2 weights under a bloom config": (lambda s: _resave(s / "pytorch_model_00001-of-00005.bin", lambda d: {
         ("wte.weight" if k == "word_embeddings.weight" else k): v for k, v in d.items()}), "missing tensors ['word_embeddings.weight']"),
 }

@@ -639,18 +639,33 @@ PyDoc_STRVAR(matmul_doc,
 "matmul(x, batch, out, threads, isa, *matrix) -> None\n\n"
 "out (batch, rows) fp32 = x (batch, cols) fp32 @ W.T; all tensors contiguous, given by address.");
 
+/* The arguments matmul and dequantize share: (address, count, out, threads, isa, *matrix). 0 when
+ * they do not parse (the Python error is set). */
+static int parse_call(PyObject *args, unsigned long long *first, long long *count, unsigned long long *out,
+                      int *threads, int *isa, Matrix *w)
+{
+    unsigned long long packed, code, absmax, absmax_codes, nested_absmax, nested_code;
+    long long rows, cols, block_size, nested_block_size;
+    int rounding;
+    double nested_offset;
+    if (!PyArg_ParseTuple(args, "KLKii" MATRIX_FORMAT, first, count, out, threads, isa, &packed, &rows, &cols,
+                          &block_size, &code, &absmax, &absmax_codes, &nested_absmax, &nested_code,
+                          &nested_offset, &nested_block_size, &rounding))
+        return 0;
+    *w = make_matrix(packed, rows, cols, block_size, code, absmax, absmax_codes, nested_absmax, nested_code,
+                     nested_offset, nested_block_size, rounding);
+    return 1;
+}
+
 static PyObject *py_matmul(PyObject *self, PyObject *args)
 {
-    unsigned long long x, out, packed, code, absmax, absmax_codes, nested_absmax, nested_code;
-    long long batch, rows, cols, block_size, nested_block_size;
-    int threads, isa, rounding;
-    double nested_offset;
-    if (!PyArg_ParseTuple(args, "KLKii" MATRIX_FORMAT, &x, &batch, &out, &threads, &isa, &packed, &rows,
-                          &cols, &block_size, &code, &absmax, &absmax_codes, &nested_absmax, &nested_code,
-                          &nested_offset, &nested_block_size, &rounding))
+    unsigned long long x, out;
+    long long batch;
+    int threads, isa;
+    Matrix w;
+    if (!parse_call(args, &x, &batch, &out, &threads, &isa, &w))
         return NULL;
-    Matrix w = make_matrix(packed, rows, cols, block_size, code, absmax, absmax_codes, nested_absmax,
-                           nested_code, nested_offset, nested_block_size, rounding);
+    const int64_t rows = w.rows, cols = w.cols;
     Task task = {.w = &w, .x = (const float *)(uintptr_t)x, .batch = batch, .out = (float *)(uintptr_t)out};
     float *laid_out = NULL;
     task.run = scalar_matmul;
@@ -681,16 +696,13 @@ PyDoc_STRVAR(dequantize_doc,
 
 static PyObject *py_dequantize(PyObject *self, PyObject *args)
 {
-    unsigned long long row_ids, out, packed, code, absmax, absmax_codes, nested_absmax, nested_code;
-    long long count, rows, cols, block_size, nested_block_size;
-    int threads, isa, rounding;
-    double nested_offset;
-    if (!PyArg_ParseTuple(args, "KLKii" MATRIX_FORMAT, &row_ids, &count, &out, &threads, &isa, &packed, &rows,
-                          &cols, &block_size, &code, &absmax, &absmax_codes, &nested_absmax, &nested_code,
-                          &nested_offset, &nested_block_size, &rounding))
+    unsigned long long row_ids, out;
+    long long count;
+    int threads, isa;
+    Matrix w;
+    if (!parse_call(args, &row_ids, &count, &out, &threads, &isa, &w))
         return NULL;
-    Matrix w = make_matrix(packed, rows, cols, block_size, code, absmax, absmax_codes, nested_absmax,
-                           nested_code, nested_offset, nested_block_size, rounding);
+    const int64_t cols = w.cols;
     Task task = {.run = scalar_dequantize, .w = &w, .row_ids = (const int64_t *)(uintptr_t)row_ids,
                  .out = (float *)(uintptr_t)out};
 #ifdef HAVE_AVX2_KERNEL
