@@ -40,7 +40,10 @@ enum { BATCH_GROUP = 4 };  /* x rows per pass over a step's weight rows: 16 accu
 enum { LANES_NEEDED = 16 };
 /* Software prefetch of the weight rows two steps ahead: a step's 4 rows are 4-8 KB, too short for
  * the hardware prefetcher to ramp up, and one core read ~11 GB/s without it, ~22 GB/s with it
- * (250880 x 1024 int8, AVX-512; the page-cache bound there was ~27 GB/s). */
+ * (250880 x 1024 int8, AVX-512; the page-cache bound there was ~27 GB/s). Into L2 (hint T1), not
+ * L1: with long rows two steps are 32 KB, L1's size, and prefetching them into L1 evicted x, which
+ * every step reads whole: int8 1024 x 4096 ran 12-13 GB/s with T0 and 23-26 GB/s with T1 (x of
+ * 4-8 KB ran ~25 GB/s either way; bloom-560m's int8 decoding-step matmuls 27 -> 22 ms). */
 enum { PREFETCH_GROUPS = 2 };
 /* One core with prefetch streams about as fast as the memory allows, so threads pay off only on
  * large matrices: bloom-560m's 1-4 MB int8 block matrices ran a decoding step 35-38 ms with a
@@ -140,7 +143,7 @@ AVX512_TARGET static inline __m512 widen16(const void *w, int kind, int64_t i)
         const uintptr_t ahead = (uintptr_t)j->w + (uintptr_t)((n + PREFETCH_GROUPS * ROWS) * K * elem);  \
         for (int64_t k = 0; k < K; k += LANES) {                                                   \
             for (int line = 0; line < ROWS * LANES * elem; line += 64)                             \
-                _mm_prefetch((const char *)(ahead + (uintptr_t)(k * ROWS * elem + line)), _MM_HINT_T0); \
+                _mm_prefetch((const char *)(ahead + (uintptr_t)(k * ROWS * elem + line)), _MM_HINT_T1); \
             VEC wv[ROWS];                                                                          \
             for (int r = 0; r < ROWS; r++)                                                         \
                 wv[r] = WIDEN(j->w, KIND, (n + r) * K + k);                                        \
