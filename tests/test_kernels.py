@@ -23,7 +23,7 @@ from bloomconv.runtime.weights import FourBitWeight
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the C extension is not built")
 ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in kernels.isas(), reason=f"CPU lacks {isa}"))
-        for isa in ("avx2", "scalar")]
+        for isa in ("avx512", "avx2", "scalar")]
 SHAPES = [(3072, 1024), (1024, 4096), (37, 45)]  # the last: odd rows, rows starting mid-byte, scalar only
 
 

@@ -7,9 +7,9 @@
  * was quantized from), exactly what bloomconv.quant.dequantize_4bit computes; only the order of
  * the fp32 sums differs from F.linear on the dequantized matrix.
  *
- * Two implementations, chosen at run time: AVX2+FMA (rows of a multiple of 32 elements; compiled
- * for AVX2 per function with a target attribute, so the build needs no -march flag) and portable
- * C (any shape). Weight rows are shared out among `threads` threads (parallel.h).
+ * Three implementations, chosen at run time: AVX-512 for decoding steps (up to 4 rows of x) and
+ * AVX2+FMA for the rest (both for rows of a multiple of 32 elements; compiled per function with a
+ * target attribute, so the build needs no -march flag) and portable C (any shape). Weight rows are shared out among `threads` threads (parallel.h).
  *
  * Called from Python with raw data pointers (see __init__.py, which validates every argument).
  */
@@ -27,12 +27,14 @@
 #include <immintrin.h>
 #define HAVE_AVX2_KERNEL 1
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
 #endif
 
 enum { ROUND_NONE = 0, ROUND_BF16 = 1, ROUND_FP16 = 2 };
-enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2 };
+enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+enum { AVX512_MAX_BATCH = 4 };  /* x rows the AVX-512 matvec takes; more go to the AVX2 matmul */
 enum { CHUNK = 32 };            /* elements decoded per AVX2 step: 16 packed bytes */
-/* Decoding is compute-bound (~7 GB/s of packed bytes per core here), so a second thread pays off
+/* Decoding is compute-bound (per core here: AVX2 ~6 GB/s of packed bytes, AVX-512 ~9), so a second thread pays off
  * from small matrices on. */
 enum { MIN_BYTES_PER_THREAD = 64 * 1024 };
 /* Software prefetch distance in packed bytes: rows are short (512 bytes for 1024 columns) and a
@@ -433,8 +435,90 @@ static int cpu_has_avx2(void)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+
+static int cpu_has_avx512(void)
+{
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+
+/* ----------------------------------------------------------------------------- AVX-512 path
+ *
+ * Decoding steps (up to AVX512_MAX_BATCH rows of x). A block's 16 possible weights
+ * round(code[q] * absmax) fill exactly one 16-lane register, so a code becomes its weight with one
+ * vpermps, which reads only the low 4 bits of each index: 16 packed bytes widened to 16 dwords
+ * give the odd elements' weights as they are and the even elements' after a 4-bit shift. 32
+ * weights thus cost a load-and-widen, a shift and two permutes, against ~14 instructions for 8
+ * lanes in decode32; the table costs ~6 per block. x is laid out so each 32 columns hold their 16
+ * even then 16 odd values (layout_x_even_odd), matching the two weight vectors. The weights are
+ * bit for bit those of decode_weights; the fp32 sums differ from F.linear only in order.
+ */
+AVX512_TARGET static ALWAYS_INLINE __m512 block_table(const Matrix *w, __m512 code, int64_t block, int rounding)
+{
+    const __m512 table = _mm512_mul_ps(code, _mm512_set1_ps(block_scale(w, block)));
+    if (rounding == ROUND_BF16) {  /* to nearest even, as round_weight */
+        __m512i b = _mm512_castps_si512(table);
+        b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                 _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))));
+        return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xFFFF0000u)));
+    }
+    if (rounding == ROUND_FP16)
+        return _mm512_cvtph_ps(_mm512_cvtps_ph(table, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return table;
+}
+
+static void layout_x_even_odd(const float *x, float *dst, int64_t batch, int64_t cols)
+{
+    for (int64_t m = 0; m < batch; m++)
+        for (int64_t c = 0; c < cols; c += CHUNK)
+            for (int i = 0; i < CHUNK / 2; i++) {
+                dst[m * cols + c + i] = x[m * cols + c + 2 * i];
+                dst[m * cols + c + CHUNK / 2 + i] = x[m * cols + c + 2 * i + 1];
+            }
+}
+
+/* `batch` (a constant once inlined) rows of x; two running sums per row (even, odd elements). */
+AVX512_TARGET static ALWAYS_INLINE void matvec512_impl(const Task *t, int rounding, const int batch)
+{
+    const Matrix *w = t->w;
+    const int64_t K = w->cols, N = w->rows, mask = ((int64_t)1 << w->block_shift) - 1;
+    const __m512 code = _mm512_loadu_ps(w->code);
+    for (int64_t r = t->begin; r < t->end; r++) {
+        const int64_t first = r * K;
+        __m512 acc[AVX512_MAX_BATCH][2], table = _mm512_setzero_ps();
+        for (int b = 0; b < batch; b++)
+            acc[b][0] = acc[b][1] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < K; c += CHUNK) {
+            const int64_t e = first + c;
+            if (c == 0 || (e & mask) == 0)
+                table = block_table(w, code, e >> w->block_shift, rounding);
+            if (((e >> 1) & 63) == 0)  /* once per cache line; into L2, as dense.c explains */
+                _mm_prefetch((const char *)w->packed + (e >> 1) + PREFETCH_BYTES, _MM_HINT_T1);
+            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (e >> 1))));
+            const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+            const __m512 odd = _mm512_permutexvar_ps(bytes, table);
+            for (int b = 0; b < batch; b++) {
+                const float *x = t->x + b * K + c;
+                acc[b][0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x), acc[b][0]);
+                acc[b][1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + CHUNK / 2), acc[b][1]);
+            }
+        }
+        for (int b = 0; b < batch; b++)
+            t->out[b * N + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
+    }
+}
+
+#define MATVEC512_BATCH(t, rounding)                                                              \
+    switch ((t)->batch) {                                                                         \
+    case 4: matvec512_impl(t, rounding, 4); break;                                                \
+    case 3: matvec512_impl(t, rounding, 3); break;                                                \
+    case 2: matvec512_impl(t, rounding, 2); break;                                                \
+    default: matvec512_impl(t, rounding, 1); break;                                               \
+    }
+
+AVX512_TARGET static void avx512_matvec(const Task *t) { DISPATCH_ROUNDING(MATVEC512_BATCH, t) }
 #else
 static int cpu_has_avx2(void) { return 0; }
+static int cpu_has_avx512(void) { return 0; }
 #endif
 
 /* ------------------------------------------------------------------------------- quantize */
@@ -611,6 +695,13 @@ static int use_avx2(int isa, const Matrix *w)
         return 0;
     return cpu_has_avx2() && w->cols % CHUNK == 0 && ((int64_t)1 << w->block_shift) % CHUNK == 0;
 }
+
+/* Where AVX-512 is asked for (or left to choose) but the job is one it does not take, the AVX2
+ * code runs: dequantizing, and batches over AVX512_MAX_BATCH. */
+static int use_avx512(int isa, const Matrix *w, int64_t batch)
+{
+    return (isa == ISA_AUTO || isa == ISA_AVX512) && cpu_has_avx512() && use_avx2(isa, w) && batch <= AVX512_MAX_BATCH;
+}
 #endif
 
 static Matrix make_matrix(unsigned long long packed, long long rows, long long cols, long long block_size,
@@ -670,7 +761,14 @@ static PyObject *py_matmul(PyObject *self, PyObject *args)
     float *laid_out = NULL;
     task.run = scalar_matmul;
 #ifdef HAVE_AVX2_KERNEL
-    if (use_avx2(isa, &w)) {
+    if (use_avx512(isa, &w, batch)) {
+        laid_out = malloc((size_t)(batch * cols) * sizeof(float));
+        if (!laid_out)
+            return PyErr_NoMemory();
+        layout_x_even_odd(task.x, laid_out, batch, cols);
+        task.x = laid_out;
+        task.run = avx512_matvec;
+    } else if (use_avx2(isa, &w)) {
         /* whole groups: the last one may be partial */
         laid_out = malloc((size_t)((batch + X_GROUP - 1) / X_GROUP * X_GROUP * cols) * sizeof(float));
         if (!laid_out)
@@ -748,6 +846,8 @@ static PyObject *py_quantize(PyObject *self, PyObject *args)
 
 static PyObject *py_isas(PyObject *self, PyObject *unused)
 {
+    if (cpu_has_avx512())
+        return Py_BuildValue("(sss)", "avx512", "avx2", "scalar");
     return cpu_has_avx2() ? Py_BuildValue("(ss)", "avx2", "scalar") : Py_BuildValue("(s)", "scalar");
 }
 
