@@ -16,9 +16,11 @@ in a fresh process (this script with --child), so start-up is real and nothing i
   - decode throughput at batch 1, 8 and 32 at the second budget: prompts share each read.
   The page cache is dropped before each process. Compute is bf16 (--large-dtype).
 --in-memory: bloom-560m geometry (random bf16 weights), unquantized, int8 and nf4, page cache warm.
-  - memory bandwidth: torch.sum over 1 GB of fp32, same threads;
+  - memory bandwidth: torch.sum over 1 GB of fp32, same threads, measured again right before
+    every run (it drifts between ~30 and ~57 GB/s here within minutes);
   - decode tokens/s at batch 1 and 16 for the runtime (fp32 and bf16 compute) and transformers'
-    BloomForCausalLM (bf16, fp32) vs bandwidth / weight bytes read per token (median step);
+    BloomForCausalLM (bf16, fp32) vs bandwidth / weight bytes read per token (median step); the
+    % of that bound is taken per run against the bandwidth measured next to it, then the median;
   - start-to-ready (process start to weights in RAM) vs transformers' from_pretrained;
   - prefill tokens/s of a 512-token prompt vs transformers.
 --small shrinks every size for trying the script out. --repeats N runs the --in-memory
@@ -261,7 +263,6 @@ def in_memory(args, work: Path) -> dict:
     src = make_checkpoint(work / ("bloom-560m-src" if tag == "1024x24x16x250880" else f"runtime-{tag}-src"), geometry)
     dirs = {preset: converted(src, work / f"runtime-{tag}-{preset}", None if preset == "none" else preset)
             for preset in args.presets}
-    bandwidth = memory_bandwidth(args.threads)
     common = {"threads": args.threads, "vocab": geometry[3], "prompt_tokens": 16,
               "new_tokens": args.decode_tokens, "prefill_tokens": args.prefill_tokens, "batches": args.batches}
     configs = [(f"runtime {p} {dt}", {"kind": "runtime", "dir": str(d), "dtype": dt, "ram_budget": None})
@@ -274,7 +275,8 @@ def in_memory(args, work: Path) -> dict:
         for label, spec in configs:
             files = weight_files(Path(spec["dir"]))
             subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # page cache warm
-            runs[label].append(run_child({**common, **spec}, work))
+            bandwidth = memory_bandwidth(args.threads)  # next to the run: it drifts
+            runs[label].append({**run_child({**common, **spec}, work), "memory_bytes_per_s": bandwidth})
     rows = []
     for label, spec in configs:
         # bytes read per decode step: every weight once (the lm_head is the tied embeddings) in the
@@ -286,10 +288,15 @@ def in_memory(args, work: Path) -> dict:
         else:
             read_per_token = stored * (2 if spec["dtype"] == "float32" else 1)
         row = _medians(runs[label])
-        row.update(label=label, runs=runs[label], weight_bytes_per_token=read_per_token,
-                   bandwidth_bound_tokens_per_s=bandwidth / read_per_token)
+        # tokens/s per sequence over the bound of the bandwidth measured just before that run
+        row["percent_of_bound"] = {
+            batch: statistics.median(100 * r["decode"][batch]["tokens_per_s"] / int(batch)
+                                     / (r["memory_bytes_per_s"] / read_per_token) for r in runs[label])
+            for batch in row["decode"]}
+        row.update(label=label, runs=runs[label], weight_bytes_per_token=read_per_token)
         rows.append(row)
-    return {"geometry": geometry, "memory_bytes_per_s": bandwidth, "rows": rows}
+    bandwidths = [r["memory_bytes_per_s"] for label in runs for r in runs[label]]
+    return {"geometry": geometry, "memory_bytes_per_s": bandwidths, "rows": rows}
 
 
 # ------------------------------------------------------------------------------ report
@@ -325,18 +332,21 @@ def print_report(report: dict) -> None:
               "buffers + KV cache + 200 MB")
     if "in_memory" in report:
         M = report["in_memory"]
-        print(f"\nin page cache: {M['geometry']}; memory bandwidth {M['memory_bytes_per_s'] / 1e9:.1f} GB/s "
-              f"(torch.sum, 1 GB fp32)")
+        bandwidths = sorted(M["memory_bytes_per_s"])
+        print(f"\nin page cache: {M['geometry']}; memory bandwidth (torch.sum, 1 GB fp32, before each run) "
+              f"min {bandwidths[0] / 1e9:.1f} / median {statistics.median(bandwidths) / 1e9:.1f} / "
+              f"max {bandwidths[-1] / 1e9:.1f} GB/s")
         batches = list(M["rows"][0]["decode"])
         head = "".join(f" {'b' + b + ' tok/s':>11} {'% bound':>7}" for b in batches)
         print(f"  {'':22} {'ready s':>7} {'prefill tok/s':>13}{head} {'peak RSS':>9} {'RssAnon':>8}")
         for row in M["rows"]:
             cells = "".join(f" {row['decode'][b]['tokens_per_s']:>11.2f} "
-                            f"{100 * row['decode'][b]['tokens_per_s'] / row['bandwidth_bound_tokens_per_s'] / int(b):>6.0f}%"
+                            f"{row['percent_of_bound'][b]:>6.0f}%"
                             for b in batches)
             print(f"  {row['label']:22} {row['ready_s']:>7.2f} {row.get('prefill_tokens_per_s', 0):>13.1f}{cells} "
                   f"{gb(row['peak_rss']):>9} {gb(row['peak_rss_anon']):>8}")
-        print("  % bound: tokens/s per sequence / (memory bandwidth / weight bytes read per token)")
+        print("  % bound: tokens/s per sequence / (memory bandwidth / weight bytes read per token), per run "
+              "against the bandwidth measured before it; medians")
 
 
 def parse_geometry(text: str) -> tuple[int, ...]:

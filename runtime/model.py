@@ -20,8 +20,8 @@ from bloomconv.format import EMBEDDINGS_UNIT, FINAL_UNIT, block_unit
 from bloomconv.geometry import Geometry
 
 from . import kernels
-from .loader import (BlockWeights, Checkpoint, LayerNormWeights, UnitBytes, block_weights, embedding_weights,
-                     final_weights)
+from .loader import (BlockWeights, Checkpoint, LayerNormWeights, LinearWeights, UnitBytes, block_weights,
+                     embedding_weights, final_weights)
 from .weights import linear
 
 __all__ = ["KVCache", "Transformer", "alibi_bias", "alibi_slopes", "gelu"]
@@ -195,19 +195,22 @@ class Transformer:
         hs = H // nh
 
         h = self._layer_norm(x, w.input_layernorm)
-        fused = linear(h, w.query_key_value.weight, w.query_key_value.bias)             # (B, T, 3H)
+        fused = self._linear(h, w.query_key_value)                                      # (B, T, 3H)
         # The fused projection is laid out per head: [q_h, k_h, v_h] for head 0, 1, …
         q, k, v = fused.view(B, T, nh, 3, hs).permute(3, 0, 2, 1, 4)                   # 3 × (B, nh, T, hs)
         k, v = past.append(layer, k, v)                                                   # (B, nh, S, hs)
         # softmax(q k^T / sqrt(hs) + alibi + mask) v in one fused kernel (softmax in fp32 inside)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                # (B, nh, T, hs)
         context = context.transpose(1, 2).reshape(B, T, H)                                # (B, T, H)
-        x = x + linear(context, w.dense.weight, w.dense.bias)
+        x = x + self._linear(context, w.dense)
 
         h = self._layer_norm(x, w.post_attention_layernorm)
-        h = gelu(linear(h, w.dense_h_to_4h.weight, w.dense_h_to_4h.bias))                 # (B, T, 4H)
-        return x + linear(h, w.dense_4h_to_h.weight, w.dense_4h_to_h.bias)               # (B, T, H)
+        h = gelu(self._linear(h, w.dense_h_to_4h))                                       # (B, T, 4H)
+        return x + self._linear(h, w.dense_4h_to_h)                                     # (B, T, H)
 
     def _layer_norm(self, x: torch.Tensor, w: LayerNormWeights) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], w.weight.to(x.dtype), w.bias.to(x.dtype),
-                            self.geometry.layer_norm_epsilon)
+        return F.layer_norm(x, x.shape[-1:], *w.in_dtype(x.dtype), self.geometry.layer_norm_epsilon)
+
+    @staticmethod
+    def _linear(x: torch.Tensor, w: LinearWeights) -> torch.Tensor:
+        return linear(x, w.weight, w.bias_in(x.dtype))

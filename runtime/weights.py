@@ -173,8 +173,8 @@ def _linear_in_pieces(x: torch.Tensor, shape: tuple[int, int], piece) -> torch.T
 
 def linear(x: torch.Tensor, weight: WeightRecord, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), for any weight storage. x: (..., in) -> (..., out)."""
-    out = weight.matmul(x)
-    return out if bias is None else out + bias.to(out.dtype)
+    out = weight.matmul(x)  # a new tensor on every path: the bias can be added in place
+    return out if bias is None else out.add_(bias.to(out.dtype))
 
 
 class TensorSource(Protocol):
