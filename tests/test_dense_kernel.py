@@ -3,6 +3,9 @@ the weight records. As in test_kernels.py, only the order of fp32 sums differs, 
 may differ from the reference by |out - ref| <= 1e-5 * (|x| @ |W|.T), elementwise."""
 from __future__ import annotations
 
+import concurrent.futures
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +100,33 @@ def test_result_does_not_depend_on_the_thread_count_and_strides_are_handled():
     scale = torch.rand(64, generator=g)
     x = torch.randn(1, 256, generator=g)
     assert_close_to_reference(dense.dense_matmul(x, wide, scale), x, wide.float(), scale)
+
+
+@needs_dense
+def test_thread_pool_survives_fork_and_concurrent_callers():
+    # the kernels' helper threads are a pool kept between calls (parallel.h): a forked child
+    # starts its own, and two Python threads calling at once (the GIL is released) both get
+    # their own results
+    g = torch.Generator().manual_seed(3)
+    weight = random_weight(8192, 512, torch.int8, g)  # 4 MB: several threads take part
+    scale = torch.rand(8192, generator=g)
+    xs = [torch.randn(1, 512, generator=g) for _ in range(4)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = [dense.dense_matmul(x, weight, scale) for x in xs]  # the pool is running now
+        pid = os.fork()
+        if pid == 0:  # child: exit status 0 only if every result is right
+            ok = all(torch.equal(dense.dense_matmul(x, weight, scale), e) for x, e in zip(xs, expected))
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda x: [dense.dense_matmul(x, weight, scale) for _ in range(20)], xs))
+        for result, e in zip(results, expected):
+            assert all(torch.equal(r, e) for r in result)
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_dense

@@ -45,10 +45,12 @@ enum { LANES_NEEDED = 16 };
  * every step reads whole: int8 1024 x 4096 ran 12-13 GB/s with T0 and 23-26 GB/s with T1 (x of
  * 4-8 KB ran ~25 GB/s either way; bloom-560m's int8 decoding-step matmuls 27 -> 22 ms). */
 enum { PREFETCH_GROUPS = 2 };
-/* One core with prefetch streams about as fast as the memory allows, so threads pay off only on
- * large matrices: bloom-560m's 1-4 MB int8 block matrices ran a decoding step 35-38 ms with a
- * thread per 64 KB and 32-34 ms single-threaded here; its 257 MB lm_head still gets all threads. */
-enum { MIN_BYTES_PER_THREAD = 4 * 1024 * 1024 };
+/* One core with prefetch streams nearly as fast as the memory allows, so a second thread adds
+ * ~10-30 % here and only pays off once a matrix is larger than handing it work costs (parallel.h's
+ * pool: a few microseconds). bloom-560m int8 block matrices on 2 threads, per matrix shape: 1-4 MB
+ * 22-36 GB/s against 20-25 single-threaded; with a thread per 256 KB the torch ops between them
+ * slowed down more than the kernels gained. */
+enum { MIN_BYTES_PER_THREAD = 1024 * 1024 };
 
 typedef struct {
     const void *w;         /* (N, K) */

@@ -1,11 +1,16 @@
 /* Work sharing for the CPU kernels: items [0, count) run on up to `threads` threads, this one included.
  *
- * Items are handed out a grain of work at a time (see MIN_GRAIN_BYTES) from a shared counter. The calling thread
- * works too and then waits only for grains already taken: a helper that the OS has not yet run
- * (other jobs on a 2-core machine) finds nothing left and quits later on its own, so it costs the
- * call nothing. Each item's result must not depend on which thread computes it. Threads are created
- * per call (tens of microseconds), which keeps the modules free of global state and safe across
- * fork(). Header-only (static functions): each extension module includes it once.
+ * Items are handed out a grain of work at a time (see MIN_GRAIN_BYTES) from a shared counter. The
+ * calling thread works too and then waits only for grains already taken: a helper that the OS has
+ * not yet run (other jobs on a 2-core machine) finds nothing left, so it costs the call nothing.
+ * Each item's result must not depend on which thread computes it.
+ *
+ * Helpers are a pool started on first use and kept: a decoding step calls the kernels ~100 times,
+ * every 20-300 µs, and creating threads per call cost tens of microseconds each time. Between
+ * jobs a helper spins for up to SPIN_NANOSECONDS (with `pause`), then sleeps on a condition
+ * variable until the next job. After fork() the child starts a new pool on its first parallel
+ * call (the parent's helpers do not exist there). Header-only (static functions and state): each
+ * extension module that includes it has its own pool.
  */
 #ifndef BLOOMCONV_PARALLEL_H
 #define BLOOMCONV_PARALLEL_H
@@ -15,8 +20,14 @@
 
 #if !defined(_WIN32) && (defined(__GNUC__) || defined(__clang__))  /* pthreads and __atomic builtins */
 #include <pthread.h>
-#include <sched.h>
+#include <time.h>
 #define HAVE_PTHREADS 1
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#else
+#define cpu_relax() ((void)0)
+#endif
 #endif
 
 /* Work a thread takes at a time: a sixteenth of a thread's share, within these bounds. Large
@@ -25,6 +36,10 @@
  * (one thread: 25-27), with 1 MB grains at 33-35 GB/s (torch.sum's bandwidth: 34-36). Small
  * ones still balance matrices of a few MB between threads. */
 enum { MIN_GRAIN_BYTES = 32 * 1024, MAX_GRAIN_BYTES = 1024 * 1024, GRAINS_PER_THREAD = 16 };
+enum { MAX_HELPERS = 255 };
+/* Longer than most gaps between one decoding step's kernel calls. Spinning for 300 µs instead
+ * slowed the torch ops running meanwhile on the other vCPU here (a step's non-kernel time 7 -> 9-12 ms). */
+#define SPIN_NANOSECONDS 30000
 
 /* Computes items [begin, end) of the job described by `job`. */
 typedef void (*RangeFunction)(const void *job, int64_t begin, int64_t end);
@@ -34,7 +49,9 @@ typedef struct {
     const void *job;
     int64_t count, grain;
     int64_t next, done;  /* atomic: items handed out, items finished */
-    int64_t refs;        /* atomic: threads still holding the queue; the last one frees it */
+    int64_t refs;        /* atomic: threads (and the pool) still holding the queue; the last frees it */
+    int64_t helpers;     /* helpers wanted; later ones leave it alone */
+    int64_t joined;      /* atomic: helpers that took it */
 } WorkQueue;
 
 #ifdef HAVE_PTHREADS
@@ -58,23 +75,113 @@ static void work(WorkQueue *queue)
 
 static void release(WorkQueue *queue)
 {
-    if (fetch_add(&queue->refs, -1) == 1)
+    if (queue && fetch_add(&queue->refs, -1) == 1)
         free(queue);
 }
 
 #ifdef HAVE_PTHREADS
-static void *helper(void *arg)
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    int64_t generation;   /* atomic, written under lock: one more per job published */
+    WorkQueue *queue;     /* under lock: the job helpers take now (the pool holds a reference) */
+    int64_t started;      /* under lock: helpers running */
+    int64_t sleepers;     /* under lock: helpers waiting on `wake` */
+    int64_t forks_seen;   /* under lock: pthread_atfork handler registered */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static int64_t monotonic_nanoseconds(void)
 {
-    work(arg);
-    release(arg);
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
+static void *pool_helper(void *arg)
+{
+    int64_t seen = (int64_t)(intptr_t)arg;
+    for (;;) {
+        const int64_t spin_until = monotonic_nanoseconds() + SPIN_NANOSECONDS;
+        for (int i = 0; load(&pool.generation) == seen; i++) {
+            cpu_relax();
+            if ((i & 255) == 255 && monotonic_nanoseconds() > spin_until)
+                break;
+        }
+        pthread_mutex_lock(&pool.lock);
+        while (pool.generation == seen) {
+            pool.sleepers++;
+            pthread_cond_wait(&pool.wake, &pool.lock);
+            pool.sleepers--;
+        }
+        seen = pool.generation;
+        WorkQueue *queue = pool.queue;
+        if (queue)
+            fetch_add(&queue->refs, 1);
+        pthread_mutex_unlock(&pool.lock);
+        if (queue && fetch_add(&queue->joined, 1) < queue->helpers)
+            work(queue);
+        release(queue);
+    }
     return NULL;
+}
+
+/* In a forked child only the forking thread exists: forget the parent's helpers. */
+static void pool_after_fork(void)
+{
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.queue = NULL;  /* its memory is the parent's copy: left, not freed */
+    pool.started = pool.sleepers = 0;
+}
+
+/* Publishes `queue` to at least `helpers` pool threads (started as needed); 0 if none could be. */
+static int pool_publish(WorkQueue *queue, int64_t helpers)
+{
+    pthread_mutex_lock(&pool.lock);
+    if (!pool.forks_seen)
+        pool.forks_seen = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
+    while (pool.started < helpers && pool.started < MAX_HELPERS) {
+        pthread_t id;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&id, &attr, pool_helper, (void *)(intptr_t)pool.generation);
+        pthread_attr_destroy(&attr);
+        if (failed)
+            break;
+        pool.started++;
+    }
+    WorkQueue *previous = NULL;
+    if (pool.started) {
+        fetch_add(&queue->refs, 1);
+        previous = pool.queue;  /* another caller's, still published: it finishes on its own */
+        pool.queue = queue;
+        __atomic_store_n(&pool.generation, pool.generation + 1, __ATOMIC_RELEASE);
+        if (pool.sleepers)
+            pthread_cond_broadcast(&pool.wake);
+    }
+    const int published = pool.started > 0;
+    pthread_mutex_unlock(&pool.lock);
+    release(previous);
+    return published;
+}
+
+static void pool_withdraw(WorkQueue *queue)
+{
+    pthread_mutex_lock(&pool.lock);
+    const int held = pool.queue == queue;
+    if (held)
+        pool.queue = NULL;
+    pthread_mutex_unlock(&pool.lock);
+    if (held)
+        release(queue);
 }
 #endif
 
 /* Runs `run(job, ...)` over items [0, count) on up to `threads` threads, this one included, one
- * per `min_bytes_per_thread` of work (below that a thread costs more than it saves: creating it
- * takes tens of microseconds); -1 when out of memory. `job` must stay valid until the call
- * returns (helpers still alive then only find the queue empty). */
+ * per `min_bytes_per_thread` of work (below that, handing work over costs more than it saves);
+ * -1 when out of memory. `job` must stay valid until the call returns (helpers that come late
+ * only find the queue empty). */
 static int run_parallel(RangeFunction run, const void *job, int64_t count, int64_t bytes_per_item, int threads,
                         int64_t min_bytes_per_thread)
 {
@@ -88,27 +195,18 @@ static int run_parallel(RangeFunction run, const void *job, int64_t count, int64
     WorkQueue *queue = malloc(sizeof *queue);
     if (!queue)
         return -1;
-    *queue = (WorkQueue){.run = run, .job = job, .count = count, .grain = grain > 0 ? grain : 1, .refs = 1};
+    *queue = (WorkQueue){.run = run, .job = job, .count = count, .grain = grain > 0 ? grain : 1, .refs = 1,
+                         .helpers = helpers};
 #ifdef HAVE_PTHREADS
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    for (int64_t i = 0; i < helpers; i++) {
-        pthread_t id;
-        fetch_add(&queue->refs, 1);
-        if (pthread_create(&id, &attr, helper, queue) != 0) {
-            fetch_add(&queue->refs, -1);
-            break;
-        }
-    }
-    pthread_attr_destroy(&attr);
-#else
-    (void)helpers;
+    const int published = helpers > 0 && pool_publish(queue, helpers);
 #endif
     work(queue);
 #ifdef HAVE_PTHREADS
-    while (load(&queue->done) < count)  /* only grains other threads are finishing */
-        sched_yield();
+    if (published) {
+        pool_withdraw(queue);  /* no new helper takes it now */
+        while (load(&queue->done) < count)  /* only grains other threads are finishing */
+            cpu_relax();
+    }
 #endif
     release(queue);
     return 0;
