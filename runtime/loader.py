@@ -84,7 +84,7 @@ _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 def _in_dtype(cache: dict, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`tensor` in `dtype`, converted once per record and kept in its `cache`: a pinned file's
     records live as long as it, so its small vectors are not converted again every token (~200
-    conversions per bloom-560m decoding step, ~1 ms)."""
+    conversions of bf16 layer-norm weights and biases per bloom-560m decoding step in fp32)."""
     if (key, dtype) not in cache:
         cache[key, dtype] = tensor.to(dtype)
     return cache[key, dtype]
