@@ -11,7 +11,7 @@ import sys
 from setuptools import Extension, setup
 
 FLAGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off"]
-HEADERS = ["runtime/kernels/parallel.h"]
+HEADERS = ["runtime/kernels/parallel.h", "runtime/kernels/x86.h"]
 
 setup(ext_modules=[
     Extension("bloomconv.runtime.kernels._fourbit", sources=["runtime/kernels/fourbit.c"], depends=HEADERS,

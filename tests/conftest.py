@@ -35,6 +35,14 @@ def converted_copy(converted, tmp_path):
     return dst
 
 
+@pytest.fixture
+def restores_threads():
+    """For tests that change torch's (process-wide) thread count."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def edit_config(checkpoint, **changes):
     """Overwrite keys of a checkpoint's config.json (the test's own copy)."""
     path = checkpoint / "config.json"

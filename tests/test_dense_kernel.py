@@ -84,18 +84,14 @@ def test_fp16_subnormals_and_extremes_widen_exactly():
 
 
 @needs_dense
-def test_result_does_not_depend_on_the_thread_count_and_strides_are_handled():
+def test_result_does_not_depend_on_the_thread_count_and_strides_are_handled(restores_threads):
     g = torch.Generator().manual_seed(1)
     weight = random_weight(4099, 256, torch.bfloat16, g)
     x = torch.randn(2, 256, generator=g)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = dense.dense_matmul(x, weight)
-        torch.set_num_threads(2)
-        assert torch.equal(dense.dense_matmul(x, weight), single)
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    single = dense.dense_matmul(x, weight)
+    torch.set_num_threads(2)
+    assert torch.equal(dense.dense_matmul(x, weight), single)
     wide = random_weight(64, 512, torch.int8, g)[:, ::2]  # not contiguous: copied
     scale = torch.rand(64, generator=g)
     x = torch.randn(1, 256, generator=g)
@@ -103,7 +99,7 @@ def test_result_does_not_depend_on_the_thread_count_and_strides_are_handled():
 
 
 @needs_dense
-def test_thread_pool_survives_fork_and_concurrent_callers():
+def test_thread_pool_survives_fork_and_concurrent_callers(restores_threads):
     # the kernels' helper threads are a pool kept between calls (parallel.h): a forked child
     # starts its own, and two Python threads calling at once (the GIL is released) both get
     # their own results
@@ -111,22 +107,18 @@ def test_thread_pool_survives_fork_and_concurrent_callers():
     weight = random_weight(8192, 512, torch.int8, g)  # 4 MB: several threads take part
     scale = torch.rand(8192, generator=g)
     xs = [torch.randn(1, 512, generator=g) for _ in range(4)]
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        expected = [dense.dense_matmul(x, weight, scale) for x in xs]  # the pool is running now
-        pid = os.fork()
-        if pid == 0:  # child: exit status 0 only if every result is right
-            ok = all(torch.equal(dense.dense_matmul(x, weight, scale), e) for x, e in zip(xs, expected))
-            os._exit(0 if ok else 1)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda x: [dense.dense_matmul(x, weight, scale) for _ in range(20)], xs))
-        for result, e in zip(results, expected):
-            assert all(torch.equal(r, e) for r in result)
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(2)
+    expected = [dense.dense_matmul(x, weight, scale) for x in xs]  # the pool is running now
+    pid = os.fork()
+    if pid == 0:  # child: exit status 0 only if every result is right
+        ok = all(torch.equal(dense.dense_matmul(x, weight, scale), e) for x, e in zip(xs, expected))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda x: [dense.dense_matmul(x, weight, scale) for _ in range(20)], xs))
+    for result, e in zip(results, expected):
+        assert all(torch.equal(r, e) for r in result)
 
 
 @needs_dense
@@ -188,16 +180,12 @@ def test_dense_weight_multiplies_bf16_storage_in_fp32(monkeypatch):
     assert_close_to_reference(record.matmul(x), x, weight.float())
 
 
-def test_decoding_runs_torch_on_one_thread_and_the_kernels_on_all():
+def test_decoding_runs_torch_on_one_thread_and_the_kernels_on_all(restores_threads):
     from bloomconv.runtime import kernels
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with kernels.kernels_own_the_cores():
-            assert torch.get_num_threads() == 1 and kernels.kernel_threads() == 2
-        assert torch.get_num_threads() == 2 and kernels.kernel_threads() == 2
-        with pytest.raises(RuntimeError), kernels.kernels_own_the_cores():
-            raise RuntimeError("restored on errors too")
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(2)
+    with kernels.kernels_own_the_cores():
+        assert torch.get_num_threads() == 1 and kernels.kernel_threads() == 2
+    assert torch.get_num_threads() == 2 and kernels.kernel_threads() == 2
+    with pytest.raises(RuntimeError), kernels.kernels_own_the_cores():
+        raise RuntimeError("restored on errors too")
+    assert torch.get_num_threads() == 2

@@ -157,18 +157,14 @@ def test_large_batches_go_through_dequantized_tiles(monkeypatch):
 
 
 @needs_kernels
-def test_result_does_not_depend_on_the_thread_count():
+def test_result_does_not_depend_on_the_thread_count(restores_threads):
     stored, _ = quantized("nf4", 64, False, (3072, 1024))
     matrix = kernels.FourBitMatrix.from_stored(stored)
     x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(4))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = kernels.fourbit_matmul(x, matrix)
-        torch.set_num_threads(2)
-        assert torch.equal(kernels.fourbit_matmul(x, matrix), single)
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    single = kernels.fourbit_matmul(x, matrix)
+    torch.set_num_threads(2)
+    assert torch.equal(kernels.fourbit_matmul(x, matrix), single)
 
 
 @needs_kernels

@@ -479,13 +479,6 @@ def test_weight_memory_stays_within_the_budget(deep, monkeypatch):
 
 # ----------------------------------------------------------------------------- generate command
 
-@pytest.fixture
-def restores_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def test_threads_sets_torchs_thread_count(tiny, restores_threads):
     runtime.load(tiny[0].checkpoint.directory, threads=1).close()
     assert torch.get_num_threads() == 1

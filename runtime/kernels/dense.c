@@ -25,13 +25,7 @@
 #include <string.h>
 
 #include "parallel.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define HAVE_X86_KERNELS 1
-#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
-#endif
+#include "x86.h"
 
 enum { KIND_INT8 = 0, KIND_BF16 = 1, KIND_FP16 = 2 };
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
@@ -227,17 +221,9 @@ AVX2_KERNELS(KIND_INT8, int8)
 AVX2_KERNELS(KIND_BF16, bf16)
 AVX2_KERNELS(KIND_FP16, fp16)
 
-static int cpu_has(int isa)
-{
-    __builtin_cpu_init();
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    if (isa == ISA_AVX2)
-        return avx2;
-    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-}
-#else
-static int cpu_has(int isa) { (void)isa; return 0; }
 #endif
+
+static int cpu_has(int isa) { return isa == ISA_AVX2 ? cpu_has_avx2() : cpu_has_avx512(); }
 
 /* The fastest row function allowed by `isa` for this job, or NULL if `isa` cannot run here. */
 static RangeFunction pick(int isa, const Job *j)

@@ -22,13 +22,7 @@
 #include <string.h>
 
 #include "parallel.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define HAVE_AVX2_KERNEL 1
-#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
-#endif
+#include "x86.h"
 
 enum { ROUND_NONE = 0, ROUND_BF16 = 1, ROUND_FP16 = 2 };
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
@@ -174,7 +168,7 @@ static void scalar_dequantize(const Task *t)
 }
 
 /* -------------------------------------------------------------------------------- AVX2 path */
-#ifdef HAVE_AVX2_KERNEL
+#ifdef HAVE_X86_KERNELS
 
 #define ALWAYS_INLINE __attribute__((always_inline)) inline
 
@@ -430,17 +424,6 @@ AVX2_TARGET static ALWAYS_INLINE void dequantize_impl(const Task *t, int roundin
 
 AVX2_TARGET static void avx2_dequantize(const Task *t) { DISPATCH_ROUNDING(dequantize_impl, t) }
 
-static int cpu_has_avx2(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
-static int cpu_has_avx512(void)
-{
-    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-}
-
 /* ----------------------------------------------------------------------------- AVX-512 path
  *
  * Decoding steps (up to AVX512_MAX_BATCH rows of x). A block's 16 possible weights
@@ -516,9 +499,6 @@ AVX512_TARGET static ALWAYS_INLINE void matvec512_impl(const Task *t, int roundi
     }
 
 AVX512_TARGET static void avx512_matvec(const Task *t) { DISPATCH_ROUNDING(MATVEC512_BATCH, t) }
-#else
-static int cpu_has_avx2(void) { return 0; }
-static int cpu_has_avx512(void) { return 0; }
 #endif
 
 /* ------------------------------------------------------------------------------- quantize */
@@ -601,7 +581,7 @@ static void scalar_quantize(const Quantize *q)
     quantize_tail_padding(q);
 }
 
-#ifdef HAVE_AVX2_KERNEL
+#ifdef HAVE_X86_KERNELS
 AVX2_TARGET static inline __m256 load8(const Quantize *q, int64_t i)
 {
     if (q->bf16) {
@@ -688,7 +668,7 @@ static int ilog2(int64_t v)
  * nested_offset, nested_block_size, rounding. Pointers are ints (0 for "none"). */
 #define MATRIX_FORMAT "KLLLKKKKKdLi"
 
-#ifdef HAVE_AVX2_KERNEL
+#ifdef HAVE_X86_KERNELS
 static int use_avx2(int isa, const Matrix *w)
 {
     if (isa == ISA_SCALAR)
@@ -760,22 +740,23 @@ static PyObject *py_matmul(PyObject *self, PyObject *args)
     Task task = {.w = &w, .x = (const float *)(uintptr_t)x, .batch = batch, .out = (float *)(uintptr_t)out};
     float *laid_out = NULL;
     task.run = scalar_matmul;
-#ifdef HAVE_AVX2_KERNEL
+#ifdef HAVE_X86_KERNELS
+    void (*layout)(const float *, float *, int64_t, int64_t) = NULL;
+    int64_t laid_out_rows = batch;
     if (use_avx512(isa, &w, batch)) {
-        laid_out = malloc((size_t)(batch * cols) * sizeof(float));
-        if (!laid_out)
-            return PyErr_NoMemory();
-        layout_x_even_odd(task.x, laid_out, batch, cols);
-        task.x = laid_out;
+        layout = layout_x_even_odd;
         task.run = avx512_matvec;
     } else if (use_avx2(isa, &w)) {
-        /* whole groups: the last one may be partial */
-        laid_out = malloc((size_t)((batch + X_GROUP - 1) / X_GROUP * X_GROUP * cols) * sizeof(float));
+        layout = layout_x;
+        laid_out_rows = (batch + X_GROUP - 1) / X_GROUP * X_GROUP;  /* whole groups: the last may be partial */
+        task.run = batch == 1 ? avx2_matvec : avx2_matmul;
+    }
+    if (layout) {
+        laid_out = malloc((size_t)(laid_out_rows * cols) * sizeof(float));
         if (!laid_out)
             return PyErr_NoMemory();
-        layout_x(task.x, laid_out, batch, cols);
+        layout(task.x, laid_out, batch, cols);
         task.x = laid_out;
-        task.run = batch == 1 ? avx2_matvec : avx2_matmul;
     }
 #endif
     int status;
@@ -803,7 +784,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args)
     const int64_t cols = w.cols;
     Task task = {.run = scalar_dequantize, .w = &w, .row_ids = (const int64_t *)(uintptr_t)row_ids,
                  .out = (float *)(uintptr_t)out};
-#ifdef HAVE_AVX2_KERNEL
+#ifdef HAVE_X86_KERNELS
     if (use_avx2(isa, &w))
         task.run = avx2_dequantize;
 #endif
@@ -834,7 +815,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args)
                   .order = (const uint8_t *)(uintptr_t)order, .absmax = (float *)(uintptr_t)absmax,
                   .packed = (uint8_t *)(uintptr_t)packed};
     Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_AVX2_KERNEL
+#ifdef HAVE_X86_KERNELS
     if (isa != ISA_SCALAR && cpu_has_avx2() && block_size % 8 == 0)
         avx2_quantize(&q);
     else

@@ -87,7 +87,7 @@ static struct {
     WorkQueue *queue;     /* under lock: the job helpers take now (the pool holds a reference) */
     int64_t started;      /* under lock: helpers running */
     int64_t sleepers;     /* under lock: helpers waiting on `wake` */
-    int64_t forks_seen;   /* under lock: pthread_atfork handler registered */
+    int64_t atfork_registered;   /* under lock: pthread_atfork handler registered */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 static int64_t monotonic_nanoseconds(void)
@@ -138,8 +138,8 @@ static void pool_after_fork(void)
 static int pool_publish(WorkQueue *queue, int64_t helpers)
 {
     pthread_mutex_lock(&pool.lock);
-    if (!pool.forks_seen)
-        pool.forks_seen = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
+    if (!pool.atfork_registered)
+        pool.atfork_registered = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
     while (pool.started < helpers && pool.started < MAX_HELPERS) {
         pthread_t id;
         pthread_attr_t attr;
