@@ -6,14 +6,14 @@ For each shape (the tied lm_head of bloom-560m, 250880×1024, then 4096×1024 an
 batch (1 and 16), with `--threads` torch threads, times (median of `--repeats`, methods taken in
 turn within each repeat so a burst of load from other jobs hits them all alike):
 
-    nf4 kernel       bloomconv.runtime.kernels.fourbit_matmul, nf4, block 64 (bitsandbytes' default),
+    nf4 kernel       bloomconv.kernels.fourbit.fourbit_matmul, nf4, block 64 (bitsandbytes' default),
                      quantized from bf16 weights as BLOOM's are (so each weight is rounded to bf16)
     nf4-dq kernel    the same with double-quantized absmax (transformers' bnb_4bit_use_double_quant)
     dequant+linear   F.linear(x, dequantize_4bit(stored).float()): the runtime's old 4-bit path
     fp32 linear      F.linear on the fp32 matrix
     bf16 linear      F.linear on the bf16 matrix, bf16 x
     int8pack bf16    torch._weight_int8pack_mm: int8 matrix, bf16 x and per-row scales
-    int8 kernel      bloomconv.runtime.kernels.dense.dense_matmul on the int8 matrix + row scales, fp32 x
+    int8 kernel      bloomconv.kernels.dense.dense_matmul on the int8 matrix + row scales, fp32 x
     bf16 kernel      the same on the bf16 matrix (fp32 x: what the runtime does for fp32 compute)
 
 GB/s counts the bytes of each method's own weight (packed bytes + absmax for 4-bit) read once per
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bloomconv.quant import dequantize_4bit, quantize_4bit
-from bloomconv.runtime import kernels
-from bloomconv.runtime.kernels import dense
+from bloomconv import kernels
+from bloomconv.kernels import dense, fourbit
+from bloomconv.storage.fourbit import NF4Storage, dequantize_4bit, quantize_4bit
 
 SHAPES = ((250880, 1024), (4096, 1024), (1024, 4096))
 BATCHES = (1, 16)
@@ -62,7 +62,7 @@ def methods(rows: int, cols: int, batch: int) -> dict[str, tuple[object, int]]:
     x_bf16 = x.to(torch.bfloat16)
     stored = quantize_4bit(weight_bf16, "nf4", block_size=64)
     stored_dq = quantize_4bit(weight_bf16, "nf4", block_size=64, double_quant=True)
-    matrix, matrix_dq = kernels.FourBitMatrix.from_stored(stored), kernels.FourBitMatrix.from_stored(stored_dq)
+    matrix, matrix_dq = NF4Storage.decode_mapping(stored).matrix, NF4Storage.decode_mapping(stored_dq).matrix
     four_bit = sum(t.numel() * t.element_size() for k, t in stored.items() if k in ("weight", "weight.absmax"))
     four_bit_dq = sum(t.numel() * t.element_size() for k, t in stored_dq.items()
                       if k in ("weight", "weight.absmax", "weight.nested_absmax"))
@@ -71,14 +71,14 @@ def methods(rows: int, cols: int, batch: int) -> dict[str, tuple[object, int]]:
     scale_bf16 = scale.to(torch.bfloat16)
     out = {}
     if kernels.available():
-        out["nf4 kernel"] = (lambda: kernels.fourbit_matmul(x, matrix), four_bit)
-        out["nf4-dq kernel"] = (lambda: kernels.fourbit_matmul(x, matrix_dq), four_bit_dq)
+        out["nf4 kernel"] = (lambda: fourbit.fourbit_matmul(x, matrix), four_bit)
+        out["nf4-dq kernel"] = (lambda: fourbit.fourbit_matmul(x, matrix_dq), four_bit_dq)
     out["dequant+linear"] = (lambda: F.linear(x, dequantize_4bit(stored).to(x.dtype)), four_bit)
     out["fp32 linear"] = (lambda: F.linear(x, weight), weight.numel() * 4)
     out["bf16 linear"] = (lambda: F.linear(x_bf16, weight_bf16), weight.numel() * 2)
     if hasattr(torch, "_weight_int8pack_mm") and cols % 16 == 0:
         out["int8pack bf16"] = (lambda: torch._weight_int8pack_mm(x_bf16, weight_int8, scale_bf16), weight.numel())
-    if dense.available():
+    if kernels.available():
         out["int8 kernel"] = (lambda: dense.dense_matmul(x, weight_int8, scale), weight.numel())
         out["bf16 kernel"] = (lambda: dense.dense_matmul(x, weight_bf16), weight.numel() * 2)
     return out
@@ -107,14 +107,14 @@ def run(repeats: int, threads: int, shapes=SHAPES, batches=BATCHES) -> dict:
     bandwidth = max(bandwidth_before, bandwidth_after)
     for r in results:
         r["percent_of_bandwidth"] = 100 * r["gb_per_s"] / bandwidth
-    return {"threads": threads, "repeats": repeats, "isa": kernels.isas()[:1] + dense.isas()[:1],
+    return {"threads": threads, "repeats": repeats, "isa": kernels.isas()[:1],
             "bandwidth_gb_per_s": [bandwidth_before, bandwidth_after], "results": results}
 
 
 def table(report: dict) -> str:
     before, after = report["bandwidth_gb_per_s"]
     lines = [f"memory bandwidth (torch.sum, 1 GB fp32): {before:.1f} GB/s before, {after:.1f} GB/s after; "
-             f"{report['threads']} threads, median of {report['repeats']}, kernel isas (4-bit, dense) {report['isa']}",
+             f"{report['threads']} threads, median of {report['repeats']}, kernel isa {report['isa']}",
              "",
              "| shape | batch | method | ms | GB/s of weight | % BW | vs fp32 linear |",
              "|---|---|---|---|---|---|---|"]

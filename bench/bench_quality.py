@@ -24,8 +24,8 @@ import torch
 
 from bloomconv.converters.convert import convert
 from bloomconv.format import QuantType
-from bloomconv.manifest import QuantSettings
-from bloomconv.quant import dequantize_stored
+from bloomconv.settings import QuantSettings
+from bloomconv.storage import dequantize_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FIXTURE = ROOT.parent / "shared" / "fixtures" / "bloom-tiny-trained"
@@ -66,12 +66,8 @@ def perplexity(logits_fn, token_ids: list[int]) -> float:
 
 
 def transformers_model(directory: Path):
-    from safetensors.torch import load_file
     from transformers import BloomConfig, BloomForCausalLM
-    stored = {}
-    for f in directory.rglob("*.safetensors"):
-        stored.update(load_file(f))
-    state = {k: v.float() for k, v in dequantize_stored(stored).items()}
+    state = {k: v.float() for k, v in dequantize_directory(directory).items()}
     config = BloomConfig.from_json_file(directory / "config.json")
     config.quantization_config = None
     model = BloomForCausalLM(config).float().eval()
@@ -88,7 +84,8 @@ def reconstruction_errors(fixture: Path) -> dict[str, dict]:
 
     from bloomconv.converters.source import ShardCache, open_source
     from bloomconv.format import is_quantized_weight
-    from bloomconv.quant import dequantize_4bit, dequantize_int8, quantize_4bit, quantize_int8
+    from bloomconv.storage.fourbit import dequantize_4bit, quantize_4bit
+    from bloomconv.storage.int8 import dequantize_int8, quantize_int8
     source = open_source(fixture)
     shards = ShardCache(source.root)
     weights = {n: shards.get(m) for n, m in source.tensors.items() if is_quantized_weight(n, False)}

@@ -134,7 +134,7 @@ def child(spec: dict) -> dict:
         del model
         buffer = AnonymousBuffer(buffer_bytes)
         buffer.tensor.fill_(1)
-        files = [MappedFile(p) for p in paths]
+        files = [MappedFile(p, {}) for p in paths]
         begin = time.perf_counter()
         for file in files:
             file.read_into(buffer, streaming=True)
@@ -214,8 +214,8 @@ def converted(src: Path, dst: Path, preset: str | None) -> Path:
     """`src` converted into `dst` with a quantization preset (None: as stored), made once."""
     from bloomconv.converters.convert import convert
     from bloomconv.errors import DestinationError
-    from bloomconv.recipes import preset_settings
-    settings = preset_settings(preset) if preset else None
+    from bloomconv.settings import QuantSettings
+    settings = QuantSettings(preset) if preset else None
     try:
         convert(src, dst, quantization=settings)
     except DestinationError:  # made with other settings (a preset changed): make it again

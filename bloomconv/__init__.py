@@ -1,34 +1,46 @@
 """bloomconv: make huge BLOOM checkpoints shippable and runnable on small machines.
 
 >>> import bloomconv
->>> bloomconv.convert("bloom-560m", "bloom-560m-blocks")        # doctest: +SKIP
->>> bloomconv.verify("bloom-560m-blocks")                         # doctest: +SKIP
->>> model = bloomconv.load("bloom-560m-blocks")                   # doctest: +SKIP
->>> model.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
+>>> bloomconv.convert("bloom-560m", "bloom-560m-blocks")                        # doctest: +SKIP
+>>> bloomconv.quantize("bloom-560m", "bloom-560m-nf4", bits=4, block_size=64)   # doctest: +SKIP
+>>> bloomconv.verify("bloom-560m-blocks").ok                                     # doctest: +SKIP
+>>> bloomconv.inspect("bloom-560m-nf4")["quantization"]                          # doctest: +SKIP
+>>> model = bloomconv.load("bloom-560m-blocks")                                  # doctest: +SKIP
+>>> model.generate("The capital of France is", max_new_tokens=8)                 # doctest: +SKIP
+
+Every public name is a function or class defined elsewhere and imported on first use, so
+`import bloomconv` stays cheap and the runtime never pulls in the converters. No submodule shares
+a public name (`bloomconv.verification` holds `verify`, `bloomconv.inspection` holds `inspect`):
+importing a submodule binds it as a package attribute, which would shadow a function of that name.
 """
+import importlib as _importlib
 import time as _time
 
 __version__ = "0.1.0"
 IMPORTED_AT = _time.monotonic()  # start of "start-to-ready" (see process_stats.py)
 
-__all__ = ["__version__", "convert", "inspect", "load", "quantize", "verify"]
+# public name -> module that defines it
+_EXPORTS = {
+    "convert": ".converters.convert",
+    "quantize": ".converters.convert",
+    "verify": ".verification",
+    "inspect": ".inspection",
+    "load": ".runtime",
+    "QuantSettings": ".settings",
+    "QuantType": ".format",
+    "BloomconvError": ".errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
 
 def __getattr__(name):
-    # Lazy so `import bloomconv` stays cheap and the runtime never pulls in the converters.
-    if name == "convert":
-        from .converters.convert import convert
-        return convert
-    if name == "quantize":
-        from .converters.convert import quantize
-        return quantize
-    if name == "load":
-        from .runtime import load
-        return load
-    if name == "verify":
-        from .verify import verify
-        return verify
-    if name == "inspect":
-        from .inspect import inspect
-        return inspect
-    raise AttributeError(name)
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bloomconv' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # bound once: later lookups never reach __getattr__
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})

@@ -5,14 +5,13 @@ the one place that turns exceptions into messages and exit codes.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
 
 import click
 
-from .errors import BloomconvError
+from .errors import BloomconvError, VerificationError, exit_code
 
 
 def _progress_factory(quiet: bool):
@@ -21,15 +20,15 @@ def _progress_factory(quiet: bool):
 
 
 def _errors_to_exit_codes(command):
-    """Exit codes: 0 ok; 1 verification found problems; 2 bad input, unusable manifest,
-    or anything else bloomconv refused (message on stderr, one line plus details)."""
+    """Exit codes from `errors.EXIT_CODES`: 0 ok; 1 verification found problems; 2 bad input,
+    unusable manifest, or anything else bloomconv refused (message on stderr, one line plus details)."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except BloomconvError as exc:
             click.echo(f"bloomconv: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            sys.exit(exit_code(exc))
         except KeyboardInterrupt:
             click.echo("bloomconv: interrupted; re-run the same command to resume", err=True)
             sys.exit(130)
@@ -78,34 +77,19 @@ def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, i
     """Convert SRC into DST with the block weights quantized (int8 or 4-bit), with a manifest.
 
     SRC is a released checkpoint (any layout `convert` reads) or an unquantized bloomconv
-    directory. Re-run the same command after an interruption to resume."""
-    from .converters.convert import convert as run
-    from .recipes import get_recipe, preset_settings
-    if recipe and bits:
-        raise click.UsageError("give either --recipe or --bits, not both")
-    if not recipe and not bits:
-        raise click.UsageError("give --bits 8 or --bits 4 (or --recipe NAME)")
-    if recipe:
-        chosen = get_recipe(recipe)
-        chosen.check_source(src)
-        settings = chosen.quantization
-    else:
-        settings = preset_settings("int8" if bits == "8" else (quant_type or "nf4"))
-    if bits == "8" and (quant_type or block_size or double_quant is not None):
-        raise click.UsageError("--quant-type, --block-size and --double-quant apply to --bits 4 only")
-    if bits == "4" and int8_scale_from:
-        raise click.UsageError("--int8-scale-from applies to --bits 8 only")
-    overrides = {k: v for k, v in {"block_size": block_size, "double_quant": double_quant,
-                                   "embeddings": embeddings, "int8_scale_from": int8_scale_from}.items()
-                 if v is not None}
-    settings = dataclasses.replace(settings, **overrides)
-    manifest = run(src, dst, quantization=settings, progress=_progress_factory(quiet))
-    click.echo(f"{dst}: {settings.quant_type.value}, {len(manifest.files)} files, "
+    directory. Options not given take the preset of the type (or the recipe's). Re-run the same
+    command after an interruption to resume."""
+    from .converters.convert import quantize as run
+    manifest = run(src, dst, bits, quant_type=quant_type, block_size=block_size, double_quant=double_quant,
+                   embeddings=embeddings, int8_scale_from=int8_scale_from, recipe=recipe,
+                   progress=_progress_factory(quiet))
+    click.echo(f"{dst}: {manifest.quantization.quant_type.value}, {len(manifest.files)} files, "
                f"{sum(f.size for f in manifest.files):,} bytes")
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_errors_to_exit_codes
 def recipes(as_json):
     """List the recipes (model x quantization preset) and the output size each produces."""
     from .recipes import all_recipes
@@ -132,19 +116,16 @@ def verify(directory, fast, as_json, quiet):
     """Check every file of DIRECTORY against its manifest.
 
     Exit 0: all good; 1: files differ (each reported); 2: no usable manifest."""
-    from .verify import verify as run
+    from .verification import verify as run
     report = run(directory, fast=fast, progress=_progress_factory(quiet or as_json))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     elif report.ok:
         mode = "sizes and headers, small files hashed" if fast else f"{report.bytes_hashed:,} bytes hashed"
         click.echo(f"{directory}: OK ({report.files_checked} files, {mode})")
-    else:
-        for problem in report.problems:
-            click.echo(f"{directory}: {problem}", err=True)
-        click.echo(f"{directory}: FAILED, {len(report.problems)} problem(s); copy the named files "
-                   "again or re-run the conversion", err=True)
-    sys.exit(0 if report.ok else 1)
+    if as_json and not report.ok:  # the JSON report is the whole message
+        sys.exit(exit_code(VerificationError(directory, report.problems)))
+    report.raise_for_problems()
 
 
 @main.command()
@@ -153,7 +134,7 @@ def verify(directory, fast, as_json, quiet):
 @_errors_to_exit_codes
 def inspect(directory, as_json):
     """Show geometry, dtype, quantization and sizes of a converted DIRECTORY."""
-    from .inspect import inspect as run
+    from .inspection import inspect as run
     info = run(directory)
     if as_json:
         click.echo(json.dumps(info, indent=1))

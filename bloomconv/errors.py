@@ -1,14 +1,16 @@
 """Every error bloomconv raises on purpose. Each carries the facts and ends with the fix.
 
-The CLI maps each class to an exit code (`exit_code`); nothing else decides exit codes.
+`EXIT_CODES` is the one table from error type to the CLI's exit code; nothing else decides them.
 """
 from __future__ import annotations
 
 
 class BloomconvError(Exception):
-    """Base class. `exit_code` is what the CLI exits with."""
+    """Base class of every error bloomconv raises on purpose."""
 
-    exit_code = 2
+
+class OptionsError(BloomconvError):
+    """Options that contradict each other or do not apply (e.g. a block size for int8)."""
 
 
 class SourceError(BloomconvError):
@@ -71,8 +73,6 @@ class HeaderError(BloomconvError):
 class VerificationError(BloomconvError):
     """Files do not match the manifest (exit 1). `problems` lists each finding."""
 
-    exit_code = 1
-
     def __init__(self, directory, problems):
         self.directory, self.problems = str(directory), list(problems)
         lines = "\n".join(f"  {p}" for p in self.problems)
@@ -90,3 +90,15 @@ class QuantizationError(BloomconvError):
     def __init__(self, tensor: str, problem: str, fix: str):
         self.tensor, self.problem, self.fix = tensor, problem, fix
         super().__init__(f"{tensor}: {problem}. {fix}")
+
+
+# Most specific class first: the first `isinstance` match decides.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (VerificationError, 1),   # the files differ from what the converter wrote
+    (BloomconvError, 2),      # bad input, an unusable manifest, anything else refused
+)
+
+
+def exit_code(error: BaseException) -> int:
+    """The CLI's exit code for `error` (2 for any BloomconvError not listed above it)."""
+    return next(code for kind, code in EXIT_CODES if isinstance(error, kind))

@@ -21,9 +21,16 @@ import enum
 FORMAT_NAME = "bloomconv"
 FORMAT_VERSION = 1
 
+# What the sources name their files (transformers' conventions; bigscience/bloom's shards).
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_SINGLE_NAME = "pytorch_model.bin"
+PICKLE_SHARD_TEMPLATE = "pytorch_model_{number:05d}-of-{count:05d}.bin"
+SAFETENSORS_SINGLE_NAME = "model.safetensors"
+SAFETENSORS_SHARD_TEMPLATE = "model-{number:05d}-of-{count:05d}.safetensors"
+
 MANIFEST_NAME = "manifest.json"
 CHECKSUMS_NAME = "SHA256SUMS"
-HF_INDEX_NAME = "model.safetensors.index.json"
+HF_INDEX_NAME = "model.safetensors.index.json"  # written by convert, read in safetensors-shards sources
 CONFIG_NAME = "config.json"
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Bookkeeping of an unfinished run; never part of a finished directory.
@@ -103,9 +110,7 @@ class QuantType(str, enum.Enum):
 # int8: "float16" quantizes the fp16 cast of the weight, as Int8Params/Linear8bitLt/transformers
 # do, so the stored bytes equal transformers' own save; "source" quantizes the weight as it is.
 INT8_SCALE_FROM = ("float16", "source")
-DEFAULT_INT8_SCALE_FROM = "float16"
 BLOCK_SIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
-DEFAULT_BLOCK_SIZE = 64                                        # bitsandbytes' and transformers' default
 NESTED_BLOCK_SIZE = 256                                        # double quant: one absmax per 256 absmax
 
 
@@ -118,33 +123,14 @@ NESTED_QUANT_MAP_SUFFIX = "nested_quant_map"
 QUANT_STATE_SUFFIX_TEMPLATE = "quant_state.bitsandbytes__{quant_type}"
 
 SAFETENSORS_DTYPES = {
-    # safetensors dtype string -> (torch dtype name, item size in bytes)
+    # safetensors dtype code -> (torch dtype name, item size in bytes): the one dtype table
     "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "I16": ("int16", 2),
     "I32": ("int32", 4), "I64": ("int64", 8), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
     "F32": ("float32", 4), "F64": ("float64", 8),
 }
-SOURCE_FLOAT_DTYPES = ("bfloat16", "float16", "float32")
-
-
-def stored_bytes(shape: tuple[int, ...], source_itemsize: int, quant_type: QuantType = QuantType.NONE,
-                 block_size: int | None = None, double_quant: bool = False) -> int:
-    """Bytes of tensor data one weight takes when stored as `quant_type` (safetensors headers and
-    the ~100-byte 4-bit state blob excluded). The size table behind `bloomconv recipes`."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    if quant_type is QuantType.NONE:
-        return numel * source_itemsize
-    if quant_type is QuantType.INT8:
-        return numel + shape[0] * 4                      # int8 weight + fp32 SCB per row
-    blocks = -(-numel // block_size)
-    size = (numel + 1) // 2 + 16 * 4                     # packed nibbles + fp32 code table
-    if double_quant:
-        size += blocks + -(-blocks // NESTED_BLOCK_SIZE) * 4 + 256 * 4  # uint8 absmax + nested
-    else:
-        size += blocks * 4                               # fp32 absmax
-    return size
-
+SOURCE_FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # what checkpoints may hold, and weights quantize from
+NARROW_FLOAT_DTYPES = ("BF16", "F16")                       # 16-bit floats, widened for fp32 compute
+ITEMSIZE = {name: size for name, size in SAFETENSORS_DTYPES.values()}  # torch dtype name -> bytes
 
 
 def is_quantized_weight(name: str, embeddings: bool) -> bool:

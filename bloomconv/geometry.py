@@ -1,7 +1,7 @@
 """BLOOM geometry from config.json, and the shape every tensor must have.
 
 Read directly from the JSON (both spellings BLOOM configs use) rather than through
-`transformers.BloomConfig`: importing transformers costs ~3 s, which would dominate the
+`transformers.BloomConfig`: importing transformers takes seconds, which would dominate the
 runtime's start-up and every CLI call.
 """
 from __future__ import annotations

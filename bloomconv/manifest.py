@@ -6,7 +6,6 @@ types and the format version so a damaged or hostile manifest fails with a Manif
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -15,9 +14,9 @@ import re
 from pathlib import Path
 
 from .atomic import atomic_write_bytes
-from .errors import ManifestError, QuantizationError
-from .format import (BLOCK_SIZES_4BIT, CHECKSUMS_NAME, DEFAULT_BLOCK_SIZE, DEFAULT_INT8_SCALE_FROM, FORMAT_NAME, FORMAT_VERSION, INT8_SCALE_FROM,
-                     MANIFEST_NAME, QuantType)
+from .errors import ManifestError
+from .format import CHECKSUMS_NAME, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, QuantType
+from .settings import QuantSettings
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -92,53 +91,6 @@ class FileEntry:
         _require(isinstance(tensors, list), "tensors must be a list")
         return cls(safe_relative_name(d["name"]), d["size"], d["sha256"],
                    tuple(TensorEntry.from_dict(t) for t in tensors))
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSettings:
-    """How `quantize` stored the weights; absent (None) for a plain `convert`."""
-
-    quant_type: QuantType
-    block_size: int | None = None      # 4-bit blocks (elements per absmax)
-    double_quant: bool = False          # 4-bit absmax themselves quantized (bitsandbytes nested)
-    embeddings: bool = False            # word embeddings quantized too
-    int8_scale_from: str | None = None  # int8 only: dtype the row absmax is taken in
-
-    def __post_init__(self) -> None:
-        # Fill each scheme's defaults so a manifest always states them, and refuse nonsense.
-        set_ = functools.partial(object.__setattr__, self)
-        if self.quant_type is QuantType.INT8:
-            if self.block_size is not None or self.double_quant:
-                raise QuantizationError("settings", "block size and double quant apply to 4-bit only",
-                                        "Drop them for int8.")
-            set_("int8_scale_from", self.int8_scale_from or DEFAULT_INT8_SCALE_FROM)
-            if self.int8_scale_from not in INT8_SCALE_FROM:
-                raise QuantizationError("settings", f"int8 scale source {self.int8_scale_from!r} is unknown",
-                                        f"Use one of {', '.join(INT8_SCALE_FROM)}.")
-        elif self.quant_type.is_4bit:
-            set_("block_size", self.block_size or DEFAULT_BLOCK_SIZE)
-            if self.block_size not in BLOCK_SIZES_4BIT or self.int8_scale_from is not None:
-                raise QuantizationError("settings", f"4-bit block size {self.block_size} is not one of "
-                                        f"{BLOCK_SIZES_4BIT}", "Pick a supported block size.")
-        else:
-            raise QuantizationError("settings", f"{self.quant_type.value!r} is not a quantization",
-                                    "Use int8, nf4 or fp4 (or plain convert).")
-
-    def to_dict(self) -> dict:
-        return {"quant_type": self.quant_type.value, "block_size": self.block_size,
-                "double_quant": self.double_quant, "embeddings": self.embeddings,
-                "int8_scale_from": self.int8_scale_from}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "QuantSettings":
-        _require(isinstance(d, dict) and set(d) == {"quant_type", "block_size", "double_quant",
-                                                    "embeddings", "int8_scale_from"},
-                 "quantization record has unexpected keys")
-        try:
-            return cls(QuantType(d["quant_type"]), d["block_size"], bool(d["double_quant"]),
-                       bool(d["embeddings"]), d["int8_scale_from"])
-        except QuantizationError as exc:
-            raise ValueError(str(exc)) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """This process's own figures for `--stats` and the benchmarks: age, /proc/self/status fields, peak RssAnon.
 
 Age is measured from `import bloomconv` with the monotonic clock, not from the kernel's process
-start time: /proc/self/stat's start time and /proc/uptime disagreed by ~50 s inside the CI sandbox
-(while agreeing to 10 ms on a plain machine), so they cannot be trusted everywhere. What this
-leaves out is the interpreter's own start-up before the first import, ~20 ms.
+start time: /proc/self/stat's start time and /proc/uptime can disagree by tens of seconds inside
+sandboxes, so they cannot be trusted everywhere. What this leaves out is the interpreter's own
+start-up before the first import.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from bloomconv.errors import DestinationError, SourceError
 from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, HF_INDEX_NAME,
                               PREFIX, QuantType, all_units, unit_file, unit_tensor_names)
 from bloomconv.hashing import sha256_file
-from bloomconv.manifest import FileEntry, Manifest, QuantSettings, TensorEntry, read_manifest, write_manifest
+from bloomconv.manifest import FileEntry, Manifest, TensorEntry, read_manifest, write_manifest
+from bloomconv.settings import QuantSettings
 from bloomconv.progress import ProgressFactory, no_progress
 from bloomconv.safetensors_io import st_dtype, write_safetensors
 
@@ -37,7 +38,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: Qua
     Re-running the same call after an interruption resumes; a finished `dst` is left as is.
 
     >>> convert("bloom-560m", "bloom-560m-blocks")              # doctest: +SKIP
-    >>> convert("bloom-560m", "bloom-560m-int8", quantization=QuantSettings(QuantType.INT8))  # doctest: +SKIP
+    >>> convert("bloom-560m", "bloom-560m-int8", quantization=QuantSettings("int8"))  # doctest: +SKIP
     """
     source = open_source(src)
     job = _job_record(source, quantization)
@@ -54,13 +55,22 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: Qua
         return manifest
 
 
-def quantize(src: str | os.PathLike, dst: str | os.PathLike, quantization: QuantSettings, *,
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = None, *,
+             quant_type: str | None = None, block_size: int | None = None, double_quant: bool | None = None,
+             embeddings: bool | None = None, int8_scale_from: str | None = None, recipe: str | None = None,
              progress: ProgressFactory = no_progress) -> Manifest:
-    """`convert` with the block weights quantized as `quantization` says.
+    """`convert` with the block weights quantized: `bits` 8 (LLM.int8()) or 4 (`quant_type` nf4 or
+    fp4), or a `recipe` from `bloomconv recipes`. Options left None take the preset, the same
+    defaults as `bloomconv quantize`; every combination is validated before anything is read.
 
-    >>> quantize("bloom-560m", "bloom-560m-int8", QuantSettings(QuantType.INT8))   # doctest: +SKIP
+    >>> quantize("bloom-560m", "bloom-560m-int8", bits=8)                              # doctest: +SKIP
+    >>> quantize("bloom-560m", "bloom-560m-nf4", bits=4, quant_type="nf4", block_size=64)  # doctest: +SKIP
+    >>> quantize("bloom", "bloom-int8", recipe="bloom-176b-int8")                      # doctest: +SKIP
     """
-    return convert(src, dst, quantization=quantization, progress=progress)
+    from bloomconv.recipes import quantization_for
+    settings = quantization_for(src, bits=bits, recipe=recipe, quant_type=quant_type, block_size=block_size,
+                                double_quant=double_quant, embeddings=embeddings, int8_scale_from=int8_scale_from)
+    return convert(src, dst, quantization=settings, progress=progress)
 
 
 def _job_record(source: SourceCheckpoint, quantization: QuantSettings | None) -> dict:

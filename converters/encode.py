@@ -21,9 +21,9 @@ import json
 
 import torch
 
-from bloomconv.format import INT8_SCALE_SUFFIX, QuantType, is_quantized_weight
-from bloomconv.manifest import QuantSettings
-from bloomconv.quant import quantize_4bit, quantize_int8
+from bloomconv.format import QuantType, is_quantized_weight
+from bloomconv.settings import QuantSettings
+from bloomconv.storage import storage_for
 
 __all__ = ["config_with_quantization", "encode_for_storage"]
 
@@ -45,11 +45,7 @@ def encode_for_storage(name: str, tensor: torch.Tensor,
     if not is_quantized_weight(name, settings.embeddings):
         return [(name, tensor, QuantType.NONE)]
     module = name.removesuffix(".weight")
-    if settings.quant_type is QuantType.INT8:
-        CB, SCB = quantize_int8(tensor, settings.int8_scale_from, name=name)
-        stored = {"weight": CB, INT8_SCALE_SUFFIX: SCB}
-    else:
-        stored = quantize_4bit(tensor, settings.quant_type, settings.block_size, settings.double_quant, name=name)
+    stored = storage_for(settings.quant_type).encode(tensor, settings, name=name)
     return [(f"{module}.{key}", value, settings.quant_type) for key, value in stored.items()]
 
 

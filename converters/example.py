@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from bloomconv.format import BLOCK_TENSORS, EMBEDDING_TENSORS, FINAL_TENSORS, PREFIX
+from bloomconv.format import (BLOCK_TENSORS, CONFIG_NAME, EMBEDDING_TENSORS, FINAL_TENSORS, HF_INDEX_NAME,
+                              PICKLE_INDEX_NAME, PICKLE_SHARD_TEMPLATE, PICKLE_SINGLE_NAME, PREFIX,
+                              SAFETENSORS_SHARD_TEMPLATE, SAFETENSORS_SINGLE_NAME)
 from bloomconv.geometry import Geometry
 
 LAYOUTS = ("release-pickle-shards", "safetensors-shards", "pickle-single", "safetensors-single")
@@ -59,13 +61,13 @@ def write_example_checkpoint(dst: str | os.PathLike, geometry: str | tuple = "ti
     dst.mkdir(parents=True, exist_ok=True)
     state = state if state is not None else random_state_dict(config, dtype, seed)
     config.torch_dtype = str(dtype).removeprefix("torch.")
-    (dst / "config.json").write_text(config.to_json_string())
+    (dst / CONFIG_NAME).write_text(config.to_json_string())
     write_tokenizer(dst, min(config.vocab_size, 512))
     if layout == "release-pickle-shards":
         groups = _release_groups(config.n_layer)
         _write_release_shards(dst, ({k: state[k] for k in keys} for keys in groups), groups)
     elif layout == "pickle-single":
-        torch.save({PREFIX + k: v for k, v in state.items()}, dst / "pytorch_model.bin")
+        torch.save({PREFIX + k: v for k, v in state.items()}, dst / PICKLE_SINGLE_NAME)
     else:
         _write_safetensors(dst, state, sharded=layout == "safetensors-shards")
     return dst
@@ -83,7 +85,7 @@ def write_large_release_checkpoint(dst: str | os.PathLike, geometry: tuple, dtyp
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     config.torch_dtype = str(dtype).removeprefix("torch.")
-    (dst / "config.json").write_text(config.to_json_string())
+    (dst / CONFIG_NAME).write_text(config.to_json_string())
     write_tokenizer(dst, min(vocab, 512))
     shapes = Geometry.from_config(config.to_dict()).expected_shapes()
     generator = torch.Generator().manual_seed(seed)
@@ -106,31 +108,31 @@ def _write_release_shards(dst: Path, shard_states, groups: list[list[str]]) -> N
     """bigscience/bloom: shard 1 embeddings, one shard per block, last shard ln_f; no prefix."""
     weight_map, total_size = {}, 0
     for number, (keys, shard) in enumerate(zip(groups, shard_states), start=1):
-        name = f"pytorch_model_{number:05d}-of-{len(groups):05d}.bin"
+        name = PICKLE_SHARD_TEMPLATE.format(number=number, count=len(groups))
         torch.save(shard, dst / name)
         for k in keys:
             weight_map[k] = name
             total_size += shard[k].numel() * shard[k].element_size()
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (dst / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    (dst / PICKLE_INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
 def _write_safetensors(dst: Path, state: dict[str, torch.Tensor], sharded: bool) -> None:
     from safetensors.torch import save_file
     prefixed = {PREFIX + k: v for k, v in state.items()}
     if not sharded:
-        save_file(prefixed, dst / "model.safetensors", metadata={"format": "pt"})
+        save_file(prefixed, dst / SAFETENSORS_SINGLE_NAME, metadata={"format": "pt"})
         return
     names = list(prefixed)
     half = len(names) // 2
     shards = [names[:half], names[half:]]
     weight_map = {}
     for number, keys in enumerate(shards, start=1):
-        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        file = SAFETENSORS_SHARD_TEMPLATE.format(number=number, count=len(shards))
         save_file({k: prefixed[k] for k in keys}, dst / file, metadata={"format": "pt"})
         weight_map.update({k: file for k in keys})
     total = sum(v.numel() * v.element_size() for v in prefixed.values())
-    (dst / "model.safetensors.index.json").write_text(
+    (dst / HF_INDEX_NAME).write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 

@@ -24,14 +24,12 @@ import torch
 from safetensors import safe_open
 
 from bloomconv.errors import SourceError, UnsafeCheckpointError
-from bloomconv.format import (CONFIG_NAME, FORMAT_NAME, MANIFEST_NAME, PREFIX, SOURCE_FLOAT_DTYPES,
-                              TIED_HEAD, TOKENIZER_NAMES, EMBEDDING_WEIGHT)
+from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, FORMAT_NAME, HF_INDEX_NAME, MANIFEST_NAME,
+                              PICKLE_INDEX_NAME, PICKLE_SINGLE_NAME, PREFIX, SAFETENSORS_DTYPES,
+                              SAFETENSORS_SINGLE_NAME, SOURCE_FLOAT_DTYPES, TIED_HEAD, TOKENIZER_NAMES)
+from bloomconv.safetensors_io import torch_dtype
 from bloomconv.geometry import Geometry
 
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_SINGLE = "pytorch_model.bin"
-SAFETENSORS_SINGLE = "model.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +134,8 @@ def _shard_contents(root: Path, name: str) -> dict[str, tuple[tuple[int, ...], t
     out = {}
     for key in handle.keys():
         sl = handle.get_slice(key)
-        dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(sl.get_dtype())
+        code = sl.get_dtype()
+        dtype = torch_dtype(code) if SAFETENSORS_DTYPES.get(code, ("",))[0] in SOURCE_FLOAT_DTYPES else None
         if dtype is None:
             raise SourceError(path, f"tensor {key!r} has dtype {sl.get_dtype()}, not a float type",
                               "bloomconv converts bf16, fp16 and fp32 checkpoints.")
@@ -171,14 +170,14 @@ def open_source(root: str | os.PathLike) -> SourceCheckpoint:
         layout = FORMAT_NAME
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors"))
         weight_map = None
-    elif (root / SAFETENSORS_INDEX).is_file():
-        layout, weight_map = "safetensors-shards", _read_index(root / SAFETENSORS_INDEX)
-    elif (root / PICKLE_INDEX).is_file():
-        layout, weight_map = "release-pickle-shards", _read_index(root / PICKLE_INDEX)
-    elif (root / SAFETENSORS_SINGLE).is_file():
-        layout, weight_map, files = "safetensors-single", None, [SAFETENSORS_SINGLE]
-    elif (root / PICKLE_SINGLE).is_file():
-        layout, weight_map, files = "pickle-single", None, [PICKLE_SINGLE]
+    elif (root / HF_INDEX_NAME).is_file():
+        layout, weight_map = "safetensors-shards", _read_index(root / HF_INDEX_NAME)
+    elif (root / PICKLE_INDEX_NAME).is_file():
+        layout, weight_map = "release-pickle-shards", _read_index(root / PICKLE_INDEX_NAME)
+    elif (root / SAFETENSORS_SINGLE_NAME).is_file():
+        layout, weight_map, files = "safetensors-single", None, [SAFETENSORS_SINGLE_NAME]
+    elif (root / PICKLE_SINGLE_NAME).is_file():
+        layout, weight_map, files = "pickle-single", None, [PICKLE_SINGLE_NAME]
     else:
         raise SourceError(root, "no weights found (no model.safetensors[.index.json] or "
                           "pytorch_model.bin[.index.json])", "Point bloomconv at a BLOOM checkpoint folder.")

@@ -1,7 +1,7 @@
 """Recipes: one JSON file per released BLOOM (geometry, dtype, source layouts) times the
-quantization presets in presets.json. `bloom-176b-int8` = bloom-176b.json + preset "int8".
+quantization presets (`bloomconv.settings.PRESETS`). `bloom-176b-int8` = bloom-176b.json + preset int8.
 
-Output sizes are computed from the geometry with the size table in `bloomconv.format`, never typed in.
+Output sizes are computed from the geometry by each storage type's `stored_bytes`, never typed in.
 """
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from importlib import resources
 from pathlib import Path
 
 from bloomconv.errors import RecipeError
-from bloomconv.format import CONFIG_NAME, is_quantized_weight, stored_bytes
+from bloomconv.format import CONFIG_NAME, ITEMSIZE, QuantType, is_quantized_weight
 from bloomconv.geometry import Geometry
-from bloomconv.manifest import QuantSettings
-
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+from bloomconv.settings import PRESETS, QuantSettings, settings_from_options
+from bloomconv.storage import storage_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,14 +30,12 @@ class Recipe:
 
     def stored_bytes(self, quantization: QuantSettings | None = None) -> int:
         """Weight bytes of the output (headers excluded); unquantized when `quantization` is None."""
-        itemsize = _ITEMSIZE[self.dtype]
+        itemsize = ITEMSIZE[self.dtype]
         total = 0
         for name, shape in self.geometry.expected_shapes().items():
-            if quantization is not None and is_quantized_weight(name, quantization.embeddings):
-                total += stored_bytes(shape, itemsize, quantization.quant_type,
-                                      quantization.block_size, quantization.double_quant)
-            else:
-                total += stored_bytes(shape, itemsize)
+            quantized = quantization is not None and is_quantized_weight(name, quantization.embeddings)
+            storage = storage_for(quantization.quant_type if quantized else QuantType.NONE)
+            total += storage.stored_bytes(shape, itemsize, quantization)
         return total
 
     def check_source(self, source_dir: str | os.PathLike) -> None:
@@ -59,17 +56,8 @@ class Recipe:
         return self.stored_bytes(None)
 
 
-def _load_json(name: str) -> dict:
-    return json.loads(resources.files(__name__).joinpath(name).read_text(encoding="utf-8"))
-
-
-def preset_settings(preset: str) -> QuantSettings:
-    """The quantization settings of a preset ("int8", "nf4", "fp4") from presets.json."""
-    return QuantSettings.from_dict(_load_json("presets.json")[preset])
-
-
 def all_recipes() -> list[Recipe]:
-    presets = {k: QuantSettings.from_dict(v) for k, v in _load_json("presets.json").items()}
+    presets = {quant_type.value: QuantSettings(quant_type) for quant_type in PRESETS}
     recipes = []
     for path in sorted(resources.files(__name__).iterdir(), key=lambda p: p.name):
         if not path.name.startswith("bloom-") or not path.name.endswith(".json"):
@@ -88,3 +76,19 @@ def get_recipe(name: str) -> Recipe:
         raise RecipeError(f"unknown recipe {name!r}. Choose one of: {', '.join(recipes)} "
                           "(`bloomconv recipes` lists them).")
     return recipes[name]
+
+
+def quantization_for(src: str | os.PathLike, *, bits: int | str | None = None, recipe: str | None = None,
+                     quant_type: str | None = None, **options) -> QuantSettings:
+    """The settings `quantize` uses for `src`: `bits` (8 or 4) or a `recipe` (checked against the
+    source's config), with `options` (block_size, double_quant, embeddings, int8_scale_from)
+    overriding the preset. Contradicting or inapplicable options raise OptionsError.
+
+    >>> quantization_for("bloom-560m", recipe="bloom-560m-nf4", block_size=64)  # doctest: +SKIP
+    """
+    if recipe is None:
+        return settings_from_options(bits, quant_type=quant_type, **options)
+    chosen = get_recipe(recipe)
+    settings = settings_from_options(bits, quant_type=quant_type, base=chosen.quantization, **options)
+    chosen.check_source(src)  # after the options: a contradiction is reported without reading anything
+    return settings

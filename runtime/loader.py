@@ -15,7 +15,7 @@ Residency. A RAM budget (`ram_budget`, bytes of weights held in memory) splits t
 The budget covers the pinned files plus the stream buffers. The ln_f and embedding files are
 pinned first (used every token, the embeddings twice), then as many blocks as fit, chosen
 evenly spaced, so that while one streamed block is read the pinned blocks before it compute.
-16-bit weights stay 16-bit in RAM: the dense kernel (runtime/kernels/dense.c) multiplies them
+16-bit weights stay 16-bit in RAM: the dense kernel (bloomconv/kernels/csrc/dense.c) multiplies them
 in fp32 at the speed it reads them. Only where it was not built, and the whole model fits the
 budget even in float32 and computes in float32, are they widened once at load (`plan_residency`)
 for torch's fp32 GEMM.
@@ -52,15 +52,14 @@ from pathlib import Path
 
 import torch
 
+from bloomconv import kernels
 from bloomconv.errors import SourceError, VerificationError
-from bloomconv.format import (CONFIG_NAME, EMBEDDINGS_UNIT, FINAL_UNIT, PREFIX, SAFETENSORS_DTYPES,
+from bloomconv.format import (CONFIG_NAME, EMBEDDINGS_UNIT, FINAL_UNIT, NARROW_FLOAT_DTYPES, PREFIX, QuantType,
                               TOKENIZER_NAMES, block_unit, unit_file)
 from bloomconv.geometry import Geometry
 from bloomconv.manifest import Manifest, read_manifest
-from bloomconv.safetensors_io import SafetensorsHeader, read_header
-
-from .kernels import dense
-from .weights import WeightRecord, weight_record
+from bloomconv.safetensors_io import SafetensorsHeader, read_header, torch_dtype
+from bloomconv.storage import StoredWeight, decode_module
 
 __all__ = ["BlockWeights", "Checkpoint", "EmbeddingWeights", "LayerNormWeights", "LinearWeights",
            "MappedFile", "Residency", "STREAM_BUFFERS", "UnitBytes", "VERIFY_MODES", "available_memory",
@@ -74,7 +73,6 @@ READ_CHUNK_BYTES = 16 << 20  # per preadv call; the page cache of a streamed fil
 DEFAULT_BUDGET_SHARE = 0.9
 KV_RESERVE_TOKENS = 1024
 RUNTIME_OVERHEAD_BYTES = 256 << 20  # interpreter, torch, tokenizer, allocator slack
-_TORCH_DTYPES = {code: getattr(torch, name) for code, (name, _) in SAFETENSORS_DTYPES.items()}
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
                "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
@@ -107,7 +105,7 @@ class LayerNormWeights:
 
 @dataclasses.dataclass(frozen=True)
 class LinearWeights:
-    weight: WeightRecord  # (out, in), in whatever storage the file has
+    weight: StoredWeight  # (out, in), in whatever storage the file has
     bias: torch.Tensor    # (out,)
     _converted: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -128,48 +126,54 @@ class BlockWeights:
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingWeights:
-    word_embeddings: WeightRecord  # (vocab, hidden); also the tied lm_head
+    word_embeddings: StoredWeight  # (vocab, hidden); also the tied lm_head
     layernorm: LayerNormWeights
 
 
 class UnitBytes:
-    """The tensors of one safetensors file by name: views of its bytes (a mapping or a buffer)."""
+    """The tensors of one safetensors file by name: views of its bytes (a mapping or a buffer),
+    with the storage type the manifest records for each (`quant`)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    def __init__(self, tensors: dict[str, torch.Tensor], quant: dict[str, QuantType]):
         self.tensors = tensors
+        self.quant = quant
         self._records: dict = {}
 
     def records(self, key, build):
         """`build()`'s weight records over these views, built once per UnitBytes: a pinned file's
         records (parsed 4-bit state, int8 row scales) then live as long as its bytes instead of
-        being rebuilt every token (~10 ms per bloom-560m token for 4-bit)."""
+        being rebuilt every token."""
         if key not in self._records:
             self._records[key] = build()
         return self._records[key]
 
     @classmethod
-    def parse(cls, header: SafetensorsHeader, data: torch.Tensor) -> "UnitBytes":
+    def parse(cls, header: SafetensorsHeader, data: torch.Tensor, quant: dict[str, QuantType]) -> "UnitBytes":
         """Views of `data` (uint8, the whole file) where `header` places each tensor."""
         tensors = {}
         for name, info in header.tensors.items():
-            dtype = _TORCH_DTYPES[info.dtype]
+            dtype = torch_dtype(info.dtype)
             start = header.data_start + info.begin
             raw = data[start:header.data_start + info.end]
             if start % dtype.itemsize:
                 raw = raw.clone()  # misaligned (after an odd-sized blob): small state tensors only
             tensors[name] = raw.view(dtype).reshape(info.shape)
-        return cls(tensors)
+        return cls(tensors, quant)
 
     def get(self, name: str) -> torch.Tensor | None:
         return self.tensors.get(name)
 
     def to(self, device: torch.device) -> "UnitBytes":
         """Copies on `device`, queued on the current stream (see Transformer._on_device)."""
-        return UnitBytes({name: t.to(device, non_blocking=True) for name, t in self.tensors.items()})
+        return UnitBytes({name: t.to(device, non_blocking=True) for name, t in self.tensors.items()}, self.quant)
 
-    def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Tensors named `prefix…`, keyed by the rest of their name."""
-        return {name.removeprefix(prefix): t for name, t in self.tensors.items() if name.startswith(prefix)}
+    def weight(self, module: str) -> StoredWeight:
+        """The matrix `<module>.weight`, decoded by the storage type its manifest entry names."""
+        name = f"{module}.weight"
+        if name not in self.quant:
+            raise SourceError(name, "is not listed in the manifest",
+                              "The directory is damaged; verify it and copy the named file again.")
+        return decode_module(module, self.quant[name], self.get)
 
     def widened(self) -> tuple["UnitBytes", "AnonymousBuffer"]:
         """A copy in one new buffer with 16-bit float tensors as float32 (quantized data and its
@@ -181,7 +185,7 @@ class UnitBytes:
             size = _widened_bytes(tensor)
             tensors[name] = buffer.tensor[offset:offset + size].view(dtype).view(tensor.shape).copy_(tensor)
             offset += _aligned(size)  # every tensor 64-byte aligned, as fused kernels want
-        return UnitBytes(tensors), buffer
+        return UnitBytes(tensors, self.quant), buffer
 
 
 def _is_narrow_float(tensor: torch.Tensor) -> bool:
@@ -198,7 +202,7 @@ def _aligned(size: int) -> int:
 
 def embedding_weights(source: UnitBytes) -> EmbeddingWeights:
     return source.records("embeddings", lambda: EmbeddingWeights(
-        weight_record(f"{PREFIX}word_embeddings", source), _layer_norm(source, f"{PREFIX}word_embeddings_layernorm")))
+        source.weight(f"{PREFIX}word_embeddings"), _layer_norm(source, f"{PREFIX}word_embeddings_layernorm")))
 
 
 def block_weights(source: UnitBytes, index: int) -> BlockWeights:
@@ -222,7 +226,7 @@ def _layer_norm(source: UnitBytes, module: str) -> LayerNormWeights:
 
 
 def _linear(source: UnitBytes, module: str) -> LinearWeights:
-    return LinearWeights(weight_record(module, source), source.get(f"{module}.bias"))
+    return LinearWeights(source.weight(module), source.get(f"{module}.bias"))
 
 
 # ------------------------------------------------------------------------------------ files
@@ -234,8 +238,9 @@ class MappedFile:
     inspecting weights outside a forward pass); whole-file use goes through `read_into`.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, quant: dict[str, QuantType]):
         self.path = path
+        self.quant = quant  # the manifest's storage type of each tensor
         self.header: SafetensorsHeader = read_header(path)
         self._fd = os.open(path, os.O_RDONLY)
         self._direct_fd: int | None | bool = None  # opened on first streamed read; False: not supported
@@ -251,7 +256,7 @@ class MappedFile:
         """Bytes in RAM once 16-bit float tensors are widened to float32 (`UnitBytes.widened`)."""
         total = 0
         for info in self.header.tensors.values():
-            itemsize = 4 if info.dtype in ("BF16", "F16") else _TORCH_DTYPES[info.dtype].itemsize
+            itemsize = 4 if info.dtype in NARROW_FLOAT_DTYPES else torch_dtype(info.dtype).itemsize
             total += _aligned(math.prod(info.shape) * itemsize)
         return total
 
@@ -261,7 +266,7 @@ class MappedFile:
             # ACCESS_COPY: a private mapping torch can wrap without a read-only warning; nothing
             # writes to it, so its pages stay shared with the page cache.
             self._mapping = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
-            self._view = UnitBytes.parse(self.header, torch.frombuffer(self._mapping, dtype=torch.uint8))
+            self._view = UnitBytes.parse(self.header, torch.frombuffer(self._mapping, dtype=torch.uint8), self.quant)
         return self._view
 
     def widened(self) -> tuple[UnitBytes, "AnonymousBuffer"]:
@@ -302,7 +307,7 @@ class MappedFile:
             if streaming and not direct and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, done, n, os.POSIX_FADV_DONTNEED)
             done += n
-        return UnitBytes.parse(self.header, buffer.tensor[:self.size])
+        return UnitBytes.parse(self.header, buffer.tensor[:self.size], self.quant)
 
     @property
     def padded_size(self) -> int:
@@ -458,7 +463,7 @@ def plan_residency(sizes: dict[str, int], n_layer: int, budget: int,
 
     When the whole model fits even with its 16-bit weights widened to float32 (`widened_sizes`,
     given for float32 compute without the dense kernel), it is pinned widened: torch's fp32 matmuls
-    ran ~3x faster here than its bf16 ones or converting on the fly. Otherwise files are pinned as
+    are faster than its bf16 ones or converting on the fly. Otherwise files are pinned as
     stored, so that the budget saves the most disk reads.
 
     Streaming needs STREAM_BUFFERS buffers of the largest streamed file whatever the budget, so
@@ -612,16 +617,21 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_b
         raise SourceError(config_path, "apply_residual_connection_post_layernorm is true",
                           "The runtime runs BLOOM as released (false); use transformers for this variant.")
     units = [EMBEDDINGS_UNIT, *(block_unit(i) for i in range(geometry.n_layer)), FINAL_UNIT]
-    files = {unit: MappedFile(directory / unit_file(unit)) for unit in units}
+    files = {unit: MappedFile(directory / unit_file(unit), _quant_tags(manifest, unit_file(unit))) for unit in units}
     budget = default_ram_budget(geometry, dtype) if ram_budget is None else parse_size(ram_budget)
-    widen = dtype == torch.float32 and not dense.available()  # the kernel reads 16-bit weights faster
+    widen = dtype == torch.float32 and not kernels.available()  # the kernel reads 16-bit weights faster
     widened = {unit: f.widened_size for unit, f in files.items()} if widen else None
     residency = plan_residency({unit: f.size for unit, f in files.items()}, geometry.n_layer, budget, widened)
     return Checkpoint(directory, manifest, config, geometry, files, _tokenizer(directory), residency)
 
 
+def _quant_tags(manifest: Manifest, name: str) -> dict[str, QuantType]:
+    """The storage type the manifest records for each tensor of file `name`."""
+    return {tensor.name: tensor.quant for tensor in manifest.file(name).tensors}
+
+
 def _raise_for_problems(directory: Path, mode: str) -> None:
-    from bloomconv.verify import verify
+    from bloomconv.verification import verify
     report = verify(directory, fast=mode == "fast")
     # A file the manifest does not list (a README, notes) cannot change what the model computes.
     problems = [str(p) for p in report.problems if p.kind != "extra"]

@@ -16,13 +16,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from bloomconv import kernels
 from bloomconv.format import EMBEDDINGS_UNIT, FINAL_UNIT, block_unit
 from bloomconv.geometry import Geometry
+from bloomconv.kernels import fourbit
 
-from . import kernels
 from .loader import (BlockWeights, Checkpoint, LayerNormWeights, LinearWeights, UnitBytes, block_weights,
                      embedding_weights, final_weights)
-from .weights import linear
 
 __all__ = ["KVCache", "Transformer", "alibi_bias", "alibi_slopes", "gelu"]
 
@@ -134,7 +134,7 @@ class Transformer:
         blocked.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         bias = alibi_bias(attention_mask, g.n_head, self.dtype) + blocked               # (B, nh, T, S)
 
-        decoding = self.device.type == "cpu" and B * T <= kernels.SMALL_BATCH_ROWS
+        decoding = self.device.type == "cpu" and B * T <= fourbit.SMALL_BATCH_ROWS
         with kernels.kernels_own_the_cores() if decoding else contextlib.nullcontext():
             return self._layers(input_ids, bias, past, last_only), past
 
@@ -154,7 +154,7 @@ class Transformer:
                 # standard strides: with a size-1 dim strided otherwise, F.linear goes through bmm and
                 # copies the whole lm_head weight per call (50x slower for bf16)
                 x = x[:, -1:].clone(memory_format=torch.contiguous_format)
-            return linear(x, embedding_weights(next(weights)).word_embeddings)            # (B, T, vocab)
+            return embedding_weights(next(weights)).word_embeddings.matmul(x)            # (B, T, vocab)
 
     def _on_device(self, units: list[str]) -> Iterator[UnitBytes]:
         """Each unit's tensors on the compute device, in the order of a pass.
@@ -213,4 +213,4 @@ class Transformer:
 
     @staticmethod
     def _linear(x: torch.Tensor, w: LinearWeights) -> torch.Tensor:
-        return linear(x, w.weight, w.bias_in(x.dtype))
+        return w.weight.matmul(x).add_(w.bias_in(x.dtype))  # matmul returns a new tensor: add in place

@@ -79,6 +79,13 @@ def load_source_tensors(path):
     return {k.removeprefix("transformer."): v for k, v in out.items()}
 
 
+def load_dequantized(directory) -> dict:
+    """Every tensor of a bloomconv directory, quantized weights dequantized to fp32 by the storage
+    type the manifest records for them; transformers' names."""
+    from bloomconv.storage import dequantize_directory
+    return dequantize_directory(directory)
+
+
 def load_converted_tensors(path):
     from safetensors.torch import load_file
     out = {}

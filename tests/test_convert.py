@@ -22,7 +22,7 @@ from bloomconv.errors import (DestinationBusyError, DestinationError, NotBloomEr
 from bloomconv.format import JOB_NAME, MANIFEST_NAME, all_units, unit_file
 from bloomconv.hashing import sha256_file
 from bloomconv.manifest import read_manifest
-from bloomconv.verify import verify
+from bloomconv.verification import verify
 
 from .conftest import SMALL, edit_config, fail_on_nth_write, load_converted_tensors, load_source_tensors
 

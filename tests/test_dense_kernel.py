@@ -1,4 +1,4 @@
-"""The dense kernel (runtime/kernels/dense.c) against F.linear on the fp32 weight, and its use by
+"""The dense kernel (bloomconv/kernels/csrc/dense.c) against F.linear on the fp32 weight, and its use by
 the weight records. As in test_kernels.py, only the order of fp32 sums differs, so each output
 may differ from the reference by |out - ref| <= 1e-5 * (|x| @ |W|.T), elementwise."""
 from __future__ import annotations
@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bloomconv import kernels
 from bloomconv.errors import QuantizationError
-from bloomconv.quant import dequantize_int8, quantize_int8
-from bloomconv.runtime.kernels import dense
-from bloomconv.runtime.weights import DenseWeight, Int8Weight
+from bloomconv.kernels import dense
+from bloomconv.storage.dense import DenseWeight
+from bloomconv.storage.int8 import Int8Weight, dequantize_int8, quantize_int8
 
-needs_dense = pytest.mark.skipif(not dense.available(), reason="the C extension is not built")
-ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in dense.isas(), reason=f"CPU lacks {isa}"))
+needs_dense = pytest.mark.skipif(not kernels.available(), reason="the C extension is not built")
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in kernels.isas(), reason=f"CPU lacks {isa}"))
         for isa in ("avx512", "avx2", "scalar")]
 KINDS = [torch.int8, torch.bfloat16, torch.float16]
 
@@ -63,7 +64,7 @@ def test_any_shape_matches_reference(rows, cols, batch, dtype, scaled, seed):
     weight = random_weight(rows, cols, dtype, g)
     scale = torch.rand(rows, generator=g) if scaled else None
     x = torch.randn(batch, cols, generator=g)
-    for isa in dense.isas():
+    for isa in kernels.isas():
         assert_close_to_reference(dense.dense_matmul(x, weight, scale, isa=isa), x, weight.float(), scale)
 
 
@@ -71,7 +72,7 @@ def test_any_shape_matches_reference(rows, cols, batch, dtype, scaled, seed):
 def test_fp16_subnormals_and_extremes_widen_exactly():
     specials = torch.tensor([6e-8, -6e-8, 1e-5, 65504.0, -65504.0, 3e-5, 0.0, -0.0] * 2)  # subnormals, extremes
     weight = specials.to(torch.float16).view(1, 16)
-    for isa in dense.isas():
+    for isa in kernels.isas():
         for position in range(16):
             x = torch.zeros(1, 16)
             x[0, position] = 1.0
@@ -79,7 +80,7 @@ def test_fp16_subnormals_and_extremes_widen_exactly():
     big = torch.tensor([3.3e38, -3.3e38, 1e-40] + [1.0] * 13).to(torch.bfloat16).view(1, 16)
     x = torch.zeros(1, 16)
     x[0, 2] = 1.0
-    for isa in dense.isas():
+    for isa in kernels.isas():
         assert torch.equal(dense.dense_matmul(x, big, isa=isa), big.float()[:, 2:3])
 
 
@@ -100,7 +101,7 @@ def test_result_does_not_depend_on_the_thread_count_and_strides_are_handled(rest
 
 @needs_dense
 def test_thread_pool_survives_fork_and_concurrent_callers(restores_threads):
-    # the kernels' helper threads are a pool kept between calls (parallel.h): a forked child
+    # the kernels' helper threads are a pool kept between calls (parallel.c): a forked child
     # starts its own, and two Python threads calling at once (the GIL is released) both get
     # their own results
     g = torch.Generator().manual_seed(3)
@@ -143,14 +144,14 @@ def test_int8_weight_multiplies_in_fp32_with_the_kernel_and_falls_back_to_torch(
     record = Int8Weight(CB, SCB)
     reference = dequantize_int8(CB, SCB, torch.float32)
     calls = []
-    if dense.available():
+    if kernels.available():
         real = dense.dense_matmul
         monkeypatch.setattr(dense, "dense_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
     for x in (torch.randn(2, 1, 64, generator=g), torch.randn(2, 40, 64, generator=g)):  # decode, prefill
         assert_close_to_reference(record.matmul(x), x, reference)
-    assert len(calls) == 2 * int(dense.available())
+    assert len(calls) == 2 * int(kernels.available())
 
-    monkeypatch.setattr(dense, "_dense", None)  # as installed without a C compiler
+    monkeypatch.setattr(kernels, "_kernels", None)  # as installed without a C compiler
     x = torch.randn(3, 5, 64, generator=g)
     assert (record.matmul(x) - F.linear(x, reference)).abs().max() < 1e-5
     # bf16 compute: torch's fused int8 GEMM, wherever the weight starts
@@ -175,13 +176,12 @@ def test_dense_weight_multiplies_bf16_storage_in_fp32(monkeypatch):
         assert_close_to_reference(out, x, weight.float())
     many = torch.randn(dense.SMALL_BATCH_ROWS + 1, 64, generator=g).to(torch.bfloat16)
     assert torch.equal(record.matmul(many), F.linear(many, weight))  # bf16 x bf16, many rows: torch's GEMM
-    monkeypatch.setattr(dense, "_dense", None)  # as installed without a C compiler
+    monkeypatch.setattr(kernels, "_kernels", None)  # as installed without a C compiler
     x = torch.randn(1, 64, generator=g)
     assert_close_to_reference(record.matmul(x), x, weight.float())
 
 
 def test_decoding_runs_torch_on_one_thread_and_the_kernels_on_all(restores_threads):
-    from bloomconv.runtime import kernels
     torch.set_num_threads(2)
     with kernels.kernels_own_the_cores():
         assert torch.get_num_threads() == 1 and kernels.kernel_threads() == 2

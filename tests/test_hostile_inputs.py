@@ -35,11 +35,11 @@ from bloomconv.converters.source import _shard_contents
 from bloomconv.errors import (BloomconvError, DestinationError, HeaderError, ManifestError, SourceError,
                               UnsafeCheckpointError)
 from bloomconv.format import MANIFEST_NAME, SAFETENSORS_DTYPES, TMP_MARKER
-from bloomconv.inspect import inspect
+from bloomconv.inspection import inspect
 from bloomconv.manifest import read_manifest
 from bloomconv.runtime.loader import UnitBytes
 from bloomconv.safetensors_io import MAX_HEADER_BYTES, read_header
-from bloomconv.verify import verify
+from bloomconv.verification import verify
 
 from .conftest import fail_on_nth_write, record_figures, reliability_scale
 
@@ -293,7 +293,7 @@ def check_header_consistency(path: Path) -> None:
         assert info.begin == cursor and info.end <= header.file_size - header.data_start
         cursor = info.end
     assert cursor == header.file_size - header.data_start
-    views = UnitBytes.parse(header, torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8))
+    views = UnitBytes.parse(header, torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8), {})
     for name, info in header.tensors.items():
         assert tuple(views.get(name).shape) == info.shape
     return "accepted, consistent"

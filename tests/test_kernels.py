@@ -1,4 +1,4 @@
-"""The fused 4-bit kernels against `F.linear` on `bloomconv.quant.dequantize_4bit`'s matrix.
+"""The fused 4-bit kernels (bloomconv.kernels.fourbit) against `F.linear` on `dequantize_4bit`'s matrix.
 
 The kernels compute every weight exactly as dequantize_4bit does and differ only in the order of
 the fp32 sums, so each output may differ from the reference by a few fp32 roundings of the sum of
@@ -7,6 +7,11 @@ the fp32 sums, so each output may differ from the reference by a few fp32 roundi
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,17 +19,29 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bloomconv import kernels
 from bloomconv.errors import QuantizationError
 from bloomconv.format import QuantType
-from bloomconv.quant import (FourBitState, _bucket_bounds, _quantize_4bit_chunk, code_table, dequantize_4bit,
-                             dynamic_map, quantize_4bit)
-from bloomconv.runtime import kernels
-from bloomconv.runtime.weights import FourBitWeight
+from bloomconv.kernels import dense, fourbit
+from bloomconv.storage.fourbit import (FourBitState, FP4Storage, NF4Storage, _bucket_bounds, _quantize_4bit_chunk,
+                                       code_table, dequantize_4bit, dynamic_map, quantize_4bit)
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the C extension is not built")
 ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in kernels.isas(), reason=f"CPU lacks {isa}"))
         for isa in ("avx512", "avx2", "scalar")]
 SHAPES = [(3072, 1024), (1024, 4096), (37, 45)]  # the last: odd rows, rows starting mid-byte, scalar only
+
+
+def fourbit_matrix(stored: dict[str, torch.Tensor]) -> fourbit.FourBitMatrix:
+    """The kernels' view of what `quantize_4bit` stored (the caller's job: the kernels read no names)."""
+    blob, = (tensor for key, tensor in stored.items() if key.startswith("weight.quant_state."))
+    state = FourBitState.from_blob(blob)
+    absmax = stored["weight.absmax"].reshape(-1)
+    if state.nested:
+        absmax = fourbit.NestedAbsmax(absmax, stored["weight.nested_absmax"].reshape(-1),
+                                      stored["weight.nested_quant_map"].reshape(-1), state.nested_offset)
+    return fourbit.FourBitMatrix(stored["weight"].reshape(-1), absmax, code_table(state.quant_type),
+                                 state.block_size, state.shape, state.dtype)
 
 
 @functools.cache
@@ -70,11 +87,11 @@ def summation_reference(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Te
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_matmul_matches_linear_on_dequantized_weight(quant_type, block_size, double_quant, shape, isa):
     stored, weight = quantized(quant_type, block_size, double_quant, shape)
-    matrix = kernels.FourBitMatrix.from_stored(stored)
+    matrix = fourbit_matrix(stored)
     x = torch.randn(1 + 3 + 17, shape[1], generator=torch.Generator().manual_seed(1))
     expected, bound = summation_reference(x, weight)
     for rows in (slice(0, 1), slice(1, 4), slice(4, 21)):  # batch 1, 3, 17
-        assert_matches_reference(kernels.fourbit_matmul(x[rows], matrix, isa=isa), x[rows], weight,
+        assert_matches_reference(fourbit.fourbit_matmul(x[rows], matrix, isa=isa), x[rows], weight,
                                  (expected[rows], bound[rows]))
 
 
@@ -87,12 +104,12 @@ def test_dequantize_is_bit_exact_and_weights_round_to_the_stored_dtype(quant_typ
     # bf16/fp16 weights: each code·absmax is rounded to that dtype, as dequantize_4bit's final cast does
     for block_size in (32, 64, 256):
         stored, weight = quantized(quant_type, block_size, double_quant, (96, 320), dtype)
-        matrix = kernels.FourBitMatrix.from_stored(stored)
-        assert torch.equal(kernels.fourbit_dequantize(matrix, isa=isa), weight)
+        matrix = fourbit_matrix(stored)
+        assert torch.equal(fourbit.fourbit_dequantize(matrix, isa=isa), weight)
         ids = torch.tensor([[95, 0], [7, 7]])
-        assert torch.equal(kernels.fourbit_dequantize(matrix, ids, isa=isa), weight[ids.view(-1)])
+        assert torch.equal(fourbit.fourbit_dequantize(matrix, ids, isa=isa), weight[ids.view(-1)])
         x = torch.randn(5, 320, generator=torch.Generator().manual_seed(2))
-        assert_matches_reference(kernels.fourbit_matmul(x, matrix, isa=isa), x, weight)
+        assert_matches_reference(fourbit.fourbit_matmul(x, matrix, isa=isa), x, weight)
 
 
 @needs_kernels
@@ -104,11 +121,11 @@ def test_any_shape_matches_reference(rows, cols, batch, block_size, quant_type, 
     g = torch.Generator().manual_seed(seed)
     stored = quantize_4bit(torch.randn(rows, cols, generator=g), quant_type, block_size, double_quant)
     weight = dequantize_4bit(stored).float()
-    matrix = kernels.FourBitMatrix.from_stored(stored)
+    matrix = fourbit_matrix(stored)
     x = torch.randn(batch, cols, generator=g)
     for isa in kernels.isas():
-        assert_matches_reference(kernels.fourbit_matmul(x, matrix, isa=isa), x, weight)
-        assert torch.equal(kernels.fourbit_dequantize(matrix, isa=isa), weight)
+        assert_matches_reference(fourbit.fourbit_matmul(x, matrix, isa=isa), x, weight)
+        assert torch.equal(fourbit.fourbit_dequantize(matrix, isa=isa), weight)
 
 
 @needs_kernels
@@ -130,7 +147,7 @@ def test_quantizer_is_bit_exact_with_the_torch_reference(n, block_size, quant_ty
     values[zero_start:zero_start + block_size] = 0              # a zero block (or the zero tail)
     values = values.clamp(-6e4, 6e4).to(dtype)                  # finite in float16 too
     expected = _quantize_4bit_chunk(values, block_size, bounds, order)
-    absmax, packed = kernels.fourbit_quantize_blocks(values, block_size, bounds, order, isa=isa)
+    absmax, packed = fourbit.fourbit_quantize_blocks(values, block_size, bounds, order, isa=isa)
     assert torch.equal(absmax, expected[0]) and torch.equal(packed, expected[1])
 
 
@@ -141,45 +158,45 @@ def test_quantizer_marks_non_finite_blocks(bad):
     values[70] = bad
     bounds, order = _bucket_bounds(QuantType.NF4)
     for isa in kernels.isas():
-        absmax, _ = kernels.fourbit_quantize_blocks(values, 64, bounds, order, isa=isa)
+        absmax, _ = fourbit.fourbit_quantize_blocks(values, 64, bounds, order, isa=isa)
         assert absmax[0] == 1 and not torch.isfinite(absmax[1]) and (absmax[2:] == 1).all()
 
 
 @needs_kernels
 def test_large_batches_go_through_dequantized_tiles(monkeypatch):
     stored, weight = quantized("nf4", 64, True, (1024, 4096))
-    matrix = kernels.FourBitMatrix.from_stored(stored)
-    monkeypatch.setattr(kernels, "DEQUANTIZE_TILE_BYTES", 300 * 4096 * 4)  # 4 tiles, the last partial
-    x = torch.randn(2, kernels.SMALL_BATCH_ROWS + 1, 4096, generator=torch.Generator().manual_seed(3))
-    out = kernels.fourbit_matmul(x, matrix)
-    assert out.shape == (2, kernels.SMALL_BATCH_ROWS + 1, 1024)
+    matrix = fourbit_matrix(stored)
+    monkeypatch.setattr(fourbit, "DEQUANTIZE_TILE_BYTES", 300 * 4096 * 4)  # 4 tiles, the last partial
+    x = torch.randn(2, fourbit.SMALL_BATCH_ROWS + 1, 4096, generator=torch.Generator().manual_seed(3))
+    out = fourbit.fourbit_matmul(x, matrix)
+    assert out.shape == (2, fourbit.SMALL_BATCH_ROWS + 1, 1024)
     assert_matches_reference(out.view(-1, 1024), x.view(-1, 4096), weight)
 
 
 @needs_kernels
 def test_result_does_not_depend_on_the_thread_count(restores_threads):
     stored, _ = quantized("nf4", 64, False, (3072, 1024))
-    matrix = kernels.FourBitMatrix.from_stored(stored)
+    matrix = fourbit_matrix(stored)
     x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(4))
     torch.set_num_threads(1)
-    single = kernels.fourbit_matmul(x, matrix)
+    single = fourbit.fourbit_matmul(x, matrix)
     torch.set_num_threads(2)
-    assert torch.equal(kernels.fourbit_matmul(x, matrix), single)
+    assert torch.equal(fourbit.fourbit_matmul(x, matrix), single)
 
 
 @needs_kernels
 def test_bad_arguments_raise_typed_errors():
     stored, _ = quantized("nf4", 64, False, (96, 320))
-    matrix = kernels.FourBitMatrix.from_stored(stored)
+    matrix = fourbit_matrix(stored)
     with pytest.raises(QuantizationError, match="last dimension is 320"):
-        kernels.fourbit_matmul(torch.zeros(2, 321), matrix)
+        fourbit.fourbit_matmul(torch.zeros(2, 321), matrix)
     with pytest.raises(QuantizationError, match="not available"):
-        kernels.fourbit_matmul(torch.zeros(2, 320), matrix, isa="avx9000")
+        fourbit.fourbit_matmul(torch.zeros(2, 320), matrix, isa="avx9000")
     with pytest.raises(QuantizationError, match="absmax"):
-        kernels.FourBitMatrix(matrix.packed, matrix.absmax[:-1], matrix.code, 64, (96, 320))
+        fourbit.FourBitMatrix(matrix.packed, matrix.absmax[:-1], matrix.code, 64, (96, 320))
     with pytest.raises(IndexError):
-        kernels.fourbit_dequantize(matrix, torch.tensor([96]))
-    assert kernels.fourbit_matmul(torch.zeros(0, 320), matrix).shape == (0, 96)
+        fourbit.fourbit_dequantize(matrix, torch.tensor([96]))
+    assert fourbit.fourbit_matmul(torch.zeros(0, 320), matrix).shape == (0, 96)
 
 
 def test_four_bit_weight_multiplies_with_the_kernel_where_built(monkeypatch):
@@ -187,9 +204,9 @@ def test_four_bit_weight_multiplies_with_the_kernel_where_built(monkeypatch):
     x = torch.randn(2, 5, 320, generator=torch.Generator().manual_seed(5))
     calls = []
     if kernels.available():
-        real = kernels.fourbit_matmul
-        monkeypatch.setattr(kernels, "fourbit_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
-    record = FourBitWeight(stored, (96, 320))
+        real = fourbit.fourbit_matmul
+        monkeypatch.setattr(fourbit, "fourbit_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    record = NF4Storage.decode_mapping(stored)
     out = record.matmul(x)
     assert len(calls) == int(kernels.available()) and record.uses_fused_kernel(x) == kernels.available()
     assert_matches_reference(out.view(-1, 96), x.view(-1, 320), weight)
@@ -198,10 +215,50 @@ def test_four_bit_weight_multiplies_with_the_kernel_where_built(monkeypatch):
 
 
 def test_four_bit_weight_falls_back_without_the_extension(monkeypatch):
-    monkeypatch.setattr(kernels, "_fourbit", None)
+    monkeypatch.setattr(kernels, "_kernels", None)  # as installed without a C compiler
     stored, weight = quantized("fp4", 128, False, (96, 320))
-    record = FourBitWeight(stored, (96, 320))
+    record = FP4Storage.decode_mapping(stored)
     x = torch.randn(3, 320, generator=torch.Generator().manual_seed(6))
     assert not kernels.available() and not record.uses_fused_kernel(x)
     assert torch.equal(record.matmul(x), F.linear(x, weight))
     assert torch.equal(record.rows(torch.tensor([4, 2]), torch.float32), weight[[4, 2]])
+    with pytest.raises(QuantizationError, match=r"bloomconv\.kernels\.available\(\)"):
+        fourbit.fourbit_matmul(x, fourbit_matrix(stored))
+
+
+@needs_kernels
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_one_extension_and_one_thread_pool_serve_both_kernels():
+    """Both kernels call the one extension, and share its thread pool: in a fresh process (no
+    earlier test has started the pool), a 4-bit product on 2 threads starts a helper, and a dense
+    product after it is right and starts none of its own."""
+    compiled = sorted(path.name.split(".")[0] for path in Path(kernels.__file__).parent.rglob("*")
+                      if path.suffix in (".so", ".pyd"))
+    assert compiled == ["_kernels"]
+    assert fourbit._kernels is dense._kernels is kernels._kernels
+    script = textwrap.dedent("""
+        import os, torch
+        import torch.nn.functional as F
+        from bloomconv.kernels import dense, fourbit
+        torch.set_num_threads(2)
+        g = torch.Generator().manual_seed(0)
+        matrix = fourbit.FourBitMatrix(torch.randint(0, 256, (2048 * 1024 // 2,), dtype=torch.uint8, generator=g),
+                                       torch.rand(2048 * 1024 // 64, generator=g), torch.linspace(-1, 1, 16), 64,
+                                       (2048, 1024))
+        weight = torch.randint(-127, 128, (4096, 1024), dtype=torch.int8, generator=g)  # 4 MB: both threads work
+        x = torch.randn(1, 1024, generator=g)
+        F.linear(torch.randn(64, 1024), weight.float())  # torch's own threads start here, not below
+        threads = lambda: len(os.listdir("/proc/self/task"))
+        before = threads()
+        four_bit = fourbit.fourbit_matmul(x, matrix)
+        after_four_bit = threads()
+        dense_out = dense.dense_matmul(x, weight)
+        after_dense = threads()
+        expected = (F.linear(x, fourbit.fourbit_dequantize(matrix)), F.linear(x, weight.float()))
+        ok = all(((out - e).abs() <= 1e-4 * e.abs().max()).all() for out, e in zip((four_bit, dense_out), expected))
+        print(ok, after_four_bit - before, after_dense - after_four_bit)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ok, started_by_four_bit, started_by_dense = done.stdout.split()
+    assert ok == "True" and int(started_by_four_bit) >= 1 and int(started_by_dense) == 0, done.stdout

@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bloomconv.converters.encode import config_with_quantization, encode_for_storage
-from bloomconv.errors import QuantizationError
+from bloomconv.errors import OptionsError, QuantizationError
 from bloomconv.format import (is_quantized_weight, BLOCK_LINEAR_WEIGHTS, BLOCK_TENSORS, EMBEDDING_TENSORS, FINAL_TENSORS, PREFIX,
                               QuantType, block_tensor)
-from bloomconv.manifest import QuantSettings
-from bloomconv.quant import (FourBitState, code_table, dequantize_4bit, dequantize_int8, dynamic_map,
-                             quantize_4bit, quantize_int8)
+from bloomconv.settings import QuantSettings
+from bloomconv.storage.fourbit import FourBitState, code_table, dequantize_4bit, dynamic_map, quantize_4bit
+from bloomconv.storage.int8 import dequantize_int8, quantize_int8
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FOUR_BIT = (QuantType.NF4, QuantType.FP4)
@@ -88,7 +88,7 @@ def check_4bit_against_bnb(weight, quant_type, block_size, double_quant, **chunk
     """Both quantizers (the compiled one, when built, and the torch one) against bitsandbytes."""
     ours = quantize_4bit(weight, quant_type, block_size, double_quant, **chunking)
     assert_bit_identical(ours, bnb_4bit(weight, quant_type, block_size, double_quant))
-    with mock.patch("bloomconv.quant._compiled_4bit_quantizer", lambda: None):
+    with mock.patch("bloomconv.storage.fourbit._compiled_4bit_quantizer", lambda: None):
         assert_bit_identical(quantize_4bit(weight, quant_type, block_size, double_quant, **chunking), ours)
     restored = dequantize_4bit(ours, **chunking)
     assert restored.shape == weight.shape and restored.dtype == weight.dtype
@@ -401,7 +401,7 @@ def test_encode_selects_exactly_the_linear_weights(settings_):
 
 
 def test_encode_names_that_only_look_like_linear_weights():
-    s = QuantSettings(QuantType.INT8)
+    s = QuantSettings(QuantType.INT8, embeddings=False)
     for name in ["transformer.h.x.mlp.dense_4h_to_h.weight", "transformer.h.0.mlp.dense_4h_to_h.bias",
                  "lm_head.weight", "transformer.word_embeddings.weight", "transformer.h.0"]:
         assert not is_quantized_weight(name, s.embeddings), name
@@ -420,7 +420,7 @@ def test_config_with_quantization_is_a_bitsandbytes_config():
     nf4 = json.loads(config_with_quantization(source, QuantSettings(QuantType.NF4, 64, double_quant=True)))
     config = BitsAndBytesConfig.from_dict(nf4["quantization_config"])
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
-    with pytest.raises(QuantizationError, match="not a quantization"):
+    with pytest.raises(OptionsError, match="not a quantization"):
         QuantSettings(QuantType.NONE)
 
 
@@ -436,7 +436,7 @@ def fp32_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("settings_", [
-    QuantSettings(QuantType.INT8),
+    QuantSettings(QuantType.INT8, embeddings=False),  # transformers keeps word_embeddings an nn.Embedding
     QuantSettings(QuantType.NF4, 64, double_quant=True),
     QuantSettings(QuantType.FP4, 32),
 ], ids=["int8", "nf4-dq", "fp4"])

@@ -11,12 +11,12 @@ from bloomconv.cli import main
 from bloomconv.converters.convert import convert
 from bloomconv.format import MANIFEST_NAME, QuantType, is_quantized_weight
 from bloomconv.geometry import Geometry
-from bloomconv.manifest import QuantSettings, read_manifest
-from bloomconv.quant import dequantize_stored
-from bloomconv.recipes import Recipe, all_recipes, get_recipe, preset_settings
-from bloomconv.verify import verify
+from bloomconv.manifest import read_manifest
+from bloomconv.recipes import Recipe, all_recipes, get_recipe
+from bloomconv.settings import QuantSettings
+from bloomconv.verification import verify
 
-from .conftest import SMALL, load_converted_tensors, load_source_tensors
+from .conftest import SMALL, load_converted_tensors, load_dequantized, load_source_tensors
 
 LINEAR = "transformer.h.0.mlp.dense_h_to_4h"
 
@@ -35,7 +35,7 @@ def int8_dir(release_checkpoint, tmp_path_factory):
 
 def test_int8_stores_bitsandbytes_layout_and_records_it(int8_dir):
     manifest = read_manifest(int8_dir)
-    assert manifest.quantization == preset_settings("int8")
+    assert manifest.quantization == QuantSettings(QuantType.INT8)
     assert manifest.quantization.int8_scale_from == "float16"
     tensors = {t.name: t for f in manifest.files for t in f.tensors}
     assert tensors[f"{LINEAR}.weight"].dtype == "I8" and tensors[f"{LINEAR}.weight"].quant is QuantType.INT8
@@ -49,8 +49,7 @@ def test_int8_stores_bitsandbytes_layout_and_records_it(int8_dir):
 
 def test_quantized_values_dequantize_close_to_the_source(int8_dir, release_checkpoint):
     source = load_source_tensors(release_checkpoint)
-    restored = {k.removeprefix("transformer."): v for k, v in dequantize_stored(load_converted_tensors(int8_dir)
-                                                                                   | {}).items()}
+    restored = {k.removeprefix("transformer."): v for k, v in load_dequantized(int8_dir).items()}
     assert set(restored) == set(source)
     for name, w in source.items():
         if is_quantized_weight(name, embeddings=True):
@@ -90,8 +89,8 @@ def test_quantize_resumes_after_a_kill_and_refuses_other_settings(release_checkp
 
 
 def test_quantize_from_a_bloomconv_directory(converted, release_checkpoint, tmp_path):
-    from_release = convert(release_checkpoint, tmp_path / "a", quantization=preset_settings("nf4"))
-    from_converted = convert(converted, tmp_path / "b", quantization=preset_settings("nf4"))
+    from_release = convert(release_checkpoint, tmp_path / "a", quantization=QuantSettings(QuantType.NF4))
+    from_converted = convert(converted, tmp_path / "b", quantization=QuantSettings(QuantType.NF4))
     a, b = load_converted_tensors(tmp_path / "a"), load_converted_tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert from_converted.source_layout == "bloomconv" and from_release.files[3:] == from_converted.files[3:]
@@ -117,7 +116,7 @@ def test_every_released_bloom_has_recipes():
 def test_recipe_sizes_match_a_real_quantization(release_checkpoint, tmp_path, preset):
     hidden, n_layer, n_head, vocab = SMALL
     recipe = Recipe("small", "small", (), Geometry(hidden, n_layer, n_head, vocab), "bfloat16", (),
-                    preset_settings(preset))
+                    QuantSettings(preset))
     manifest = convert(release_checkpoint, tmp_path / "q", quantization=recipe.quantization)
     data_bytes = 0
     for f in manifest.files:
@@ -142,7 +141,7 @@ def test_recipe_for_another_geometry_is_refused(release_checkpoint, tmp_path):
     result = run("quantize", "--quiet", "--recipe", "bloom-176b-nf4", str(release_checkpoint), str(tmp_path / "q"))
     assert result.exit_code == 2 and "recipe bloom-176b-nf4 is for" in result.output
     assert not (tmp_path / "q").exists()
-    assert get_recipe("bloom-176b-nf4").quantization == preset_settings("nf4")
+    assert get_recipe("bloom-176b-nf4").quantization == QuantSettings(QuantType.NF4)
 
 
 def test_int8_beyond_fp16_range_is_refused_unless_scaled_from_source(tmp_path):

@@ -25,7 +25,7 @@ from bloomconv.converters.destination import Destination
 from bloomconv.converters.example import write_example_checkpoint
 from bloomconv.errors import DestinationBusyError, IncompleteDirectoryError, ManifestError
 from bloomconv.format import JOB_NAME, JOURNAL_DIR, LOCK_NAME, MANIFEST_NAME, TMP_MARKER, all_units
-from bloomconv.verify import verify
+from bloomconv.verification import verify
 
 from .conftest import FULL_RELIABILITY, SMALL, edit_config, record_figures, reliability_scale
 
@@ -43,7 +43,7 @@ KILLS_REQUIRED = reliability_scale(ci=2, full=20)    # of these must land while 
 # recycled pid), and reaps it only when asked, so the test may signal the pid meanwhile.
 LAUNCHER = r"""
 import json, os, select, signal, sys, time
-import bloomconv.cli, bloomconv.converters.convert, bloomconv.converters.encode, bloomconv.verify
+import bloomconv.cli, bloomconv.converters.convert, bloomconv.converters.encode, bloomconv.verification
 started = {}
 
 

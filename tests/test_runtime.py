@@ -20,13 +20,16 @@ from bloomconv.cli import main
 from bloomconv.converters.convert import convert
 from bloomconv.converters.example import write_example_checkpoint
 from bloomconv.errors import VerificationError
-from bloomconv.format import EMBEDDING_WEIGHT, EMBEDDINGS_UNIT, FINAL_UNIT, PREFIX, block_unit
+from bloomconv.format import EMBEDDING_WEIGHT, EMBEDDINGS_UNIT, FINAL_UNIT, PREFIX, QuantType, block_unit
 from bloomconv.geometry import Geometry
 from bloomconv.manifest import read_manifest
-from bloomconv.quant import dequantize_int8, dequantize_stored, quantize_int8
-from bloomconv.recipes import preset_settings
+from bloomconv.settings import QuantSettings
+from bloomconv.storage.int8 import dequantize_int8, quantize_int8
+from bloomconv import kernels
+from bloomconv.kernels import dense
 from bloomconv.runtime import loader
-from bloomconv.runtime.kernels import dense
+
+from .conftest import load_dequantized
 
 GEOMETRIES = {
     # hidden, layers, heads, vocab: heads a power of two or not (ALiBi's interleaved slopes)
@@ -192,8 +195,8 @@ def bf16_pair(tmp_path_factory):
 
 
 def test_bf16_stored_weights_are_converted_piecewise(bf16_pair, monkeypatch):
-    import bloomconv.runtime.weights as weights
-    monkeypatch.setattr(weights, "CONVERT_CHUNK_BYTES", 4096)  # lm_head in 64 pieces of 16 rows
+    from bloomconv.storage import fallback
+    monkeypatch.setattr(fallback, "CONVERT_CHUNK_BYTES", 4096)  # lm_head in 64 pieces of 16 rows
     directory, reference = bf16_pair
     ids, mask = padded_batch(1024)
     stored = sum(f.stat().st_size for f in directory.rglob("*.safetensors"))
@@ -216,7 +219,7 @@ def test_bf16_weights_stay_bf16_in_ram_with_the_dense_kernel(bf16_pair):
 
 def test_bf16_weights_are_widened_once_without_the_dense_kernel(bf16_pair, monkeypatch):
     """Installed without a C compiler, fp32 compute widens bf16 weights at load when they fit."""
-    monkeypatch.setattr(dense, "_dense", None)
+    monkeypatch.setattr(kernels, "_kernels", None)
     directory, reference = bf16_pair
     ids, mask = padded_batch(1024)
     with runtime.load(directory) as model:
@@ -299,10 +302,10 @@ def test_runtime_imports_neither_converters_nor_transformers(tiny):
 
 QUANTIZED = {
     # name: (settings, logits tolerance relative to the largest logit)
-    "int8": (dataclasses.replace(preset_settings("int8"), embeddings=False), 1e-5),
-    "int8+embeddings": (dataclasses.replace(preset_settings("int8"), embeddings=True), 1e-5),
-    "nf4": (preset_settings("nf4"), 1e-5),
-    "fp4": (dataclasses.replace(preset_settings("fp4"), block_size=128, double_quant=False), 1e-5),
+    "int8": (QuantSettings(QuantType.INT8, embeddings=False), 1e-5),
+    "int8+embeddings": (QuantSettings(QuantType.INT8, embeddings=True), 1e-5),
+    "nf4": (QuantSettings(QuantType.NF4), 1e-5),
+    "fp4": (QuantSettings(QuantType.FP4, block_size=128, double_quant=False), 1e-5),
 }
 
 
@@ -336,12 +339,7 @@ def test_quantized_directory_matches_transformers_on_the_dequantized_weights(tin
 
 def dequantized_state(directory) -> dict[str, torch.Tensor]:
     """Every weight of a quantized directory as fp32, with transformers' names."""
-    from safetensors.torch import load_file
-    tensors = {}
-    for entry in read_manifest(directory).files:
-        if entry.tensors:
-            tensors.update(load_file(directory / entry.name))
-    return {name: t.float() for name, t in dequantize_stored(tensors).items()}
+    return {name: t.float() for name, t in load_dequantized(directory).items()}
 
 
 def with_weights(reference, state):
@@ -359,7 +357,7 @@ def test_quantized_layout_is_read_as_written(quantized_dirs):
         record = block.dense_h_to_4h.weight
         assert type(record).__name__ == "FourBitWeight" and record.shape == (256, 64)
         state = json.loads(bytes(record.stored["weight.quant_state.bitsandbytes__nf4"].tolist()))
-        assert state["blocksize"] == preset_settings("nf4").block_size
+        assert state["blocksize"] == QuantSettings(QuantType.NF4).block_size
         assert type(model.checkpoint.embeddings().word_embeddings).__name__ == "DenseWeight"
 
 
@@ -539,12 +537,12 @@ def test_device_copy_pipeline_gives_the_same_logits(tiny, budget):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_four_bit_weight_through_bitsandbytes_matches_the_dequantized_weight(quant_type):
     """What a CUDA device runs (bitsandbytes.matmul_4bit), here on bitsandbytes' CPU backend."""
-    from bloomconv.quant import dequantize_4bit, quantize_4bit
-    from bloomconv.runtime.weights import FourBitWeight
+    from bloomconv.storage import storage_for
+    from bloomconv.storage.fourbit import dequantize_4bit, quantize_4bit
     g = torch.Generator().manual_seed(7)
     weight = (torch.randn(96, 320, generator=g) * 0.02).to(torch.bfloat16)
     stored = quantize_4bit(weight, quant_type, 64, True)
-    record = FourBitWeight(stored, (96, 320))
+    record = storage_for(quant_type).decode_mapping(stored)
     reference = dequantize_4bit(stored, torch.float32)  # as Linear4bit: straight to the compute dtype
     for x in (torch.randn(1, 1, 320, generator=g), torch.randn(2, 5, 320, generator=g)):
         out = record.bitsandbytes_matmul(x)

@@ -17,10 +17,9 @@ from bloomconv.cli import main
 from bloomconv.errors import BloomconvError, ManifestError
 from bloomconv.format import MANIFEST_NAME
 from bloomconv.manifest import read_manifest
-from bloomconv.recipes import preset_settings
 from bloomconv.runtime import generate as generate_module
 from bloomconv.safetensors_io import read_header
-from bloomconv.verify import verify
+from bloomconv.verification import verify
 
 from .conftest import FULL_RELIABILITY, record_figures, reliability_scale
 
@@ -113,7 +112,7 @@ def damage_sources(converted, release_checkpoint, tmp_path_factory):
     directories = {"bf16": converted}
     for name in DIRECTORIES[1:]:
         directories[name] = tmp_path_factory.mktemp(name) / "out"
-        bloomconv.quantize(release_checkpoint, directories[name], preset_settings(name))
+        bloomconv.quantize(release_checkpoint, directories[name], 8 if name == "int8" else 4, quant_type=None if name == "int8" else name)
     return directories
 
 

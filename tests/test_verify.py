@@ -12,7 +12,7 @@ from bloomconv.cli import main
 from bloomconv.errors import ManifestError
 from bloomconv.format import JOB_NAME, MANIFEST_NAME
 from bloomconv.manifest import read_manifest
-from bloomconv.verify import verify
+from bloomconv.verification import verify
 
 BLOCK = "blocks/block_001.safetensors"
 

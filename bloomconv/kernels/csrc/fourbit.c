@@ -4,32 +4,28 @@
  * over the flattened row-major matrix (element 2i in the HIGH nibble), one absmax per block of
  * `block_size` consecutive elements (fp32, or uint8 codes of an 8-bit "nested" quantization).
  * Each weight is code[q] * absmax in fp32, optionally rounded to bf16/fp16 (the dtype the matrix
- * was quantized from), exactly what bloomconv.quant.dequantize_4bit computes; only the order of
+ * was quantized from), exactly what dequantize_4bit (bloomconv.storage) computes; only the order of
  * the fp32 sums differs from F.linear on the dequantized matrix.
  *
  * Three implementations, chosen at run time: AVX-512 for decoding steps (up to 4 rows of x) and
  * AVX2+FMA for the rest (both for rows of a multiple of 32 elements; compiled per function with a
- * target attribute, so the build needs no -march flag) and portable C (any shape). Weight rows are shared out among `threads` threads (parallel.h).
+ * target attribute, so the build needs no -march flag) and portable C (any shape). Weight rows
+ * are shared out among `threads` threads (parallel.c).
  *
- * Called from Python with raw data pointers (see __init__.py, which validates every argument).
+ * Called from Python with raw data pointers (bloomconv/kernels/fourbit.py validates every
+ * argument) through the entry points at the end of this file, which module.c's table lists.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "kernels.h"
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "parallel.h"
-#include "x86.h"
-
 enum { ROUND_NONE = 0, ROUND_BF16 = 1, ROUND_FP16 = 2 };
-enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 enum { AVX512_MAX_BATCH = 4 };  /* x rows the AVX-512 matvec takes; more go to the AVX2 matmul */
 enum { CHUNK = 32 };            /* elements decoded per AVX2 step: 16 packed bytes */
-/* Decoding is compute-bound (per core here: AVX2 ~6 GB/s of packed bytes, AVX-512 ~9), so a second thread pays off
- * from small matrices on. */
+/* Decoding is compute-bound, so a second thread pays off from small matrices on. */
 enum { MIN_BYTES_PER_THREAD = 64 * 1024 };
 /* Software prefetch distance in packed bytes: rows are short (512 bytes for 1024 columns) and a
  * thread's rows are not all contiguous, so the hardware prefetcher alone kept a core well below
@@ -74,9 +70,6 @@ static inline float block_scale(const Matrix *w, int64_t block)
 }
 
 /* ------------------------------------------------------------------------------ scalar path */
-
-static inline float bits_to_float(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
-static inline uint32_t float_to_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
 
 /* Round to the nearest bf16/fp16 value, ties to even, as torch's .to(dtype) does (finite input). */
 static inline float round_weight(float v, int rounding)
@@ -169,8 +162,6 @@ static void scalar_dequantize(const Task *t)
 
 /* -------------------------------------------------------------------------------- AVX2 path */
 #ifdef HAVE_X86_KERNELS
-
-#define ALWAYS_INLINE __attribute__((always_inline)) inline
 
 /* The code table: as fp32 (for the bf16 tables) and as its 4 byte planes, each in both 128-bit
  * lanes (vpshufb tables). */
@@ -285,14 +276,6 @@ AVX2_TARGET static ALWAYS_INLINE void decode32(const uint8_t *p, const CodeLut *
     default: impl(t, ROUND_NONE); break;                                                          \
     }
 
-AVX2_TARGET static ALWAYS_INLINE float hsum(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* Batch 1: four independent accumulators per row hide the FMA latency. */
 AVX2_TARGET static ALWAYS_INLINE void matvec_impl(const Task *t, int rounding)
 {
@@ -304,7 +287,7 @@ AVX2_TARGET static ALWAYS_INLINE void matvec_impl(const Task *t, int rounding)
             for (int j = 0; j < 4; j++)
                 acc[j] = _mm256_fmadd_ps(f[j], _mm256_loadu_ps(t->x + c + 8 * j), acc[j]);
         );
-        t->out[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        t->out[r] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     }
 }
 
@@ -348,7 +331,7 @@ AVX2_TARGET static ALWAYS_INLINE void dot_tile(const float *weights, const float
     }
     for (int v = 0; v < vectors; v++)
         for (int i = 0; i < rows; i++)
-            sums[v][i] = hsum(acc[v][i]);
+            sums[v][i] = hsum8(acc[v][i]);
 }
 
 AVX2_TARGET static void dot_tiles(const float *weights, const float *xg, int64_t n, int64_t width,
@@ -503,7 +486,7 @@ AVX512_TARGET static void avx512_matvec(const Task *t) { DISPATCH_ROUNDING(MATVE
 
 /* ------------------------------------------------------------------------------- quantize */
 
-/* bitsandbytes' CPU `quantize_4bit`, bit for bit (bloomconv.quant._quantize_4bit_chunk is the
+/* bitsandbytes' CPU `quantize_4bit`, bit for bit (_quantize_4bit_chunk in bloomconv.storage is the
  * reference): per block absmax; scaled = x * (1 / max(absmax, 1e-38)), or x / absmax for the
  * tensor's last, partial block; clamped to [-1, 1]; sorted position = how many of the 15 midpoints
  * of the sorted code are < scaled (torch.bucketize, ties low); code = order[position]. Non-finite
@@ -521,7 +504,7 @@ typedef struct {
 
 static inline float load_element(const Quantize *q, int64_t i)
 {
-    return q->bf16 ? bits_to_float((uint32_t)((const uint16_t *)q->x)[i] << 16) : ((const float *)q->x)[i];
+    return q->bf16 ? bf16_to_float(((const uint16_t *)q->x)[i]) : ((const float *)q->x)[i];
 }
 
 static inline uint8_t code_of(const Quantize *q, float scaled)
@@ -584,11 +567,7 @@ static void scalar_quantize(const Quantize *q)
 #ifdef HAVE_X86_KERNELS
 AVX2_TARGET static inline __m256 load8(const Quantize *q, int64_t i)
 {
-    if (q->bf16) {
-        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)q->x + i));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    return _mm256_loadu_ps((const float *)q->x + i);
+    return q->bf16 ? load_bf16x8((const uint16_t *)q->x + i) : _mm256_loadu_ps((const float *)q->x + i);
 }
 
 /* Whole blocks of a multiple of 8 elements: 8 lanes at a time, the 15 comparisons as mask sums. */
@@ -644,7 +623,7 @@ AVX2_TARGET static void avx2_quantize(const Quantize *q)
 
 /* ------------------------------------------------------------------------------- threading */
 
-/* parallel.h's RangeFunction for a Task: the task over rows (or row ids) [begin, end). */
+/* run_parallel's RangeFunction for a Task: the task over rows (or row ids) [begin, end). */
 static void run_task(const void *job, int64_t begin, int64_t end)
 {
     Task part = *(const Task *)job;
@@ -706,10 +685,6 @@ static Matrix make_matrix(unsigned long long packed, long long rows, long long c
     return w;
 }
 
-PyDoc_STRVAR(matmul_doc,
-"matmul(x, batch, out, threads, isa, *matrix) -> None\n\n"
-"out (batch, rows) fp32 = x (batch, cols) fp32 @ W.T; all tensors contiguous, given by address.");
-
 /* The arguments matmul and dequantize share: (address, count, out, threads, isa, *matrix). 0 when
  * they do not parse (the Python error is set). */
 static int parse_call(PyObject *args, unsigned long long *first, long long *count, unsigned long long *out,
@@ -728,7 +703,7 @@ static int parse_call(PyObject *args, unsigned long long *first, long long *coun
     return 1;
 }
 
-static PyObject *py_matmul(PyObject *self, PyObject *args)
+PyObject *fourbit_matmul(PyObject *self, PyObject *args)
 {
     unsigned long long x, out;
     long long batch;
@@ -769,11 +744,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(dequantize_doc,
-"dequantize(row_ids, count, out, threads, isa, *matrix) -> None\n\n"
-"out (count, cols) fp32 = the weight rows listed in row_ids (int64), given by address.");
-
-static PyObject *py_dequantize(PyObject *self, PyObject *args)
+PyObject *fourbit_dequantize(PyObject *self, PyObject *args)
 {
     unsigned long long row_ids, out;
     long long count;
@@ -797,12 +768,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(quantize_doc,
-"quantize(x, bf16, n, block_size, bounds, order, absmax, packed, isa) -> None\n\n"
-"Blockwise 4-bit quantization of n fp32 or bf16 values at address x into absmax (fp32) and\n"
-"packed (uint8); bounds: 15 fp32 midpoints; order: 16 uint8 or 0. All given by address.");
-
-static PyObject *py_quantize(PyObject *self, PyObject *args)
+PyObject *fourbit_quantize(PyObject *self, PyObject *args)
 {
     unsigned long long x, bounds, order, absmax, packed;
     long long n, block_size;
@@ -824,25 +790,3 @@ static PyObject *py_quantize(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
-
-static PyObject *py_isas(PyObject *self, PyObject *unused)
-{
-    if (cpu_has_avx512())
-        return Py_BuildValue("(sss)", "avx512", "avx2", "scalar");
-    return cpu_has_avx2() ? Py_BuildValue("(ss)", "avx2", "scalar") : Py_BuildValue("(s)", "scalar");
-}
-
-static PyMethodDef methods[] = {
-    {"matmul", py_matmul, METH_VARARGS, matmul_doc},
-    {"dequantize", py_dequantize, METH_VARARGS, dequantize_doc},
-    {"quantize", py_quantize, METH_VARARGS, quantize_doc},
-    {"isas", py_isas, METH_NOARGS, "The instruction sets this CPU runs, fastest first."},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_fourbit", "Fused 4-bit dequantize-and-multiply kernels (see __init__.py).", -1,
-    methods,
-};
-
-PyMODINIT_FUNC PyInit__fourbit(void) { return PyModule_Create(&module); }

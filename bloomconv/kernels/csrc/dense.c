@@ -16,34 +16,29 @@
  * of 16 elements; portable C for anything else. Four weight rows are processed together so each x
  * vector loaded serves four rows, and up to BATCH_GROUP x rows share each widened weight vector
  * while the four rows sit in L1; the rows two steps ahead are prefetched. Rows are shared out
- * among threads (parallel.h).
+ * among threads (parallel.c).
+ *
+ * Called from Python with raw data pointers (bloomconv/kernels/dense.py validates the arguments)
+ * through the entry point at the end of this file, which module.c's table lists.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "kernels.h"
 
 #include <stdint.h>
-#include <string.h>
-
-#include "parallel.h"
-#include "x86.h"
 
 enum { KIND_INT8 = 0, KIND_BF16 = 1, KIND_FP16 = 2 };
-enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 enum { ROWS = 4 };         /* weight rows per step */
 enum { BATCH_GROUP = 4 };  /* x rows per pass over a step's weight rows: 16 accumulators */
 enum { LANES_NEEDED = 16 };
 /* Software prefetch of the weight rows two steps ahead: a step's 4 rows are 4-8 KB, too short for
- * the hardware prefetcher to ramp up, and one core read ~11 GB/s without it, ~22 GB/s with it
- * (250880 x 1024 int8, AVX-512; the page-cache bound there was ~27 GB/s). Into L2 (hint T1), not
- * L1: with long rows two steps are 32 KB, L1's size, and prefetching them into L1 evicted x, which
- * every step reads whole: int8 1024 x 4096 ran 12-13 GB/s with T0 and 23-26 GB/s with T1 (x of
- * 4-8 KB ran ~25 GB/s either way; bloom-560m's int8 decoding-step matmuls 27 -> 22 ms). */
+ * the hardware prefetcher to ramp up, and without it one core read the weights far below the
+ * memory's speed. Into L2 (hint T1), not L1: with long rows two steps are 32 KB, L1's size, and
+ * prefetching them into L1 evicted x, which every step reads whole (short rows ran alike with
+ * either hint). */
 enum { PREFETCH_GROUPS = 2 };
 /* One core with prefetch streams nearly as fast as the memory allows, so a second thread adds
- * ~10-30 % here and only pays off once a matrix is larger than handing it work costs (parallel.h's
- * pool: a few microseconds). bloom-560m int8 block matrices on 2 threads, per matrix shape: 1-4 MB
- * 22-36 GB/s against 20-25 single-threaded; with a thread per 256 KB the torch ops between them
- * slowed down more than the kernels gained. */
+ * little and only pays off once a matrix is larger than handing it work costs (waking a pool
+ * helper). Matrices of a few MB gained from a second thread; with a thread per 256 KB the torch
+ * ops between the kernel calls slowed down more than the kernels gained. */
 enum { MIN_BYTES_PER_THREAD = 1024 * 1024 };
 
 typedef struct {
@@ -62,12 +57,8 @@ static inline float widen(const void *w, int kind, int64_t i)
     if (kind == KIND_INT8)
         return (float)((const int8_t *)w)[i];
     uint16_t h = ((const uint16_t *)w)[i];
-    if (kind == KIND_BF16) {
-        uint32_t bits = (uint32_t)h << 16;
-        float f;
-        memcpy(&f, &bits, 4);
-        return f;
-    }
+    if (kind == KIND_BF16)
+        return bf16_to_float(h);
     /* IEEE half -> single, subnormals included */
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
     if (exponent == 0x1f)
@@ -84,9 +75,7 @@ static inline float widen(const void *w, int kind, int64_t i)
         }
         bits = sign | ((uint32_t)(113 - shift) << 23) | ((mantissa & 0x3ff) << 13);
     }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
+    return bits_to_float(bits);
 }
 
 /* Weight rows [begin, end). */
@@ -126,8 +115,7 @@ AVX512_TARGET static inline __m512 widen16(const void *w, int kind, int64_t i)
 /* ROWS weight rows n.. times x rows m0 .. m0 + MC - 1: MC is a constant in every call (see the
  * switch below), so the accumulators stay in registers. */
 #define DEFINE_STEP(PREFIX, TARGET, VEC, LANES, ZERO, WIDEN, LOADX, FMA, REDUCE, KIND, NAME)          \
-    TARGET static inline __attribute__((always_inline)) void NAME(const Job *j, int64_t n, int64_t m0, \
-                                                                   const int MC)                    \
+    TARGET static ALWAYS_INLINE void NAME(const Job *j, int64_t n, int64_t m0, const int MC)       \
     {                                                                                              \
         const int64_t K = j->cols;                                                                 \
         VEC acc[ROWS][BATCH_GROUP];                                                                \
@@ -196,25 +184,16 @@ AVX2_TARGET static inline __m256 widen8(const void *w, int kind, int64_t i)
 {
     if (kind == KIND_INT8)
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
     if (kind == KIND_BF16)
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    return _mm256_cvtph_ps(h);
-}
-
-AVX2_TARGET static inline float sum8(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+        return load_bf16x8((const uint16_t *)w + i);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
 }
 
 /* 8 lanes, 16 registers: ROWS x BATCH_GROUP = 16 accumulators would spill; gcc keeps what fits and
  * spills the rest to L1, which costs less than re-widening the weights per batch row. */
 #define AVX2_KERNELS(KIND, SUFFIX)                                                                 \
     DEFINE_STEP(avx2, AVX2_TARGET, __m256, 8, _mm256_setzero_ps, widen8, _mm256_loadu_ps,          \
-                _mm256_fmadd_ps, sum8, KIND, avx2_step_##SUFFIX)                                   \
+                _mm256_fmadd_ps, hsum8, KIND, avx2_step_##SUFFIX)                                  \
     DEFINE_GROUPS(AVX2_TARGET, avx2_step_##SUFFIX, avx2_rows_##SUFFIX)
 
 AVX2_KERNELS(KIND_INT8, int8)
@@ -250,12 +229,7 @@ static RangeFunction pick(int isa, const Job *j)
 
 /* ------------------------------------------------------------------------------ Python glue */
 
-PyDoc_STRVAR(matmul_doc,
-"matmul(x, batch, out, threads, isa, weight, rows, cols, kind, scale) -> None\n\n"
-"out (batch, rows) fp32 = x (batch, cols) fp32 @ W.T [* scale]; W (rows, cols) int8 (kind 0), bf16 (1)\n"
-"or fp16 (2); scale (rows,) fp32 or 0. All contiguous, given by address.");
-
-static PyObject *py_matmul(PyObject *self, PyObject *args)
+PyObject *dense_matmul(PyObject *self, PyObject *args)
 {
     unsigned long long x, out, weight, scale;
     long long batch, rows, cols;
@@ -284,25 +258,3 @@ static PyObject *py_matmul(PyObject *self, PyObject *args)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
-
-static PyObject *py_isas(PyObject *self, PyObject *unused)
-{
-    if (cpu_has(ISA_AVX512))
-        return Py_BuildValue("(sss)", "avx512", "avx2", "scalar");
-    if (cpu_has(ISA_AVX2))
-        return Py_BuildValue("(ss)", "avx2", "scalar");
-    return Py_BuildValue("(s)", "scalar");
-}
-
-static PyMethodDef methods[] = {
-    {"matmul", py_matmul, METH_VARARGS, matmul_doc},
-    {"isas", py_isas, METH_NOARGS, "The instruction sets this CPU runs, fastest first."},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_dense", "Matrix-vector products from stored int8/bf16/fp16 weights (see __init__.py).",
-    -1, methods,
-};
-
-PyMODINIT_FUNC PyInit__dense(void) { return PyModule_Create(&module); }

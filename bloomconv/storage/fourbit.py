@@ -1,16 +1,11 @@
-"""Weight quantization in bitsandbytes' layouts: int8 (LLM.int8() vector-wise) and 4-bit NF4/FP4.
+"""bitsandbytes' blockwise 4-bit weights, NF4 and FP4: packed codes plus their quant state.
 
-Pure PyTorch and stateless, shared by the converter (which writes these tensors) and the runtime
-(which reads them), so neither imports the other and nothing here imports bitsandbytes. Work runs
-over chunks of rows or of whole 4-bit blocks (`chunk_elements` at a time) written into preallocated
-outputs, so memory stays bounded on a 250880×14336 matrix; there are no loops over elements.
+Stored under the names `Linear4bit` saves (`<module>.weight` uint8 [ceil(out*in/2), 1], element 2i
+in the high nibble; `.weight.absmax`, `.weight.quant_map`, with double quant `.weight.nested_absmax`
+and `.weight.nested_quant_map`; `.weight.quant_state.bitsandbytes__nf4|fp4`, a JSON blob). Blocks
+run over the flattened tensor. Each function gives what bitsandbytes gives on CPU, bit for bit
+(tests/test_quant.py checks against bitsandbytes itself)::
 
-Each function gives what bitsandbytes 0.50 gives on CPU, bit for bit (tests/test_quant.py checks
-against bitsandbytes itself)::
-
-    quantize_int8(W, "source")   == F.int8_vectorwise_quant(W, threshold=0.0)[:2]
-    quantize_int8(W, "float16")  == the same of W.half(): what Linear8bitLt/transformers store
-    dequantize_int8(CB, SCB, dt) == F.int8_vectorwise_dequant(CB, SCB).to(dt)
     quantize_4bit(W, t, b, dq)   == {"weight": packed, **{"weight." + k: v for k, v in
                                      state.as_dict(packed=True).items()}}
                                     for packed, state = F.quantize_4bit(W, b, quant_type=t,
@@ -24,23 +19,13 @@ multiple of 16) writes -0.0 for FP4 code 8 where the reference, AVX-512 and NEON
 +0.0. The AVX-512 one also takes absmax per row, so it is wrong when the last dimension is a
 multiple of 16 but not of the block size (e.g. 96 with blocks of 64); BLOOM's shapes are not.
 
-Speed on a 2-core AMD EPYC with AVX-512 (bf16 input, best of 2-5 runs, seconds, bloomconv vs
-bitsandbytes on the whole tensor, load average ~3 from other jobs; peak memory above the input)::
-
-                         4096×1024        250880×1024     peak, 250880×1024
-    nf4 quantize         0.08 vs 0.07     5.3 vs 5.3      0.54 GB vs 3.5 GB  (with double quant)
-    fp4 quantize         0.07 vs 0.08     5.4 vs 22.1
-    int8 quantize        0.007 vs 0.007   1.9 vs 2.9      0.39 GB vs 2.5 GB  (of W.half())
-    nf4 dequantize       0.011 vs <0.001  1.5 vs 0.2      (bitsandbytes: multithreaded C)
+Products go through the fused 4-bit kernel (bloomconv/kernels/csrc/fourbit.c), which decodes the
+packed bytes as it multiplies; on accelerators through `bitsandbytes.matmul_4bit`.
 
 >>> w = torch.randn(8, 64, dtype=torch.bfloat16)
->>> CB, SCB = quantize_int8(w)
->>> (dequantize_int8(CB, SCB, torch.bfloat16) - w).abs().max() <= SCB.max() / 127
-tensor(True)
 >>> stored = quantize_4bit(w, QuantType.NF4, block_size=64, double_quant=True)
->>> sorted(stored)                                  # doctest: +NORMALIZE_WHITESPACE
-['weight', 'weight.absmax', 'weight.nested_absmax', 'weight.nested_quant_map',
- 'weight.quant_map', 'weight.quant_state.bitsandbytes__nf4']
+>>> sorted(stored) == sorted(NF4Storage.stored_names(QuantSettings(QuantType.NF4, 64, True)))
+True
 >>> dequantize_4bit(stored).shape, dequantize_4bit(stored).dtype
 (torch.Size([8, 64]), torch.bfloat16)
 """
@@ -52,95 +37,29 @@ import json
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 
-from .errors import QuantizationError
-from .format import (INT8_SCALE_SUFFIX, BLOCK_SIZES_4BIT, DEFAULT_BLOCK_SIZE, DEFAULT_INT8_SCALE_FROM, INT8_SCALE_FROM,
-                     NESTED_BLOCK_SIZE, NESTED_ABSMAX_SUFFIX, NESTED_QUANT_MAP_SUFFIX, QUANT_ABSMAX_SUFFIX, QUANT_MAP_SUFFIX,
-                     QUANT_STATE_SUFFIX_TEMPLATE, QuantType)
+from bloomconv import kernels
+from bloomconv.errors import QuantizationError
+from bloomconv.format import (BLOCK_SIZES_4BIT, NESTED_ABSMAX_SUFFIX, NESTED_BLOCK_SIZE,
+                              NESTED_QUANT_MAP_SUFFIX, QUANT_ABSMAX_SUFFIX, QUANT_MAP_SUFFIX,
+                              QUANT_STATE_SUFFIX_TEMPLATE, SOURCE_FLOAT_DTYPES, QuantType)
+from bloomconv.kernels import fourbit as fourbit_kernel
+from bloomconv.settings import QuantSettings
 
-__all__ = [
-    "BLOCK_SIZES", "CHUNK_ELEMENTS", "DEFAULT_BLOCK_SIZE", "DEFAULT_INT8_SCALE_FROM", "FourBitState",
-    "INT8_SCALE_FROM", "NESTED_BLOCK_SIZE", "code_table", "dequantize_4bit", "dequantize_int8",
-    "dequantize_stored", "dynamic_map", "quantize_4bit", "quantize_int8",
-]
+from .base import CHUNK_ELEMENTS, Lookup, Storage, check_float_weight, register
 
-BLOCK_SIZES = BLOCK_SIZES_4BIT
-CHUNK_ELEMENTS = 1 << 20  # per step: 2 MB of bf16 input, 4 MB fp32 temporaries (in cache: 16M took 2.6x as long)
+__all__ = ["FP4Storage", "FourBitState", "FourBitStorage", "FourBitWeight", "NF4Storage", "code_table",
+           "dequantize_4bit", "dynamic_map", "quantize_4bit"]
 
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_INT8_DEQUANT_SCALE = 7.874015718698502e-3  # 1/127 exactly as bitsandbytes writes it
 _LUT_BINS = 65536  # bitsandbytes' CPU 8-bit blockwise quantizer rounds x/absmax to one of these
+_NESTED_NAMES = (f"weight.{NESTED_ABSMAX_SUFFIX}", f"weight.{NESTED_QUANT_MAP_SUFFIX}")
 
 
-# ---------------------------------------------------------------------------------------- int8
+def blob_name(quant_type: QuantType) -> str:
+    """Name of the state blob next to the packed data, e.g. `weight.quant_state.bitsandbytes__nf4`."""
+    return "weight." + QUANT_STATE_SUFFIX_TEMPLATE.format(quant_type=quant_type.value)
 
-def quantize_int8(weight: torch.Tensor, scale_from: str = DEFAULT_INT8_SCALE_FROM, *, name: str = "weight",
-                  chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """LLM.int8() vector-wise quantization of a 2-D weight: (CB int8 [out, in], SCB float32 [out]).
-
-    SCB is each row's absmax (not absmax/127); CB = round-half-even(w * (127/SCB)) in fp32. An
-    all-zero row gives SCB 0 and CB 0. A row whose absmax is below 127/FLT_MAX (~7.5e-37) also
-    gets CB 0, as in bitsandbytes (127/SCB overflows): an absolute error below 7.5e-37. With `scale_from="float16"` a weight with a value float16
-    cannot hold (|w| >= 65520, which casts to inf) raises QuantizationError, where bitsandbytes
-    would store an infinite scale; `name` only labels errors.
-
-    >>> CB, SCB = quantize_int8(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))
-    >>> CB.tolist(), SCB.tolist()
-    ([[64, -127, 32], [0, 0, 0]], [2.0, 0.0])
-    """
-    _check_float_weight(weight, name)
-    if weight.dim() != 2:
-        raise QuantizationError(name, f"int8 quantization needs a 2-D weight, got shape {tuple(weight.shape)}",
-                                "Quantize only Linear weights to int8.")
-    if scale_from not in INT8_SCALE_FROM:
-        raise QuantizationError(name, f"unknown int8 scale_from {scale_from!r}",
-                                f"Use one of {', '.join(INT8_SCALE_FROM)}.")
-    rows, cols = weight.shape
-    CB = torch.empty((rows, cols), dtype=torch.int8)
-    SCB = torch.empty(rows, dtype=torch.float32)
-    step = max(1, chunk_elements // max(cols, 1))
-    for start in range(0, rows, step):
-        w = weight[start:start + step]                                  # (r, in)
-        if scale_from == "float16":
-            w = w.to(torch.float16)
-        absmax = torch.amax(w.abs(), dim=1).float()                     # (r,)
-        if not torch.isfinite(absmax).all():
-            raise _non_finite_int8(name, weight, scale_from)
-        # `127.0 / absmax` is reciprocal-then-multiply, as in bitsandbytes; zero rows stay 0, not NaN
-        multiplier = torch.where(absmax > 0, 127.0 / absmax, 0.0)
-        scaled = torch.mul(w, multiplier.unsqueeze(-1)).round_()        # (r, in) fp32; one temporary
-        CB[start:start + step] = scaled
-        SCB[start:start + step] = absmax
-    return CB, SCB
-
-
-def dequantize_int8(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype = torch.float32, *,
-                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """`CB * SCB / 127` computed in fp32 (as bitsandbytes does), then cast to `dtype`.
-
-    >>> dequantize_int8(torch.tensor([[64, -127]], dtype=torch.int8), torch.tensor([2.0]))
-    tensor([[ 1.0079, -2.0000]])
-    """
-    rows, cols = CB.shape
-    out = torch.empty((rows, cols), dtype=dtype, device=CB.device)
-    step = max(1, chunk_elements // max(cols, 1))
-    for start in range(0, rows, step):
-        rows_SCB = SCB[start:start + step].view(-1, 1)
-        out[start:start + step] = CB[start:start + step] * rows_SCB * _INT8_DEQUANT_SCALE  # same order as bnb
-    return out
-
-
-def _non_finite_int8(name: str, weight: torch.Tensor, scale_from: str) -> QuantizationError:
-    if scale_from == "float16" and torch.isfinite(weight).all():
-        peak = weight.abs().max().item()
-        return QuantizationError(
-            name, f"holds a value of magnitude {peak:g}, beyond float16's range, so int8 quantization of "
-            "its float16 cast (what transformers does) would store an infinite scale",
-            "Quantize with int8_scale_from='source' (scales taken in the weight's own dtype), or use nf4/fp4.")
-    return QuantizationError(name, "holds NaN or infinite values", "The checkpoint is damaged; get it again.")
-
-
-# ---------------------------------------------------------------------------------------- 4-bit
 
 @dataclasses.dataclass(frozen=True)
 class FourBitState:
@@ -165,8 +84,7 @@ class FourBitState:
 
     @property
     def blob_key(self) -> str:
-        """Key of the blob next to the packed data, e.g. `weight.quant_state.bitsandbytes__nf4`."""
-        return "weight." + QUANT_STATE_SUFFIX_TEMPLATE.format(quant_type=self.quant_type.value)
+        return blob_name(self.quant_type)
 
     def to_dict(self) -> dict:
         """Exactly the non-tensor items of `QuantState.as_dict()`, in its order."""
@@ -183,8 +101,8 @@ class FourBitState:
         fix = "The quantized file is damaged or was not written by bitsandbytes/bloomconv; convert again."
         if not isinstance(d, dict) or set(d) not in (base, base | nested):
             raise QuantizationError("quant_state", f"unexpected 4-bit state {d!r}", fix)
-        if (d["quant_type"] not in ("nf4", "fp4") or d["blocksize"] not in BLOCK_SIZES
-                or d["dtype"] not in ("bfloat16", "float16", "float32")
+        if (d["quant_type"] not in ("nf4", "fp4") or d["blocksize"] not in BLOCK_SIZES_4BIT
+                or d["dtype"] not in SOURCE_FLOAT_DTYPES
                 or not isinstance(d["shape"], list) or not all(type(x) is int and x >= 0 for x in d["shape"])):
             raise QuantizationError("quant_state", f"invalid 4-bit state {d!r}", fix)
         if set(d) == base:
@@ -240,10 +158,13 @@ def _bucket_bounds(quant_type: QuantType) -> tuple[torch.Tensor, torch.Tensor | 
     return (code[order[:-1]] + code[order[1:]]) / 2, None if identity else order.to(torch.uint8)
 
 
-def quantize_4bit(weight: torch.Tensor, quant_type: QuantType | str, block_size: int = DEFAULT_BLOCK_SIZE,
+def quantize_4bit(weight: torch.Tensor, quant_type: QuantType | str, block_size: int = 64,
                   double_quant: bool = False, *, name: str = "weight",
                   chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
     """Blockwise 4-bit quantization: packed data plus bitsandbytes' packed state, keyed like Linear4bit.
+
+    The arguments and their defaults are those of `bitsandbytes.functional.quantize_4bit`; what
+    `quantize` stores by default is the preset in `bloomconv.settings`.
 
     Returns `weight` (uint8 [ceil(numel/2), 1], element 2i in the high nibble), `weight.absmax`
     (fp32 [nblocks], or uint8 codes with double quant), `weight.quant_map` (fp32 [16]), with double
@@ -255,12 +176,12 @@ def quantize_4bit(weight: torch.Tensor, quant_type: QuantType | str, block_size:
     (torch.Size([32, 1]), [1.0, 1.0])
     """
     quant_type = QuantType(quant_type)
-    _check_float_weight(weight, name)
+    check_float_weight(weight, name)
     if not quant_type.is_4bit:
         raise QuantizationError(name, f"{quant_type.value!r} is not a 4-bit type", "Use nf4 or fp4.")
-    if block_size not in BLOCK_SIZES:
+    if block_size not in BLOCK_SIZES_4BIT:
         raise QuantizationError(name, f"block size {block_size} is not one bitsandbytes supports",
-                                f"Use one of {', '.join(map(str, BLOCK_SIZES))}.")
+                                f"Use one of {', '.join(map(str, BLOCK_SIZES_4BIT))}.")
     flat = weight.reshape(-1)
     n = flat.numel()
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
@@ -292,12 +213,9 @@ def quantize_4bit(weight: torch.Tensor, quant_type: QuantType | str, block_size:
 
 
 def _compiled_4bit_quantizer():
-    """The C quantizer (bit for bit `_quantize_4bit_chunk`, ~10x faster), or None where it was not built.
-
-    Imported late: the kernels package imports this module.
-    """
-    from bloomconv.runtime import kernels
-    return kernels.fourbit_quantize_blocks if kernels.available() else None
+    """The C quantizer (bit for bit `_quantize_4bit_chunk`, one pass over the input), or None where
+    the kernels were not built."""
+    return fourbit_kernel.fourbit_quantize_blocks if kernels.available() else None
 
 
 def _quantize_4bit_chunk(chunk: torch.Tensor, block_size: int, bounds: torch.Tensor,
@@ -335,7 +253,11 @@ def dequantize_4bit(stored: Mapping[str, torch.Tensor], dtype: torch.dtype | Non
     if len(blob_keys) != 1:
         raise QuantizationError("weight", f"expected one quant_state blob, found {blob_keys}",
                                 "Pass every tensor quantize_4bit stored for this weight.")
-    state = FourBitState.from_blob(stored[blob_keys[0]])
+    return _dequantize(stored, FourBitState.from_blob(stored[blob_keys[0]]), dtype, chunk_elements)
+
+
+def _dequantize(stored: Mapping[str, torch.Tensor], state: FourBitState, dtype: torch.dtype | None,
+                chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     absmax = stored[f"weight.{QUANT_ABSMAX_SUFFIX}"]
     if state.nested:
         absmax = _dequantize_blockwise8(absmax, stored[f"weight.{NESTED_ABSMAX_SUFFIX}"],
@@ -403,37 +325,103 @@ def _dequantize_blockwise8(codes: torch.Tensor, absmax: torch.Tensor, code: torc
     return values * absmax.repeat_interleave(NESTED_BLOCK_SIZE)[:values.numel()]
 
 
-def _check_float_weight(weight: torch.Tensor, name: str) -> None:
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise QuantizationError(name, f"has dtype {weight.dtype}; only bfloat16, float16 and float32 "
-                                "weights can be quantized", "Quantize the floating-point weights only.")
+@dataclasses.dataclass(frozen=True)
+class FourBitWeight:
+    stored: dict[str, torch.Tensor]  # `weight` (packed uint8), `weight.absmax`, …, as bitsandbytes names them
+    state: FourBitState              # parsed once, from the blob among `stored`
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.state.shape
+
+    @functools.cached_property
+    def matrix(self) -> fourbit_kernel.FourBitMatrix:
+        """The stored tensors as the fused kernels read them (views, no copy)."""
+        absmax = self.stored[f"weight.{QUANT_ABSMAX_SUFFIX}"].reshape(-1)
+        if self.state.nested:
+            absmax = fourbit_kernel.NestedAbsmax(absmax, self.stored[_NESTED_NAMES[0]].reshape(-1),
+                                                 self.stored[_NESTED_NAMES[1]].reshape(-1), self.state.nested_offset)
+        return fourbit_kernel.FourBitMatrix(self.stored["weight"].reshape(-1), absmax,
+                                            code_table(self.state.quant_type), self.state.block_size,
+                                            self.state.shape, self.state.dtype)
+
+    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
+        return kernels.available() and x.device.type == "cpu" and self.stored["weight"].device.type == "cpu"
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_fused_kernel(x):
+            return fourbit_kernel.fourbit_matmul(x, self.matrix).to(x.dtype)
+        if x.device.type != "cpu":
+            return self.bitsandbytes_matmul(x)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def bitsandbytes_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T through `bitsandbytes.matmul_4bit`, on whatever device the tensors are (on CUDA its
+        fused 4-bit GEMV for a decoding step; elsewhere it dequantizes first). Imported only here:
+        the CPU runtime never loads bitsandbytes."""
+        import bitsandbytes
+        from bitsandbytes.functional import QuantState
+        state = QuantState.from_dict({k.removeprefix("weight."): v for k, v in self.stored.items() if k != "weight"},
+                                     device=self.stored["weight"].device)
+        return bitsandbytes.matmul_4bit(x, self.stored["weight"].t(), quant_state=state)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.stored["weight"].device.type == "cpu" and kernels.available():
+            return fourbit_kernel.fourbit_dequantize(self.matrix).to(dtype)
+        return _dequantize(self.stored, self.state, dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.stored["weight"].device.type == "cpu" and kernels.available():
+            return fourbit_kernel.fourbit_dequantize(self.matrix, ids).to(dtype).reshape(*ids.shape, self.shape[1])
+        return self.dequantize(dtype)[ids]
 
 
-# ------------------------------------------------------------------------ whole state dicts
+class FourBitStorage(Storage):
+    """Blockwise 4-bit with one fp32 (or double-quantized 8-bit) absmax per block of the flattened
+    weight; NF4 and FP4 differ only in their code table."""
 
-def dequantize_stored(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A plain state dict from stored tensors (a unit file, or a whole directory's).
+    @classmethod
+    def stored_names(cls, settings: QuantSettings | None) -> tuple[str, ...]:
+        nested = _NESTED_NAMES if settings is not None and settings.double_quant else ()
+        return ("weight", f"weight.{QUANT_ABSMAX_SUFFIX}", f"weight.{QUANT_MAP_SUFFIX}", *nested,
+                blob_name(cls.quant_type))
 
-    Each quantized `<module>.weight` with its `SCB` or 4-bit state becomes the float matrix it
-    encodes (int8: float32; 4-bit: the dtype recorded in its state); other tensors pass through.
-
-    >>> w = torch.randn(4, 64)
-    >>> CB, SCB = quantize_int8(w)
-    >>> sorted(dequantize_stored({"m.weight": CB, "m.SCB": SCB, "m.bias": torch.zeros(4)}))
-    ['m.bias', 'm.weight']
-    """
-    out = {}
-    for name, tensor in tensors.items():
-        if name.endswith(f".{INT8_SCALE_SUFFIX}") or ".weight." in name:
-            continue  # state of a quantized weight, consumed with it below
-        module = name.removesuffix(".weight")
-        scale = tensors.get(f"{module}.{INT8_SCALE_SUFFIX}") if name.endswith(".weight") else None
-        if scale is not None:
-            out[name] = dequantize_int8(tensor, scale)
-        elif name.endswith(".weight") and any(k.startswith(f"{name}.quant_state.") for k in tensors):
-            prefix = f"{module}."
-            out[name] = dequantize_4bit({k.removeprefix(prefix): v for k, v in tensors.items()
-                                         if k == name or k.startswith(f"{name}.")})
+    @classmethod
+    def stored_bytes(cls, shape, source_itemsize, settings: QuantSettings | None) -> int:
+        settings = settings or QuantSettings(cls.quant_type)
+        numel = 1
+        for d in shape:
+            numel *= d
+        blocks = -(-numel // settings.block_size)
+        size = (numel + 1) // 2 + 16 * 4                     # packed nibbles + fp32 code table
+        if settings.double_quant:
+            size += blocks + -(-blocks // NESTED_BLOCK_SIZE) * 4 + 256 * 4  # uint8 absmax + nested
         else:
-            out[name] = tensor
-    return out
+            size += blocks * 4                               # fp32 absmax
+        return size
+
+    @classmethod
+    def encode(cls, weight, settings: QuantSettings | None, *, name="weight"):
+        settings = settings or QuantSettings(cls.quant_type)
+        return quantize_4bit(weight, cls.quant_type, settings.block_size, settings.double_quant, name=name)
+
+    @classmethod
+    def decode(cls, lookup: Lookup, *, name="weight") -> FourBitWeight:
+        state = FourBitState.from_blob(cls.require(lookup, blob_name(cls.quant_type), name))
+        if state.quant_type is not cls.quant_type or len(state.shape) != 2:
+            raise QuantizationError(name, f"is tagged {cls.quant_type.value} but its state describes a "
+                                    f"{state.quant_type.value} tensor of shape {state.shape}",
+                                    "The file is damaged or was not written by bloomconv; convert again.")
+        names = cls.stored_names(QuantSettings(cls.quant_type, state.block_size, state.nested))
+        stored = {key: cls.require(lookup, key, name) for key in names}
+        return FourBitWeight(stored, state)
+
+
+@register
+class NF4Storage(FourBitStorage):
+    quant_type = QuantType.NF4
+
+
+@register
+class FP4Storage(FourBitStorage):
+    quant_type = QuantType.FP4

@@ -3,17 +3,16 @@
  * Items are handed out a grain of work at a time (see MIN_GRAIN_BYTES) from a shared counter. The
  * calling thread works too and then waits only for grains already taken: a helper that the OS has
  * not yet run (other jobs on a 2-core machine) finds nothing left, so it costs the call nothing.
- * Each item's result must not depend on which thread computes it.
  *
- * Helpers are a pool started on first use and kept: a decoding step calls the kernels ~100 times,
- * every 20-300 µs, and creating threads per call cost tens of microseconds each time. Between
- * jobs a helper spins for up to SPIN_NANOSECONDS (with `pause`), then sleeps on a condition
- * variable until the next job. After fork() the child starts a new pool on its first parallel
- * call (the parent's helpers do not exist there). Header-only (static functions and state): each
- * extension module that includes it has its own pool.
+ * Helpers are a pool started on first use and kept: a decoding step calls the kernels about a
+ * hundred times in quick succession, and creating threads on every call cost more than many of
+ * those calls take. Between jobs a helper spins for up to SPIN_NANOSECONDS (with `pause`), then
+ * sleeps on a condition variable until the next job. After fork() the child starts a new pool on
+ * its first parallel call (the parent's helpers do not exist there). This file is compiled once
+ * into the extension, so the 4-bit and the dense kernels share one pool: their calls alternate
+ * within a decoding step, and two pools would keep two sets of helpers spinning on the same cores.
  */
-#ifndef BLOOMCONV_PARALLEL_H
-#define BLOOMCONV_PARALLEL_H
+#include "kernels.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -22,8 +21,7 @@
 #include <pthread.h>
 #include <time.h>
 #define HAVE_PTHREADS 1
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
+#ifdef HAVE_X86_KERNELS
 #define cpu_relax() _mm_pause()
 #else
 #define cpu_relax() ((void)0)
@@ -32,17 +30,14 @@
 
 /* Work a thread takes at a time: a sixteenth of a thread's share, within these bounds. Large
  * grains matter: a thread's software prefetch runs ahead within its grain only, so every grain
- * starts cold; with 32 KB grains two threads streamed an int8 250880 x 1024 matrix at 26-28 GB/s
- * (one thread: 25-27), with 1 MB grains at 33-35 GB/s (torch.sum's bandwidth: 34-36). Small
- * ones still balance matrices of a few MB between threads. */
+ * starts cold, and with grains of tens of KB two threads streamed a large matrix hardly faster
+ * than one; with 1 MB grains they reach the memory's bandwidth. Small ones still balance
+ * matrices of a few MB between threads. */
 enum { MIN_GRAIN_BYTES = 32 * 1024, MAX_GRAIN_BYTES = 1024 * 1024, GRAINS_PER_THREAD = 16 };
 enum { MAX_HELPERS = 255 };
-/* Longer than most gaps between one decoding step's kernel calls. Spinning for 300 µs instead
- * slowed the torch ops running meanwhile on the other vCPU here (a step's non-kernel time 7 -> 9-12 ms). */
+/* Longer than most gaps between one decoding step's kernel calls, and no longer: a helper spinning
+ * much longer takes its core from the torch ops that run between the kernel calls. */
 #define SPIN_NANOSECONDS 30000
-
-/* Computes items [begin, end) of the job described by `job`. */
-typedef void (*RangeFunction)(const void *job, int64_t begin, int64_t end);
 
 typedef struct {
     RangeFunction run;
@@ -178,12 +173,9 @@ static void pool_withdraw(WorkQueue *queue)
 }
 #endif
 
-/* Runs `run(job, ...)` over items [0, count) on up to `threads` threads, this one included, one
- * per `min_bytes_per_thread` of work (below that, handing work over costs more than it saves);
- * -1 when out of memory. `job` must stay valid until the call returns (helpers that come late
- * only find the queue empty). */
-static int run_parallel(RangeFunction run, const void *job, int64_t count, int64_t bytes_per_item, int threads,
-                        int64_t min_bytes_per_thread)
+/* See kernels.h. A helper that comes after the call returned finds the queue empty and never reads `job`. */
+int run_parallel(RangeFunction run, const void *job, int64_t count, int64_t bytes_per_item, int threads,
+                 int64_t min_bytes_per_thread)
 {
     bytes_per_item = bytes_per_item > 0 ? bytes_per_item : 1;
     int64_t helpers = count * bytes_per_item / min_bytes_per_thread - 1;  /* threads besides this one */
@@ -211,5 +203,3 @@ static int run_parallel(RangeFunction run, const void *job, int64_t count, int64
     release(queue);
     return 0;
 }
-
-#endif

@@ -1,0 +1,84 @@
+"""bloomconv's compiled CPU kernels, shared by the converter and the runtime.
+
+`fourbit` multiplies and dequantizes bitsandbytes' NF4/FP4 matrices straight from their packed
+bytes and quantizes to them; `dense` multiplies by int8, bf16 and fp16 matrices as stored, in fp32.
+Both live in one C extension, `_kernels` (built from csrc/ by setup.py), so they share one thread
+pool: a decoding step alternates between them, and two pools would keep two sets of threads
+spinning on the same cores. This package imports nothing of bloomconv but `format` and `errors`,
+so any part of bloomconv can use it.
+
+What the two kernels share is here: whether the extension was built (`available()`; where no C
+compiler was found at install time, callers widen or dequantize weights and use torch instead),
+the instruction sets it can use on this CPU, and how many threads it runs.
+
+>>> from bloomconv import kernels
+>>> kernels.available(), kernels.isas()                                  # doctest: +SKIP
+(True, ('avx512', 'avx2', 'scalar'))
+>>> with kernels.kernels_own_the_cores():                                # doctest: +SKIP
+...     logits = model.forward(next_token)
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+
+from bloomconv.errors import QuantizationError
+
+try:
+    from . import _kernels
+except ImportError:  # installed without a C compiler
+    _kernels = None
+
+__all__ = ["available", "isas", "kernel_threads", "kernels_own_the_cores"]
+
+_ISA_CODES = {None: 0, "scalar": 1, "avx2": 2, "avx512": 3}  # csrc/kernels.h's ISA_*
+
+_KERNEL_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("bloomconv_kernel_threads",
+                                                                           default=None)
+
+
+def available() -> bool:
+    """Whether the compiled kernels are installed (their portable C code runs on any CPU)."""
+    return _kernels is not None
+
+
+def isas() -> tuple[str, ...]:
+    """Instruction sets the kernels can use on this CPU, fastest first, e.g. ("avx512", "avx2", "scalar")."""
+    return _kernels.isas() if _kernels is not None else ()
+
+
+def kernel_threads() -> int:
+    """Threads the compiled kernels use: torch.get_num_threads(), or what `kernels_own_the_cores` set."""
+    return _KERNEL_THREADS.get() or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def kernels_own_the_cores() -> Iterator[None]:
+    """Run torch's own ops on one thread while the compiled kernels keep torch's thread count.
+
+    For a decoding step, where the kernels do the heavy work and torch's ops are tiny: torch's
+    OpenMP workers spin-wait after each op, on the very cores the kernels' threads need.
+    """
+    threads = torch.get_num_threads()
+    token = _KERNEL_THREADS.set(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _KERNEL_THREADS.reset(token)
+
+
+def _isa_code(isa: str | None) -> int:
+    """The extension's code for instruction set `isa` (None: the fastest), or a typed error when the
+    extension was not built or this CPU lacks `isa`."""
+    if _kernels is None:
+        raise QuantizationError("weight", "the compiled kernels are not installed (no C compiler at install time)",
+                                "Check bloomconv.kernels.available() first, or reinstall with gcc.")
+    if isa is not None and isa not in _kernels.isas():
+        raise QuantizationError("weight", f"instruction set {isa!r} is not available on this CPU",
+                                f"Use one of {', '.join(_kernels.isas())}, or None for the fastest.")
+    return _ISA_CODES[isa]

@@ -1,0 +1,102 @@
+/* What the files of the one kernels extension share (fourbit.c, dense.c, parallel.c, module.c):
+ *   - the instruction-set codes callers pass (one enum; bloomconv/kernels/__init__.py mirrors it);
+ *   - compiling x86 SIMD code without a -march flag and choosing it at run time: HAVE_X86_KERNELS
+ *     where gcc/clang target x86, the per-function target attributes, and the CPU checks that both
+ *     kernels and `isas()` must agree on;
+ *   - the conversions both kernels make (bf16 widening, float bits, horizontal sums);
+ *   - the thread pool's entry point (parallel.c: one pool for every kernel);
+ *   - the Python entry points that module.c puts in its method table.
+ */
+#ifndef BLOOMCONV_KERNELS_H
+#define BLOOMCONV_KERNELS_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+/* Shared between this extension's files only: not exported from it, and not replaced by a
+ * same-named symbol of another library loaded into the process. */
+#if defined(__GNUC__) || defined(__clang__)
+#define INTERNAL __attribute__((visibility("hidden")))
+#else
+#define INTERNAL
+#endif
+
+/* The instruction set a caller asks for: AUTO takes the fastest this CPU runs. */
+enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+
+/* ------------------------------------------------------------------------------- x86 targets */
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_X86_KERNELS 1
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
+#define ALWAYS_INLINE __attribute__((always_inline)) inline
+
+static inline int cpu_has_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+/* what AVX512_TARGET code needs (its AVX2 part included) */
+static inline int cpu_has_avx512(void)
+{
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+#else
+static inline int cpu_has_avx2(void) { return 0; }
+static inline int cpu_has_avx512(void) { return 0; }
+#endif
+
+/* ------------------------------------------------------------------------------ conversions */
+
+static inline float bits_to_float(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline uint32_t float_to_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+/* bf16 is the high half of an fp32, so widening is exact. */
+static inline float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
+
+#ifdef HAVE_X86_KERNELS
+/* 8 bf16 values from p, widened to fp32. */
+AVX2_TARGET static ALWAYS_INLINE __m256 load_bf16x8(const uint16_t *p)
+{
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* The sum of 8 lanes, always in the same order: (0+4 + 2+6) + (1+5 + 3+7). */
+AVX2_TARGET static ALWAYS_INLINE float hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* ------------------------------------------------------------------------------ thread pool */
+
+/* Computes items [begin, end) of the job described by `job`. */
+typedef void (*RangeFunction)(const void *job, int64_t begin, int64_t end);
+
+/* Runs `run(job, ...)` over items [0, count) on up to `threads` threads, this one included, one
+ * per `min_bytes_per_thread` of work (below that, handing work over costs more than it saves);
+ * -1 when out of memory. `job` must stay valid until the call returns. Each item's result must
+ * not depend on which thread computes it. Call without the GIL held. */
+INTERNAL int run_parallel(RangeFunction run, const void *job, int64_t count, int64_t bytes_per_item, int threads,
+                          int64_t min_bytes_per_thread);
+
+/* ---------------------------------------------------------------------- Python entry points */
+
+/* fourbit.c */
+INTERNAL PyObject *fourbit_matmul(PyObject *self, PyObject *args);
+INTERNAL PyObject *fourbit_dequantize(PyObject *self, PyObject *args);
+INTERNAL PyObject *fourbit_quantize(PyObject *self, PyObject *args);
+/* dense.c */
+INTERNAL PyObject *dense_matmul(PyObject *self, PyObject *args);
+
+#endif

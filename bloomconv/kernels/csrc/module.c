@@ -1,0 +1,49 @@
+/* bloomconv.kernels._kernels: the 4-bit (fourbit.c) and dense (dense.c) CPU kernels in one
+ * extension, so they share one thread pool (parallel.c) and one answer to which instruction sets
+ * this CPU runs. Every function takes raw addresses; the Python wrappers in bloomconv/kernels/
+ * validate the tensors behind them.
+ */
+#include "kernels.h"
+
+PyDoc_STRVAR(fourbit_matmul_doc,
+"fourbit_matmul(x, batch, out, threads, isa, *matrix) -> None\n\n"
+"out (batch, rows) fp32 = x (batch, cols) fp32 @ W.T for the 4-bit matrix W; all tensors contiguous,\n"
+"given by address. matrix: packed, rows, cols, block_size, code, absmax, absmax_codes, nested_absmax,\n"
+"nested_code, nested_offset, nested_block_size, rounding (pointers as ints, 0 for none).");
+
+PyDoc_STRVAR(fourbit_dequantize_doc,
+"fourbit_dequantize(row_ids, count, out, threads, isa, *matrix) -> None\n\n"
+"out (count, cols) fp32 = the 4-bit matrix's rows listed in row_ids (int64), given by address.");
+
+PyDoc_STRVAR(fourbit_quantize_doc,
+"fourbit_quantize(x, bf16, n, block_size, bounds, order, absmax, packed, isa) -> None\n\n"
+"Blockwise 4-bit quantization of n fp32 or bf16 values at address x into absmax (fp32) and\n"
+"packed (uint8); bounds: 15 fp32 midpoints; order: 16 uint8 or 0. All given by address.");
+
+PyDoc_STRVAR(dense_matmul_doc,
+"dense_matmul(x, batch, out, threads, isa, weight, rows, cols, kind, scale) -> None\n\n"
+"out (batch, rows) fp32 = x (batch, cols) fp32 @ W.T [* scale]; W (rows, cols) int8 (kind 0), bf16 (1)\n"
+"or fp16 (2); scale (rows,) fp32 or 0. All contiguous, given by address.");
+
+/* Both kernels have code for the same instruction sets and check the CPU alike (kernels.h). */
+static PyObject *isas(PyObject *self, PyObject *unused)
+{
+    if (cpu_has_avx512())
+        return Py_BuildValue("(sss)", "avx512", "avx2", "scalar");
+    return cpu_has_avx2() ? Py_BuildValue("(ss)", "avx2", "scalar") : Py_BuildValue("(s)", "scalar");
+}
+
+static PyMethodDef methods[] = {
+    {"fourbit_matmul", fourbit_matmul, METH_VARARGS, fourbit_matmul_doc},
+    {"fourbit_dequantize", fourbit_dequantize, METH_VARARGS, fourbit_dequantize_doc},
+    {"fourbit_quantize", fourbit_quantize, METH_VARARGS, fourbit_quantize_doc},
+    {"dense_matmul", dense_matmul, METH_VARARGS, dense_matmul_doc},
+    {"isas", isas, METH_NOARGS, "The instruction sets this CPU runs, fastest first."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_kernels", "bloomconv's CPU kernels (see bloomconv/kernels/__init__.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -1,0 +1,196 @@
+"""Fused 4-bit dequantize-and-multiply on CPU for bitsandbytes' NF4/FP4 weights.
+
+`fourbit_matmul(x, matrix)` computes `x @ W.T` straight from the packed bytes: each weight is
+decoded in registers, scaled by its block's absmax and multiplied into x, so a decode step (batch
+1) reads the packed matrix once instead of writing and re-reading a full fp32 copy
+(`F.linear(x, dequantize_4bit(...))`, which costs far more than the multiply itself).
+
+Why C (csrc/fourbit.c, in the `_kernels` extension) and not the alternatives: nothing in torch
+multiplies 4-bit codes on an AVX2 CPU (bitsandbytes' fused CPU kernel needs AVX512-BF16 and a
+separate download), and `torch.compile` of the unpack and lookup was no faster than dequantizing
+first. A torch C++ extension would tie the build to torch's headers and ninja; plain CPython taking
+`data_ptr()`s builds in seconds with any C compiler and needs no torch at build time.
+
+How: AVX2 decodes 32 codes (16 bytes) per step with `vpshufb` table lookups, 4 for the byte planes
+of the fp32 code table then byte/word interleaves; for weights quantized from bf16 (BLOOM's) each
+block first builds the table of its 16 possible bf16 weights, so a step is 2 lookups and no
+multiply. With AVX-512 (up to 4 rows of x, i.e. decoding steps) the block's 16 possible weights fill
+one register and a code becomes its weight with one `vpermps`: 16 packed bytes widened to dwords, a
+shift, two permutes per 32 weights, far fewer instructions than with AVX2 (bench/bench_kernels.py
+times the kernels against the alternatives). Every weight is exactly `code[q] * absmax` in fp32,
+rounded to the dtype the matrix was quantized from, as `dequantize_4bit` (bloomconv.storage)
+computes it; only the order of the fp32 sums differs from multiplying the dequantized matrix.
+Portable C (a per-block table, two weights per byte) runs elsewhere, and on rows whose length is not
+a multiple of 32. Rows are shared out among `kernel_threads()` threads.
+
+Batches: up to SMALL_BATCH_ROWS rows of x share each decoded weight (decoded once per call); a
+larger batch (prefill) is compute-bound, so the matrix is dequantized DEQUANTIZE_TILE_BYTES at a
+time, by the same C code, and each tile goes to torch's GEMM. Double-quantized absmax is decoded
+inside the kernel per block, so nothing is cached and no fp32 absmax vector is materialised.
+
+The caller builds the `FourBitMatrix` from what it stored (this module reads no stored names or
+quant-state blobs). Where the extension did not build, `bloomconv.kernels.available()` is False
+and callers dequantize instead.
+
+>>> rows, cols, block = 64, 128, 64
+>>> matrix = FourBitMatrix(packed=torch.randint(0, 256, (rows * cols // 2,), dtype=torch.uint8),
+...                        absmax=torch.rand(rows * cols // block), code=torch.linspace(-1, 1, 16),
+...                        block_size=block, shape=(rows, cols), weight_dtype=torch.bfloat16)
+>>> fourbit_matmul(torch.randn(3, cols), matrix).shape                   # doctest: +SKIP
+torch.Size([3, 64])
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from bloomconv.errors import QuantizationError
+from bloomconv.format import BLOCK_SIZES_4BIT, NESTED_BLOCK_SIZE
+
+from . import _isa_code, _kernels, kernel_threads
+
+__all__ = ["DEQUANTIZE_TILE_BYTES", "SMALL_BATCH_ROWS", "FourBitMatrix", "NestedAbsmax", "fourbit_dequantize",
+           "fourbit_matmul", "fourbit_quantize_blocks"]
+
+# Rows of x multiplied by the fused kernel; a larger batch dequantizes tiles for torch's GEMM, which
+# wins once the multiply, not reading the weight, is the cost: around 32 rows the two cost the same.
+SMALL_BATCH_ROWS = 32
+DEQUANTIZE_TILE_BYTES = 8 * 1024 * 1024  # fp32 tile for the large-batch path
+
+_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/fourbit.c's ROUND_*
+
+
+@dataclasses.dataclass(frozen=True)
+class NestedAbsmax:
+    """Double-quantized absmax: block b's scale is `code[codes[b]] * absmax[b // 256] + offset`."""
+
+    codes: torch.Tensor   # (nblocks,) uint8
+    absmax: torch.Tensor  # (ceil(nblocks / 256),) fp32
+    code: torch.Tensor    # (256,) fp32: bitsandbytes' dynamic map
+    offset: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FourBitMatrix:
+    """One 4-bit matrix as the kernels read it, in bitsandbytes' layout (what quantize_4bit stores).
+
+    Checked on construction: each tensor's dtype, size, contiguity and device must match `shape`
+    and `block_size`, so the kernels can read them by address.
+    """
+
+    packed: torch.Tensor                  # (ceil(out*in/2),) uint8, element 2i in the high nibble
+    absmax: torch.Tensor | NestedAbsmax   # (nblocks,) fp32 per block of the flattened matrix
+    code: torch.Tensor                    # (16,) fp32
+    block_size: int
+    shape: tuple[int, int]                # (out, in)
+    weight_dtype: torch.dtype = torch.float32  # each code·absmax is rounded to it, as dequantize_4bit does
+
+    def __post_init__(self):
+        rows, cols = self.shape
+        blocks = -(-rows * cols // self.block_size)
+        nested = self.absmax if isinstance(self.absmax, NestedAbsmax) else None
+        expected = [("packed", self.packed, torch.uint8, (rows * cols + 1) // 2),
+                    ("code", self.code, torch.float32, 16)]
+        if nested is None:
+            expected.append(("absmax", self.absmax, torch.float32, blocks))
+        else:
+            expected += [("absmax", nested.codes, torch.uint8, blocks),
+                         ("nested_absmax", nested.absmax, torch.float32, -(-blocks // NESTED_BLOCK_SIZE)),
+                         ("nested_quant_map", nested.code, torch.float32, 256)]
+        fix = ("Build the matrix from the tensors quantize_4bit stored (flattened) and the state in its "
+               "quant_state blob.")
+        if self.block_size not in BLOCK_SIZES_4BIT or self.weight_dtype not in _ROUNDING or min(rows, cols) < 0:
+            raise QuantizationError("weight", f"unsupported 4-bit matrix: block size {self.block_size}, "
+                                    f"dtype {self.weight_dtype}, shape {self.shape}", fix)
+        for name, tensor, dtype, numel in expected:
+            if (tensor.dtype != dtype or tensor.numel() != numel or not tensor.is_contiguous()
+                    or tensor.device.type != "cpu"):
+                raise QuantizationError(f"weight.{name}", f"is {tensor.dtype} with {tensor.numel()} elements "
+                                        f"on {tensor.device} (contiguous: {tensor.is_contiguous()}); a "
+                                        f"{rows}×{cols} matrix needs {numel} contiguous {dtype} on the CPU", fix)
+
+    def _arguments(self) -> tuple:
+        """csrc/fourbit.c's MATRIX_FORMAT arguments."""
+        if isinstance(self.absmax, NestedAbsmax):
+            n = self.absmax
+            absmax = (0, n.codes.data_ptr(), n.absmax.data_ptr(), n.code.data_ptr(), n.offset, NESTED_BLOCK_SIZE)
+        else:
+            absmax = (self.absmax.data_ptr(), 0, 0, 0, 0.0, 0)
+        return (self.packed.data_ptr(), *self.shape, self.block_size, self.code.data_ptr(), *absmax,
+                _ROUNDING[self.weight_dtype])
+
+
+def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = None) -> torch.Tensor:
+    """x @ W.T in fp32 for the 4-bit matrix W: x (..., in) of any float dtype -> (..., out) fp32.
+
+    Uses `kernel_threads()` threads. `isa` forces an instruction set from `bloomconv.kernels.isas()`
+    (the default takes the fastest; rows whose length is not a multiple of 32 always run scalar code).
+    """
+    rows, cols = matrix.shape
+    if x.shape[-1] != cols:
+        raise QuantizationError("weight", f"cannot multiply x of shape {tuple(x.shape)} by a {rows}×{cols} "
+                                "matrix", f"Pass activations whose last dimension is {cols}.")
+    isa_code = _isa_code(isa)
+    flat = x.reshape(-1, cols).to(device="cpu", dtype=torch.float32).contiguous()        # (M, in)
+    batch = flat.shape[0]
+    out = torch.empty(batch, rows, dtype=torch.float32)                                 # (M, out)
+    if out.numel() == 0 or cols == 0:
+        return out.zero_().reshape(*x.shape[:-1], rows)
+    if batch <= SMALL_BATCH_ROWS:
+        _kernels.fourbit_matmul(flat.data_ptr(), batch, out.data_ptr(), kernel_threads(), isa_code,
+                                *matrix._arguments())
+    else:
+        step = max(1, DEQUANTIZE_TILE_BYTES // (4 * cols))
+        tile = torch.empty(min(step, rows), cols, dtype=torch.float32)                  # (step, in)
+        for start in range(0, rows, step):
+            ids = torch.arange(start, min(start + step, rows))
+            _dequantize_into(matrix, ids, tile[:ids.numel()], isa_code)
+            out[:, start:start + ids.numel()] = F.linear(flat, tile[:ids.numel()])
+    return out.reshape(*x.shape[:-1], rows)
+
+
+def fourbit_dequantize(matrix: FourBitMatrix, rows: torch.Tensor | None = None, *,
+                       isa: str | None = None) -> torch.Tensor:
+    """Weight rows (all by default) as fp32 (len(rows), in): bit for bit `dequantize_4bit(...)[rows]`
+    computed in fp32 (values of `matrix.weight_dtype`)."""
+    count = matrix.shape[0]
+    ids = torch.arange(count) if rows is None else rows.reshape(-1).to(torch.int64).contiguous()
+    if ids.numel() and (ids.min() < 0 or ids.max() >= count):
+        raise IndexError(f"row ids must lie in [0, {count}); got {ids.min().item()}..{ids.max().item()}")
+    out = torch.empty(ids.numel(), matrix.shape[1], dtype=torch.float32)
+    if out.numel():
+        _dequantize_into(matrix, ids, out, _isa_code(isa))
+    return out
+
+
+def fourbit_quantize_blocks(values: torch.Tensor, block_size: int, bounds: torch.Tensor,
+                            order: torch.Tensor | None, *, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU 4-bit quantizer on flat `values` (whole blocks, plus the tensor's partial
+    tail if it ends there): (absmax fp32 [nblocks], packed uint8 [ceil(n/2)]), bit for bit what
+    `_quantize_4bit_chunk` (bloomconv.storage) computes, in one pass over the input (bf16 is read as
+    is; other dtypes are cast to fp32 first). A non-finite value gives its block a non-finite absmax.
+    `bounds`: the 15 midpoints of the sorted code; `order`: sorted position -> code (uint8) or None.
+    """
+    isa_code = _isa_code(isa)
+    if values.dtype not in (torch.bfloat16, torch.float32):
+        values = values.float()
+    values = values.reshape(-1).contiguous()
+    bounds = bounds.to(torch.float32).contiguous()
+    if bounds.numel() != 15 or (order is not None and (order.dtype != torch.uint8 or order.numel() != 16)):
+        raise QuantizationError("weight", "the 4-bit quantizer needs 15 bounds and 16 uint8 codes",
+                                "Pass the midpoints of the sorted code table and its sort order (or None).")
+    n = values.numel()
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    if n:
+        _kernels.fourbit_quantize(values.data_ptr(), values.dtype == torch.bfloat16, n, block_size, bounds.data_ptr(),
+                                  0 if order is None else order.contiguous().data_ptr(), absmax.data_ptr(),
+                                  packed.data_ptr(), isa_code)
+    return absmax, packed
+
+
+def _dequantize_into(matrix: FourBitMatrix, ids: torch.Tensor, out: torch.Tensor, isa_code: int) -> None:
+    _kernels.fourbit_dequantize(ids.data_ptr(), ids.numel(), out.data_ptr(), kernel_threads(), isa_code,
+                                *matrix._arguments())

@@ -1,0 +1,125 @@
+"""How `quantize` stores a directory's weights: `QuantSettings`, its defaults and its validation.
+
+The defaults of each quantization type are the presets — the same for `bloomconv quantize --bits`,
+`--recipe`, `bloomconv.quantize(...)` and `QuantSettings(...)` — and every combination of options
+is checked here, whatever the entry point.
+
+>>> QuantSettings(QuantType.NF4)            # doctest: +NORMALIZE_WHITESPACE
+QuantSettings(quant_type=<QuantType.NF4: 'nf4'>, block_size=128, double_quant=True, embeddings=False,
+              int8_scale_from=None)
+>>> QuantSettings(QuantType.NF4, int8_scale_from="source")
+Traceback (most recent call last):
+bloomconv.errors.OptionsError: int8_scale_from applies to int8 only, not nf4. Drop it, or quantize with --bits 8.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from .errors import OptionsError
+from .format import BLOCK_SIZES_4BIT, INT8_SCALE_FROM, QuantType
+
+__all__ = ["PRESETS", "QuantSettings", "settings_from_options"]
+
+# The presets: what each quantization type stores when an option is not given.
+PRESETS: dict[QuantType, dict] = {
+    # int8 embeddings halve the tied lm_head's bytes; the row absmax of the fp16 cast is what
+    # Linear8bitLt/transformers store, so the bytes equal their own save
+    QuantType.INT8: {"block_size": None, "double_quant": False, "embeddings": True, "int8_scale_from": "float16"},
+    QuantType.NF4: {"block_size": 128, "double_quant": True, "embeddings": False, "int8_scale_from": None},
+    QuantType.FP4: {"block_size": 128, "double_quant": True, "embeddings": False, "int8_scale_from": None},
+}
+_FIELDS = ("quant_type", "block_size", "double_quant", "embeddings", "int8_scale_from")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+    """How `quantize` stored the weights; absent (None) for a plain `convert`. Options left None
+    take the preset of `quant_type`."""
+
+    quant_type: QuantType
+    block_size: int | None = None          # 4-bit: elements per absmax
+    double_quant: bool | None = None       # 4-bit: absmax themselves quantized (bitsandbytes nested)
+    embeddings: bool | None = None         # word embeddings (= the tied lm_head) quantized too
+    int8_scale_from: str | None = None     # int8: dtype the row absmax is taken in ("float16" | "source")
+
+    def __post_init__(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)
+        try:
+            set_("quant_type", QuantType(self.quant_type))
+        except ValueError:
+            raise OptionsError(f"quantization type {self.quant_type!r} is unknown. Use int8, nf4 or fp4.") from None
+        kind = self.quant_type.value
+        if self.quant_type not in PRESETS:
+            raise OptionsError(f"{kind!r} is not a quantization. Use int8, nf4 or fp4 (or plain convert).")
+        if self.quant_type is QuantType.INT8:
+            if self.block_size is not None:
+                raise OptionsError("block size applies to 4-bit (nf4, fp4) only, not int8. Drop it, or use --bits 4.")
+            if self.double_quant:
+                raise OptionsError("double quant applies to 4-bit (nf4, fp4) only, not int8. Drop it, or use --bits 4.")
+            if self.int8_scale_from is not None and self.int8_scale_from not in INT8_SCALE_FROM:
+                raise OptionsError(f"int8 scale source {self.int8_scale_from!r} is unknown. "
+                                   f"Use one of {', '.join(INT8_SCALE_FROM)}.")
+        else:
+            if self.int8_scale_from is not None:
+                raise OptionsError(f"int8_scale_from applies to int8 only, not {kind}. Drop it, or quantize with "
+                                   "--bits 8.")
+            if self.block_size is not None and self.block_size not in BLOCK_SIZES_4BIT:
+                raise OptionsError(f"4-bit block size {self.block_size} is not one bitsandbytes supports. "
+                                   f"Use one of {', '.join(map(str, BLOCK_SIZES_4BIT))}.")
+        for field, default in PRESETS[self.quant_type].items():
+            if getattr(self, field) is None:
+                set_(field, default)
+        for field in ("double_quant", "embeddings"):
+            if not isinstance(getattr(self, field), bool):
+                raise OptionsError(f"{field} must be true or false, not {getattr(self, field)!r}.")
+
+    def to_dict(self) -> dict:
+        return {"quant_type": self.quant_type.value, "block_size": self.block_size,
+                "double_quant": self.double_quant, "embeddings": self.embeddings,
+                "int8_scale_from": self.int8_scale_from}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSettings":
+        """From a manifest record: every field present (a record states what was done)."""
+        if not isinstance(d, dict) or set(d) != set(_FIELDS):
+            raise ValueError("quantization record has unexpected keys")
+        try:
+            return cls(**d)
+        except OptionsError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def settings_from_options(bits: int | str | None = None, *, quant_type: str | None = None,
+                          base: QuantSettings | None = None, **options) -> QuantSettings:
+    """Settings from command-line style options: `bits` 8 or 4 (4-bit: `quant_type` nf4 by
+    default), or a recipe's `base` settings, overridden by `options` (block_size, double_quant,
+    embeddings, int8_scale_from; None means "not given"). Contradictions raise OptionsError.
+
+    >>> settings_from_options(4, block_size=64).block_size
+    64
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = set(options) - set(_FIELDS[1:])
+    if unknown:
+        raise OptionsError(f"unknown quantization option(s) {', '.join(sorted(unknown))}. "
+                           f"Use {', '.join(_FIELDS[1:])}.")
+    if (bits is None) == (base is None):
+        raise OptionsError("give either bits (8 or 4) or a recipe. E.g. `bloomconv quantize --bits 8 SRC DST`.")
+    if base is not None:
+        if quant_type is not None and quant_type != base.quant_type.value:
+            raise OptionsError(f"the recipe stores {base.quant_type.value}; quant type {quant_type} contradicts it. "
+                               f"Pick the recipe ending in -{quant_type}, or drop the quant type.")
+        chosen = base.quant_type
+        # a recipe's own values give way to the options given; the type's rules still apply
+        fields = {**{k: v for k, v in base.to_dict().items() if k != "quant_type"}, **options}
+        return QuantSettings(chosen, **fields)
+    if str(bits) == "8":
+        if quant_type not in (None, "int8"):
+            raise OptionsError(f"quant type {quant_type} is 4-bit; it does not go with 8 bits. Use --bits 4.")
+        return QuantSettings(QuantType.INT8, **options)
+    if str(bits) == "4":
+        if quant_type == "int8":
+            raise OptionsError("quant type int8 does not go with 4 bits. Use --bits 8.")
+        return QuantSettings(quant_type or QuantType.NF4, **options)
+    raise OptionsError(f"bits must be 8 or 4, not {bits!r}.")

@@ -1,0 +1,179 @@
+"""LLM.int8() vector-wise weights, in bitsandbytes' layout: `<module>.weight` int8 (out, in) and
+`<module>.SCB` fp32 (out,), each row's absmax, so a row's scale is SCB / 127.
+
+What `Linear8bitLt` / transformers store, bit for bit (tests/test_quant.py checks against
+bitsandbytes itself)::
+
+    quantize_int8(W, "source")   == F.int8_vectorwise_quant(W, threshold=0.0)[:2]
+    quantize_int8(W, "float16")  == the same of W.half(): what Linear8bitLt/transformers store
+    dequantize_int8(CB, SCB, dt) == F.int8_vectorwise_dequant(CB, SCB).to(dt)
+
+Decoding steps multiply through the dense kernel (int8 widened in registers, fp32 sums, each
+row's sum scaled by SCB / 127); bf16 prefill through torch's fused int8 GEMM.
+
+>>> w = torch.randn(8, 64, dtype=torch.bfloat16)
+>>> CB, SCB = quantize_int8(w)
+>>> (dequantize_int8(CB, SCB, torch.bfloat16) - w).abs().max() <= SCB.max() / 127
+tensor(True)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from bloomconv.errors import QuantizationError
+from bloomconv.format import INT8_SCALE_FROM, INT8_SCALE_SUFFIX, QuantType
+from bloomconv.kernels import dense
+from bloomconv.settings import QuantSettings
+
+from .base import CHUNK_ELEMENTS, Lookup, Storage, check_float_weight, register
+from .fallback import dense_kernel_takes, linear_in_pieces
+
+__all__ = ["Int8Storage", "Int8Weight", "dequantize_int8", "quantize_int8"]
+
+_INT8_DEQUANT_SCALE = 7.874015718698502e-3  # 1/127 exactly as bitsandbytes writes it
+# torch._weight_int8pack_mm (CPU) needs rows of a multiple of 16 bytes and a weight starting on a
+# 16-byte boundary: otherwise it returns garbage or segfaults. Found by testing, not documented.
+_INT8PACK_ALIGN = 16
+
+
+def quantize_int8(weight: torch.Tensor, scale_from: str = "float16", *, name: str = "weight",
+                  chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8() vector-wise quantization of a 2-D weight: (CB int8 [out, in], SCB float32 [out]).
+
+    SCB is each row's absmax (not absmax/127); CB = round-half-even(w * (127/SCB)) in fp32. An
+    all-zero row gives SCB 0 and CB 0. A row whose absmax is below 127/FLT_MAX (~7.5e-37) also
+    gets CB 0, as in bitsandbytes (127/SCB overflows): an absolute error below 7.5e-37. With `scale_from="float16"` a weight with a value float16
+    cannot hold (|w| >= 65520, which casts to inf) raises QuantizationError, where bitsandbytes
+    would store an infinite scale; `name` only labels errors.
+
+    >>> CB, SCB = quantize_int8(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))
+    >>> CB.tolist(), SCB.tolist()
+    ([[64, -127, 32], [0, 0, 0]], [2.0, 0.0])
+    """
+    check_float_weight(weight, name)
+    if weight.dim() != 2:
+        raise QuantizationError(name, f"int8 quantization needs a 2-D weight, got shape {tuple(weight.shape)}",
+                                "Quantize only Linear weights to int8.")
+    if scale_from not in INT8_SCALE_FROM:
+        raise QuantizationError(name, f"unknown int8 scale_from {scale_from!r}",
+                                f"Use one of {', '.join(INT8_SCALE_FROM)}.")
+    rows, cols = weight.shape
+    CB = torch.empty((rows, cols), dtype=torch.int8)
+    SCB = torch.empty(rows, dtype=torch.float32)
+    step = max(1, chunk_elements // max(cols, 1))
+    for start in range(0, rows, step):
+        w = weight[start:start + step]                                  # (r, in)
+        if scale_from == "float16":
+            w = w.to(torch.float16)
+        absmax = torch.amax(w.abs(), dim=1).float()                     # (r,)
+        if not torch.isfinite(absmax).all():
+            raise _non_finite_int8(name, weight, scale_from)
+        # `127.0 / absmax` is reciprocal-then-multiply, as in bitsandbytes; zero rows stay 0, not NaN
+        multiplier = torch.where(absmax > 0, 127.0 / absmax, 0.0)
+        scaled = torch.mul(w, multiplier.unsqueeze(-1)).round_()        # (r, in) fp32; one temporary
+        CB[start:start + step] = scaled
+        SCB[start:start + step] = absmax
+    return CB, SCB
+
+
+def dequantize_int8(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype = torch.float32, *,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """`CB * SCB / 127` computed in fp32 (as bitsandbytes does), then cast to `dtype`.
+
+    >>> dequantize_int8(torch.tensor([[64, -127]], dtype=torch.int8), torch.tensor([2.0]))
+    tensor([[ 1.0079, -2.0000]])
+    """
+    rows, cols = CB.shape
+    out = torch.empty((rows, cols), dtype=dtype, device=CB.device)
+    step = max(1, chunk_elements // max(cols, 1))
+    for start in range(0, rows, step):
+        rows_SCB = SCB[start:start + step].view(-1, 1)
+        out[start:start + step] = CB[start:start + step] * rows_SCB * _INT8_DEQUANT_SCALE  # same order as bnb
+    return out
+
+
+def _non_finite_int8(name: str, weight: torch.Tensor, scale_from: str) -> QuantizationError:
+    if scale_from == "float16" and torch.isfinite(weight).all():
+        peak = weight.abs().max().item()
+        return QuantizationError(
+            name, f"holds a value of magnitude {peak:g}, beyond float16's range, so int8 quantization of "
+            "its float16 cast (what transformers does) would store an infinite scale",
+            "Quantize with int8_scale_from='source' (scales taken in the weight's own dtype), or use nf4/fp4.")
+    return QuantizationError(name, "holds NaN or infinite values", "The checkpoint is damaged; get it again.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Weight:
+    CB: torch.Tensor   # (out, in) int8
+    SCB: torch.Tensor  # (out,) fp32: the row absmax itself, so a row's scale is SCB / 127
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.CB.shape)
+
+    def uses_int8pack(self, x: torch.Tensor) -> bool:
+        """torch's fused int8 GEMM, for large batches computed in bf16 anyway."""
+        return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and hasattr(torch, "_weight_int8pack_mm")
+                and self.CB.shape[1] % _INT8PACK_ALIGN == 0)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if dense_kernel_takes(x, self.CB):
+            # int8 widened in registers, fp32 sums, each row's sum scaled by SCB / 127
+            return dense.dense_matmul(x, self.CB, self.row_scale).to(x.dtype)
+        if not self.uses_int8pack(x):  # also on accelerators: exact, dequantized on the device in pieces
+            return linear_in_pieces(x, self.CB.shape,
+                                     lambda start, end: dequantize_int8(self.CB[start:end], self.SCB[start:end],
+                                                                        x.dtype))
+        # Prefill in bf16: torch's fused kernel multiplies int8 weights by bf16 activations
+        # without widening the matrix.
+        CB = self.CB
+        if CB.data_ptr() % _INT8PACK_ALIGN:
+            CB = CB.clone()  # safetensors only aligns data to 8 bytes; torch allocates 64-aligned
+        scales = (self.SCB / 127).to(torch.bfloat16)                            # (out,)
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()       # (B*T, in)
+        out = torch._weight_int8pack_mm(flat, CB, scales)                       # (B*T, out)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.CB.shape[0])
+
+    @functools.cached_property
+    def row_scale(self) -> torch.Tensor:
+        """SCB / 127 (fp32): what each row's integer sum is multiplied by."""
+        return self.SCB * (1 / 127)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_int8(self.CB, self.SCB, dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return dequantize_int8(self.CB[flat], self.SCB[flat], dtype).reshape(*ids.shape, -1)
+
+
+@register
+class Int8Storage(Storage):
+    quant_type = QuantType.INT8
+
+    @classmethod
+    def stored_names(cls, settings=None) -> tuple[str, ...]:
+        return ("weight", INT8_SCALE_SUFFIX)
+
+    @classmethod
+    def stored_bytes(cls, shape, source_itemsize, settings=None) -> int:
+        rows, cols = shape
+        return rows * cols + rows * 4                     # int8 weight + fp32 SCB per row
+
+    @classmethod
+    def encode(cls, weight, settings=None, *, name="weight"):
+        settings = settings or QuantSettings(cls.quant_type)
+        CB, SCB = quantize_int8(weight, settings.int8_scale_from, name=name)
+        return {"weight": CB, INT8_SCALE_SUFFIX: SCB}
+
+    @classmethod
+    def decode(cls, lookup: Lookup, *, name="weight") -> Int8Weight:
+        CB, SCB = cls.require(lookup, "weight", name), cls.require(lookup, INT8_SCALE_SUFFIX, name)
+        if CB.dtype != torch.int8 or CB.dim() != 2 or SCB.dtype != torch.float32 or SCB.shape != CB.shape[:1]:
+            raise QuantizationError(name, f"int8 weight {CB.dtype} {tuple(CB.shape)} with SCB {SCB.dtype} "
+                                    f"{tuple(SCB.shape)} is not LLM.int8()'s layout",
+                                    "The file is damaged or was not written by bloomconv; convert again.")
+        return Int8Weight(CB, SCB)
