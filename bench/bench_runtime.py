@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import bloomconv  # noqa: F401  (first: start-to-ready counts from this import in both kinds of child)
-from bloomconv.process_stats import seconds_since_start, status_bytes
+from bloomconv.process_stats import anonymous_rss, peak_rss, seconds_since_start
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_convert import dir_bytes, make_checkpoint  # noqa: E402
@@ -47,7 +47,6 @@ from measure import drop_caches, gb, memory_cgroup, run_sampled  # noqa: E402
 
 PYTHON = sys.executable
 MB = 1_000_000
-WEIGHT_GLOBS = ("embeddings.safetensors", "blocks/*.safetensors", "final.safetensors")
 
 
 # ------------------------------------------------------------------------------ child process
@@ -123,7 +122,7 @@ def child(spec: dict) -> dict:
         median = statistics.median(steps)
         out["decode"][str(batch)] = {"s_per_step": median, "mean_s_per_step": statistics.mean(steps),
                                      "tokens_per_s": batch / median}
-    out["vm_hwm"], out["rss_anon"] = status_bytes("VmHWM"), status_bytes("RssAnon")
+    out["vm_hwm"], out["rss_anon"] = peak_rss(), anonymous_rss()
     if spec["kind"] == "runtime" and model.checkpoint.residency.streamed:
         # the runtime's reader alone over the streamed files, once the model is gone (so that its
         # buffer does not add to the peak memory measured)
@@ -156,7 +155,8 @@ def run_child(spec: dict, work: Path, cgroup: Path | None = None) -> dict:
 # ------------------------------------------------------------------------------ machine limits
 
 def weight_files(directory: Path) -> list[Path]:
-    return [p for pattern in WEIGHT_GLOBS for p in sorted(directory.glob(pattern))]
+    from bloomconv.manifest import read_manifest
+    return [directory / f.name for f in read_manifest(directory).files if f.tensors]
 
 
 def disk_read_speed(files: list[Path]) -> dict[str, float]:

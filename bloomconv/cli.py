@@ -8,31 +8,38 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 
 import click
 
 from .errors import BloomconvError, VerificationError, exit_code
-
-
-def _progress_factory(quiet: bool):
-    from tqdm import tqdm
-    return functools.partial(tqdm, disable=quiet, leave=False, dynamic_ncols=True, file=sys.stderr)
+from .progress import terminal_progress
 
 
 def _errors_to_exit_codes(command):
     """Exit codes from `errors.EXIT_CODES`: 0 ok; 1 verification found problems; 2 bad input,
-    unusable manifest, or anything else bloomconv refused (message on stderr, one line plus details)."""
+    unusable manifest, or anything else bloomconv refused (message on stderr, one line plus details;
+    with `--json`, {"error", "message", "exit_code"} on stdout instead)."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except BloomconvError as exc:
-            click.echo(f"bloomconv: error: {exc}", err=True)
+            if kwargs.get("as_json"):
+                click.echo(json.dumps({"error": type(exc).__name__, "message": str(exc),
+                                       "exit_code": exit_code(exc)}, indent=1))
+            else:
+                click.echo(f"bloomconv: error: {exc}", err=True)
             sys.exit(exit_code(exc))
         except KeyboardInterrupt:
             click.echo("bloomconv: interrupted; re-run the same command to resume", err=True)
             sys.exit(130)
     return wrapper
+
+
+def _say(message: str) -> None:
+    """The library's `log` messages (e.g. "resuming: …"), on stderr beside the progress bars."""
+    click.echo(message, err=True)
 
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -54,8 +61,16 @@ def convert(src, dst, quiet):
 
     Re-run the same command after an interruption to resume."""
     from .converters.convert import convert as run
-    manifest = run(src, dst, progress=_progress_factory(quiet))
-    click.echo(f"{dst}: {len(manifest.files)} files, {sum(f.size for f in manifest.files):,} bytes")
+    started = time.monotonic()
+    manifest = run(src, dst, progress=terminal_progress("convert", disable=quiet), log=_say)
+    click.echo(f"{dst}: {_summary(manifest, started)}")
+
+
+def _summary(manifest, started: float) -> str:
+    """The last line of convert and quantize: what was written, against the source, and how fast."""
+    written, read = sum(f.size for f in manifest.files), sum(f.size for f in manifest.source_files)
+    return (f"{len(manifest.files)} files, {written:,} bytes ({written / read:.3f} of the source's {read:,}) "
+            f"in {time.monotonic() - started:.1f} s")
 
 
 @main.command()
@@ -80,11 +95,11 @@ def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, i
     directory. Options not given take the preset of the type (or the recipe's). Re-run the same
     command after an interruption to resume."""
     from .converters.convert import quantize as run
+    started = time.monotonic()
     manifest = run(src, dst, bits, quant_type=quant_type, block_size=block_size, double_quant=double_quant,
                    embeddings=embeddings, int8_scale_from=int8_scale_from, recipe=recipe,
-                   progress=_progress_factory(quiet))
-    click.echo(f"{dst}: {manifest.quantization.quant_type.value}, {len(manifest.files)} files, "
-               f"{sum(f.size for f in manifest.files):,} bytes")
+                   progress=terminal_progress("quantize", disable=quiet), log=_say)
+    click.echo(f"{dst}: {manifest.quantization.quant_type.value}, {_summary(manifest, started)}")
 
 
 @main.command()
@@ -117,12 +132,13 @@ def verify(directory, fast, as_json, quiet):
 
     Exit 0: all good; 1: files differ (each reported); 2: no usable manifest."""
     from .verification import verify as run
-    report = run(directory, fast=fast, progress=_progress_factory(quiet or as_json))
+    report = run(directory, fast=fast, progress=terminal_progress("verify", disable=quiet or as_json))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     elif report.ok:
         mode = "sizes and headers, small files hashed" if fast else f"{report.bytes_hashed:,} bytes hashed"
-        click.echo(f"{directory}: OK ({report.files_checked} files, {mode})")
+        ignored = f"; ignored: {', '.join(report.ignored)}" if report.ignored else ""
+        click.echo(f"{directory}: OK ({report.files_checked} files, {mode}{ignored})")
     if as_json and not report.ok:  # the JSON report is the whole message
         sys.exit(exit_code(VerificationError(directory, report.problems)))
     report.raise_for_problems()
@@ -145,42 +161,93 @@ def inspect(directory, as_json):
     click.echo(f"  geometry      hidden {m['hidden_size']}, {m['n_layer']} blocks, {m['n_head']} heads, "
                f"vocab {m['vocab_size']}  ({info['parameters']:,} parameters)")
     click.echo(f"  dtype         {m['dtype']}")
-    click.echo(f"  quantization  " + ("none" if not quant else
-               ", ".join(f"{k}={v}" for k, v in quant.items() if v not in (None, False))))
+    click.echo(f"  quantization  {_one_line(quant) if quant else 'none'}")
+    if info.get("transformers") is not None:
+        click.echo(f"  transformers  {_one_line(info['transformers'])}")
     click.echo(f"  source        {info['source_layout']}, {info['source_bytes']:,} bytes")
     for f in info["files"]:
         click.echo(f"  {f['size']:>15,}  {f['name']}")
     click.echo(f"  {info['total_bytes']:>15,}  total ({info['weight_bytes']:,} in weights)")
 
 
+def _one_line(value) -> str:
+    """A record of `inspect` as text: a dict as key=value (None and false left out), a list comma-separated."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v if isinstance(v, (str, int, float)) else json.dumps(v)}"
+                         for k, v in value.items() if v not in (None, False))
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_errors_to_exit_codes
+def env(as_json):
+    """Show versions, compiled kernels, CUDA devices and platform (paste it into bug reports)."""
+    from .environment import environment_report
+    report = environment_report()
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    python, kernels, system = report["python"], report["kernels"], report["platform"]
+    rows = {"bloomconv": f"{report['bloomconv']['version']} ({report['bloomconv']['location']})",
+            "python": f"{python['version']} ({python['implementation']}, {python['executable']})"}
+    rows.update((name, version or "not installed") for name, version in report["packages"].items())
+    rows["torch"] += (f", CUDA {report['torch']['cuda'] or 'none'}, CPU capability "
+                      f"{report['torch']['cpu_capability']}")
+    rows["kernels"] = (f"built, {', '.join(kernels['isas'])}, {kernels['threads']} threads" if kernels["built"]
+                       else "not built (no C compiler at install time): torch fallback")
+    devices = [f"{d['index']}: {d['name']}, compute {d['capability']}, {d['memory_bytes'] / 2**30:.1f} GiB"
+               for d in report["cuda_devices"]]
+    rows["CUDA devices"] = "; ".join(devices) or report.get("cuda_error") or "none"
+    memory = f", {system['memory_bytes'] / 2**30:.1f} GiB RAM" if system["memory_bytes"] else ""
+    rows["platform"] = (f"{system['system']}, {system['cpus']} CPUs ({system['usable_cpus']} usable)"
+                        f"{memory}")
+    for key, value in rows.items():
+        click.echo(f"{key:<16}{value}")
+
+
 @main.command("example")
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--geometry", default="tiny", show_default=True,
-              help="tiny | small | bloom-560m, or HIDDEN,LAYERS,HEADS,VOCAB")
+@click.option("--geometry", default="trained", show_default=True,
+              help="trained (the small trained model that ships with bloomconv), or random weights of "
+              "tiny | small | bloom-560m | HIDDEN,LAYERS,HEADS,VOCAB")
 @click.option("--layout", default="release-pickle-shards", show_default=True,
               type=click.Choice(["release-pickle-shards", "safetensors-shards", "pickle-single", "safetensors-single"]))
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]))
 @click.option("--seed", default=0, show_default=True)
 @_errors_to_exit_codes
 def example(dst, geometry, layout, dtype, seed):
-    """Write a random-weight BLOOM checkpoint to DST, laid out like a release (for trying bloomconv)."""
+    """Write an example BLOOM checkpoint to DST, laid out like a release (for trying bloomconv).
+
+    By default the small model trained on Python's documentation that ships with bloomconv;
+    with --geometry, random weights of any size."""
     import torch
 
     from .converters.example import write_example_checkpoint
-    dims = geometry if "," not in geometry else tuple(int(x) for x in geometry.split(","))
-    write_example_checkpoint(dst, dims, layout, getattr(torch, dtype), seed)
-    click.echo(f"{dst}: random BLOOM ({geometry}, {dtype}) in the {layout} layout")
+    write_example_checkpoint(dst, geometry, layout, getattr(torch, dtype), seed)
+    what = "the trained example BLOOM" if geometry == "trained" else f"random BLOOM ({geometry})"
+    click.echo(f"{dst}: {what}, {dtype}, in the {layout} layout")
 
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("-f", "--prompt-file", type=click.File("r", encoding="utf-8"),
+              help="Read the prompt from FILE (- for stdin) instead of PROMPT.")
 @click.option("--max-new-tokens", default=50, show_default=True, type=click.IntRange(min=0))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="0: greedy; above 0: sample.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: no limit.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Divide positive logits (multiply negative ones) of tokens already in the text by this, "
+              "as transformers does; 1: none.")
+@click.option("--stop", multiple=True, help="End when the new text contains this string (not printed); repeatable.")
 @click.option("--seed", type=int, help="Make sampling reproducible.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where to compute: cuda copies each file of weights to the GPU in turn.")
 @click.option("--ram-budget", help="Weights kept in RAM, e.g. 12GB, 800MB, 1.5GiB; the rest streams from "
               "disk each token.  [default: 90% of available memory less working set and KV cache]")
 @click.option("--threads", type=click.IntRange(min=1), help="Compute threads  [default: torch's]")
@@ -191,33 +258,42 @@ def example(dst, geometry, layout, dtype, seed):
               help="fast: sizes and headers; full: hash every file first.")
 @click.option("--stats", is_flag=True, help="Print timings and peak memory to stderr.")
 @_errors_to_exit_codes
-def generate(directory, prompt, max_new_tokens, temperature, top_k, top_p, seed, ram_budget, threads, dtype,
-             verify_mode, stats):
-    """Continue PROMPT with the model in DIRECTORY, printing tokens as they are produced."""
+def generate(directory, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
+             seed, device, ram_budget, threads, dtype, verify_mode, stats):
+    """Continue PROMPT with the model in DIRECTORY, printing tokens as they are produced.
+
+    PROMPT - (or -f FILE) reads the prompt from stdin (or FILE); one trailing newline is dropped."""
     import torch
 
-    from .process_stats import PeakRssAnon, seconds_since_start, status_bytes
+    from .process_stats import PeakRssAnon, peak_rss, seconds_since_start
     from .runtime import GenerationStats, load, parse_size
+    if (prompt is None) == (prompt_file is None):
+        raise click.UsageError("give the prompt as PROMPT (- for stdin) or with -f FILE, one of the two")
+    if prompt_file is not None or prompt == "-":
+        text = (prompt_file or click.open_file("-", encoding="utf-8")).read()
+        prompt = text[:-1] if text.endswith("\n") else text
     try:
         budget = None if ram_budget is None else parse_size(ram_budget)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ram-budget") from None
     watch = PeakRssAnon() if stats else None
-    with load(directory, verify=verify_mode, ram_budget=budget, threads=threads, dtype=getattr(torch, dtype)) as model:
+    with load(directory, device=device, verify=verify_mode, ram_budget=budget, threads=threads,
+              dtype=getattr(torch, dtype)) as model:
         if stats:
             model.checkpoint.wait_until_loaded()  # "ready": every weight that stays in RAM is there
             ready = seconds_since_start()
         counts = GenerationStats()
+        pieces = model.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, stop=stop, seed=seed, stats=counts)
         click.echo(prompt, nl=False)
-        for piece in model.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed, stats=counts):
+        for piece in pieces:
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()
         residency = model.checkpoint.residency
     if stats:
         peak_anon = watch.stop()
-        hwm = status_bytes("VmHWM")
+        hwm = peak_rss()
         click.echo(f"start-to-ready {ready:.2f} s (`import bloomconv` to weights in RAM; {len(residency.pinned)} files "
                    f"pinned, {len(residency.streamed)} streamed, budget {residency.budget / 1e6:,.0f} MB)\n"
                    f"prefill {counts.prompt_tokens} tokens in {counts.prefill_seconds:.2f} s = "

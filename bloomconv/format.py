@@ -1,25 +1,32 @@
-"""The bloomconv directory format, in one place (format version 1).
+"""The bloomconv directory format, in one place (format version 2).
 
 Every file name, tensor-name template and quantization type that the converters write and the
 runtime and verifier read is defined here; nothing else hard-codes them.
 
-Layout of a converted directory::
+Layout of a converted directory (every file at the top level, where vLLM, TGI and accelerate's
+disk offload look for the shards)::
 
-    config.json, tokenizer files          copied from the source
+    config.json, tokenizer files          copied from the source, with the other small files a
+    README.md, LICENSE, …                 model repository carries (`is_carried_file`)
     embeddings.safetensors                transformer.word_embeddings.* + word_embeddings_layernorm.*
-    blocks/block_000.safetensors …        transformer.h.<i>.* (one transformer block each)
+    block_000.safetensors …               transformer.h.<i>.* (one transformer block each)
     final.safetensors                     transformer.ln_f.* (lm_head is tied: never stored)
     model.safetensors.index.json          lets transformers' from_pretrained read the directory
     SHA256SUMS                            `sha256sum -c` compatible, written before the manifest, ends
                                           with the manifest's own hash
     manifest.json                         written last: a directory with a manifest is complete
+
+Format version 1 differed only in placing the blocks in a `blocks/` folder; it is still read
+(`unit_file` names a unit's file for either version).
 """
 from __future__ import annotations
 
 import enum
 
 FORMAT_NAME = "bloomconv"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # what the converters write
+READABLE_FORMAT_VERSIONS = (1, 2)
+LEGACY_BLOCKS_DIR = "blocks"    # format 1: blocks/block_000.safetensors
 
 # What the sources name their files (transformers' conventions; bigscience/bloom's shards).
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -38,6 +45,25 @@ JOB_NAME = ".bloomconv-job.json"
 JOURNAL_DIR = ".bloomconv-journal"
 LOCK_NAME = ".bloomconv.lock"
 TMP_MARKER = ".tmp-"
+
+# What else a model repository carries that travels with the weights (README.md model card,
+# LICENSE, generation_config.json, …): every regular, non-hidden file at the top of the source
+# up to this size that is not weights, an index or a manifest. Config and tokenizer files are
+# always copied, whatever their size.
+CARRIED_FILE_MAX_BYTES = 10 * 1000 * 1000
+WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".onnx",
+                   ".tflite", ".gguf", ".ggml", ".pkl", ".pickle", ".npy", ".npz", ".joblib")
+INDEX_SUFFIX = ".index.json"
+
+# What the Hugging Face Hub adds to a downloaded directory: `hf download --local-dir` keeps its
+# download metadata in .cache/huggingface/, and every Hub repository has a .gitattributes.
+# `verify` ignores exactly these (and says so).
+HUB_ADDED_NAMES = (".gitattributes", ".cache/huggingface")
+# A Hugging Face cache: models--<org>--<name>/{refs/main, snapshots/<rev>/<file> -> ../../blobs/<hash>}
+HF_CACHE_REPO_PREFIX = "models--"
+HF_CACHE_SNAPSHOTS = "snapshots"
+HF_CACHE_BLOBS = "blobs"
+HF_CACHE_MAIN_REF = "refs/main"
 
 EMBEDDINGS_UNIT = "embeddings"
 FINAL_UNIT = "final"
@@ -68,11 +94,23 @@ def block_unit(index: int) -> str:
     return BLOCK_UNIT_TEMPLATE.format(index=index)
 
 
-def unit_file(unit: str) -> str:
-    """Relative path of the safetensors file holding one unit."""
-    if unit.startswith("block_"):
-        return f"blocks/{unit}.safetensors"
+def unit_file(unit: str, format_version: int = FORMAT_VERSION) -> str:
+    """Relative path of the safetensors file holding one unit, in a directory of `format_version`.
+
+    >>> unit_file("block_007"), unit_file("block_007", 1), unit_file("final", 1)
+    ('block_007.safetensors', 'blocks/block_007.safetensors', 'final.safetensors')
+    """
+    if format_version == 1 and unit.startswith("block_"):
+        return f"{LEGACY_BLOCKS_DIR}/{unit}.safetensors"
     return f"{unit}.safetensors"
+
+
+def is_carried_file(name: str, size: int) -> bool:
+    """Whether a source file (top-level `name`, `size` bytes) other than config and tokenizer is
+    copied into the converted directory: small, not hidden, not weights, an index or a manifest."""
+    return (size <= CARRIED_FILE_MAX_BYTES and not name.startswith(".")
+            and not name.lower().endswith((*WEIGHT_SUFFIXES, INDEX_SUFFIX))
+            and name not in (MANIFEST_NAME, CHECKSUMS_NAME, JOB_NAME, LOCK_NAME))
 
 
 def block_tensor(index: int, local_name: str) -> str:

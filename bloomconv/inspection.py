@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from .geometry import Geometry
-from .manifest import read_manifest
+from .manifest import Manifest, read_manifest
 
 
 def inspect(directory: str | os.PathLike) -> dict:
@@ -30,4 +30,18 @@ def inspect(directory: str | os.PathLike) -> dict:
         "weight_bytes": sum(f.size for f in weight_files),
         "total_bytes": sum(f.size for f in manifest.files),
         "parameters": geometry.parameter_count(),
+        "transformers": transformers_support(manifest),
     }
+
+
+def transformers_support(manifest: Manifest) -> str:
+    """What `transformers.BloomForCausalLM.from_pretrained(DIR)` does with the directory (tested in
+    tests/test_shipping.py): it loads and computes what the runtime computes, or it refuses."""
+    quantization = manifest.quantization
+    if quantization is None:
+        return "loads"
+    if not quantization.embeddings:
+        return f"loads with bitsandbytes ({quantization.quant_type.value} blocks)"
+    if manifest.format_version == 1:  # its config.json still names bitsandbytes: loads, then fails
+        return "fails at the first forward pass: quantized embeddings (bloomconv runtime only)"
+    return "refused: quantized embeddings (bloomconv runtime only)"

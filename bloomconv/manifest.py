@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .atomic import atomic_write_bytes
 from .errors import ManifestError
-from .format import CHECKSUMS_NAME, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, QuantType
+from .format import (CHECKSUMS_NAME, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMAT_VERSIONS,
+                     QuantType, unit_file)
 from .settings import QuantSettings
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -117,8 +118,9 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
         _require(isinstance(d, dict) and d.get("format") == FORMAT_NAME, "not a bloomconv manifest")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise _UnknownVersion(d.get("format_version"))
+        version = d.get("format_version")
+        if type(version) is not int or version not in READABLE_FORMAT_VERSIONS:
+            raise _UnknownVersion(version)
         _require(set(d) == {"format", "format_version", "tool_version", "model", "quantization",
                             "source", "files"}, "manifest has unexpected keys")
         src = d["source"]
@@ -132,7 +134,13 @@ class Manifest:
             tool_version=str(d["tool_version"]), model=d["model"], source_layout=str(src["layout"]),
             source_files=tuple(FileEntry.from_dict(f) for f in src["files"]), files=files,
             quantization=QuantSettings.from_dict(d["quantization"]) if d["quantization"] else None,
+            format_version=version,
         )
+
+    def unit_file(self, unit: str) -> str:
+        """Relative path of the file holding `unit` (e.g. "block_003"), as this manifest's format
+        version names it: readers take names from here, never from a template of their own."""
+        return unit_file(unit, self.format_version)
 
     def file(self, name: str) -> FileEntry:
         for entry in self.files:
@@ -171,7 +179,8 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         return Manifest.from_dict(json.loads(raw.decode("utf-8")))
     except _UnknownVersion as exc:
         raise ManifestError(path, f"format version {exc.version!r} is not one this bloomconv reads "
-                            f"(it reads {FORMAT_VERSION})", "Upgrade bloomconv, or convert again.") from None
+                            f"(it reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))})",
+                            "Upgrade bloomconv, or convert again.") from None
     except (UnicodeDecodeError, ValueError, TypeError, KeyError, RecursionError) as exc:
         raise ManifestError(path, f"manifest is unreadable ({str(exc)[:200]})",
                             "Copy manifest.json again from the source of this directory.") from None

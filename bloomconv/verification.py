@@ -13,7 +13,8 @@ import stat
 from pathlib import Path
 
 from .errors import HeaderError, IncompleteDirectoryError, ManifestError, VerificationError
-from .format import CHECKSUMS_NAME, JOB_NAME, JOURNAL_DIR, LOCK_NAME, MANIFEST_NAME
+from .format import (CHECKSUMS_NAME, HF_CACHE_BLOBS, HF_CACHE_REPO_PREFIX, HF_CACHE_SNAPSHOTS, HUB_ADDED_NAMES,
+                     JOB_NAME, JOURNAL_DIR, LOCK_NAME, MANIFEST_NAME)
 from .hashing import sha256_files
 from .manifest import FileEntry, Manifest, checksums_text, read_manifest
 from .progress import ProgressFactory, no_progress
@@ -39,6 +40,7 @@ class Report:
     files_checked: int
     bytes_hashed: int
     problems: tuple[Problem, ...]
+    ignored: tuple[str, ...] = ()  # present but not checked: what the Hub adds (format.HUB_ADDED_NAMES)
 
     @property
     def ok(self) -> bool:
@@ -51,7 +53,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"directory": self.directory, "ok": self.ok, "mode": "fast" if self.fast else "full",
                 "files_checked": self.files_checked, "bytes_hashed": self.bytes_hashed,
-                "problems": [dataclasses.asdict(p) for p in self.problems]}
+                "problems": [dataclasses.asdict(p) for p in self.problems], "ignored": list(self.ignored)}
 
 
 def load_manifest_for_check(directory: Path) -> Manifest:
@@ -70,8 +72,11 @@ def verify(directory: str | os.PathLike, *, fast: bool = False, workers: int | N
     """Check every file of a bloomconv directory against its manifest.
 
     Always checked: each listed file is a regular file inside the directory, of the listed size;
-    SHA256SUMS agrees with the manifest and vouches for manifest.json; nothing unlisted; the small
-    files without tensors (config, tokenizer, index) hash as listed. Then `fast` checks each
+    SHA256SUMS agrees with the manifest and vouches for manifest.json; nothing unlisted (what the
+    Hugging Face Hub adds, `.gitattributes` and `.cache/huggingface/`, is ignored and listed as
+    such); the small files without tensors (config, tokenizer, index) hash as listed. In a Hugging
+    Face cache snapshot (models--org--name/snapshots/<rev>/) a listed file may be a link into that
+    repository's blobs/ folder; any other link is refused. Then `fast` checks each
     safetensors header against the manifest's tensors, otherwise every byte is hashed, files in
     parallel on all cores. Raises ManifestError when there is no usable manifest.
 
@@ -81,10 +86,11 @@ def verify(directory: str | os.PathLike, *, fast: bool = False, workers: int | N
     directory = Path(directory)
     manifest = load_manifest_for_check(directory)
     root = directory.resolve()
+    blobs = _hf_cache_blobs(root)
     problems: list[Problem] = []
     to_hash: dict[Path, FileEntry] = {}
     for entry in manifest.files:
-        problem = _check_size_and_header(root, entry, fast)
+        problem = _check_size_and_header(root, entry, fast, blobs)
         if problem:
             problems.append(problem)
         elif not fast or not entry.tensors:  # config, tokenizer, index: small, and parsed as they are
@@ -100,18 +106,31 @@ def verify(directory: str | os.PathLike, *, fast: bool = False, workers: int | N
             elif digest != entry.sha256:
                 problems.append(Problem(entry.name, "corrupted", f"sha256 {entry.sha256}", f"sha256 {digest}"))
     problems.extend(_check_checksums_file(root, manifest))
-    problems.extend(_extra_files(root, manifest))
+    extra, ignored = _extra_files(root, manifest)
+    problems.extend(extra)
     order = {e.name: i for i, e in enumerate(manifest.files)}
     problems.sort(key=lambda p: (order.get(p.file, len(order)), p.file))
-    return Report(str(directory), fast, len(manifest.files), bytes_hashed, tuple(problems))
+    return Report(str(directory), fast, len(manifest.files), bytes_hashed, tuple(problems), tuple(ignored))
 
 
-def _check_size_and_header(root: Path, entry: FileEntry, check_header: bool) -> Problem | None:
+def _hf_cache_blobs(root: Path) -> Path | None:
+    """The blobs/ folder of the Hugging Face cache repository whose snapshot `root` (resolved) is."""
+    snapshots, repository = root.parent, root.parent.parent
+    if snapshots.name == HF_CACHE_SNAPSHOTS and repository.name.startswith(HF_CACHE_REPO_PREFIX):
+        return repository / HF_CACHE_BLOBS
+    return None
+
+
+def _check_size_and_header(root: Path, entry: FileEntry, check_header: bool, blobs: Path | None) -> Problem | None:
     path = root / entry.name
     resolved = path.resolve()
-    if not resolved.is_relative_to(root):  # a symlink leading out of the directory
+    # The cache's own links (snapshots/<rev>/<file> -> ../../blobs/<hash>): the file itself is the
+    # link, reached through real folders, and it ends in this repository's blobs/ folder.
+    cache_link = (blobs is not None and path.is_symlink() and path.parent.resolve() == path.parent
+                  and resolved.parent == blobs)
+    if not cache_link and not resolved.is_relative_to(root):  # a symlink leading out of the directory
         return Problem(entry.name, "outside", "a file inside the directory", f"a link to {resolved}")
-    if resolved != path:  # names are normalised and root is resolved: a link on the way
+    if not cache_link and resolved != path:  # names are normalised and root is resolved: a link on the way
         return Problem(entry.name, "not a file", "a regular file", f"a link to {resolved.relative_to(root)}")
     try:
         st = path.stat()
@@ -161,17 +180,25 @@ def _check_checksums_file(root: Path, manifest: Manifest) -> list[Problem]:
     return [Problem(CHECKSUMS_NAME, "corrupted", "the hashes in manifest.json", "different content")]
 
 
-def _extra_files(root: Path, manifest: Manifest) -> list[Problem]:
+def _extra_files(root: Path, manifest: Manifest) -> tuple[list[Problem], list[str]]:
+    """Unlisted files (problems), and the Hub's additions found (ignored, never opened)."""
     # A run killed after writing its manifest leaves its bookkeeping (removed by re-running it):
     # the directory is complete all the same.
     known = {e.name for e in manifest.files} | {MANIFEST_NAME, CHECKSUMS_NAME, JOB_NAME, LOCK_NAME}
-    extra = []
+    extra, ignored = [], []
     for dirpath, dirnames, filenames in os.walk(root):
-        if Path(dirpath) == root and JOURNAL_DIR in dirnames:
-            dirnames.remove(JOURNAL_DIR)
+        here = Path(dirpath)
+        for name in list(dirnames):
+            relative = (here / name).relative_to(root).as_posix()
+            if relative in HUB_ADDED_NAMES or relative == JOURNAL_DIR:
+                dirnames.remove(name)
+                if relative in HUB_ADDED_NAMES:
+                    ignored.append(relative + "/")
         links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]  # os.walk skips them
         for name in (*filenames, *links):
-            relative = (Path(dirpath) / name).relative_to(root).as_posix()
-            if relative not in known:
+            relative = (here / name).relative_to(root).as_posix()
+            if relative in HUB_ADDED_NAMES:
+                ignored.append(relative)
+            elif relative not in known:
                 extra.append(Problem(relative, "extra", "not in the manifest", "file present"))
-    return extra
+    return extra, sorted(ignored)

@@ -12,14 +12,14 @@ import hashlib
 import json
 import math
 import os
-from pathlib import Path
+from typing import Callable
 
 import torch
 
 from bloomconv import __version__
 from bloomconv.atomic import atomic_write_bytes, commit, discard, open_temporary
 from bloomconv.errors import DestinationError, SourceError
-from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, HF_INDEX_NAME,
+from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, FORMAT_VERSION, HF_INDEX_NAME,
                               PREFIX, QuantType, all_units, unit_file, unit_tensor_names)
 from bloomconv.hashing import sha256_file
 from bloomconv.manifest import FileEntry, Manifest, TensorEntry, read_manifest, write_manifest
@@ -28,26 +28,39 @@ from bloomconv.progress import ProgressFactory, no_progress
 from bloomconv.safetensors_io import st_dtype, write_safetensors
 
 from .destination import Destination, explain_os_error
-from .source import ShardCache, SourceCheckpoint, open_source
+from .source import ShardCache, SourceCheckpoint, open_source, resolve_source
+
+Log = Callable[[str], None]  # one line about the run as a whole ("resuming: …"), for the CLI to print
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: QuantSettings | None = None,
-            progress: ProgressFactory = no_progress) -> Manifest:
+            progress: ProgressFactory = no_progress, log: Log = _silent) -> Manifest:
     """Convert the checkpoint in `src` into a bloomconv directory `dst`; return its manifest.
 
-    Re-running the same call after an interruption resumes; a finished `dst` is left as is.
+    `src` is a checkpoint folder, a Hugging Face cache repository or a Hub repo id found in the
+    local cache (`source.resolve_source`). Re-running the same call after an interruption resumes
+    (and says so through `log`); a finished `dst` is left as is.
 
     >>> convert("bloom-560m", "bloom-560m-blocks")              # doctest: +SKIP
-    >>> convert("bloom-560m", "bloom-560m-int8", quantization=QuantSettings("int8"))  # doctest: +SKIP
+    >>> convert("bigscience/bloom-560m", "bloom-560m-int8", quantization=QuantSettings("int8"),
+    ...         log=print)                                       # doctest: +SKIP
+    resuming: 12 of 26 weight files already written
     """
     source = open_source(src)
     job = _job_record(source, quantization)
+    started_by = {"command": command_line(quantization), "source": str(source.root.resolve())}
     with Destination(dst) as destination:
         if destination.has_manifest():
-            return _already_finished(destination, source, quantization)
+            manifest = _already_finished(destination, source, quantization)
+            log(f"already finished: {destination.path} holds this conversion; nothing was rewritten")
+            return manifest
         try:
-            destination.start_or_resume(job)
-            manifest = _run(source, destination, quantization, progress)
+            resuming = destination.start_or_resume(job, started_by)
+            manifest = _run(source, destination, quantization, progress, log if resuming else None)
             write_manifest(destination.path, manifest)
             destination.finish()
         except OSError as exc:
@@ -58,7 +71,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: Qua
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = None, *,
              quant_type: str | None = None, block_size: int | None = None, double_quant: bool | None = None,
              embeddings: bool | None = None, int8_scale_from: str | None = None, recipe: str | None = None,
-             progress: ProgressFactory = no_progress) -> Manifest:
+             progress: ProgressFactory = no_progress, log: Log = _silent) -> Manifest:
     """`convert` with the block weights quantized: `bits` 8 (LLM.int8()) or 4 (`quant_type` nf4 or
     fp4), or a `recipe` from `bloomconv recipes`. Options left None take the preset, the same
     defaults as `bloomconv quantize`; every combination is validated before anything is read.
@@ -68,9 +81,32 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = 
     >>> quantize("bloom", "bloom-int8", recipe="bloom-176b-int8")                      # doctest: +SKIP
     """
     from bloomconv.recipes import quantization_for
+    src = resolve_source(src)  # a recipe checks the source's config.json
     settings = quantization_for(src, bits=bits, recipe=recipe, quant_type=quant_type, block_size=block_size,
                                 double_quant=double_quant, embeddings=embeddings, int8_scale_from=int8_scale_from)
-    return convert(src, dst, quantization=settings, progress=progress)
+    return convert(src, dst, quantization=settings, progress=progress, log=log)
+
+
+def command_line(quantization: QuantSettings | None) -> str:
+    """The `bloomconv` command (options, no paths) that asks for `quantization`.
+
+    >>> command_line(QuantSettings(QuantType.INT8)), command_line(QuantSettings(QuantType.FP4, 64))
+    ('quantize --bits 8', 'quantize --bits 4 --quant-type fp4 --block-size 64')
+    """
+    if quantization is None:
+        return "convert"
+    q, preset = quantization, QuantSettings(quantization.quant_type)
+    words = ["quantize", "--bits", "8"] if q.quant_type is QuantType.INT8 else \
+        ["quantize", "--bits", "4", "--quant-type", q.quant_type.value]
+    if q.block_size != preset.block_size:
+        words += ["--block-size", str(q.block_size)]
+    if q.double_quant != preset.double_quant:
+        words.append("--double-quant" if q.double_quant else "--no-double-quant")
+    if q.embeddings != preset.embeddings:
+        words.append("--embeddings" if q.embeddings else "--no-embeddings")
+    if q.int8_scale_from != preset.int8_scale_from:
+        words += ["--int8-scale-from", q.int8_scale_from]
+    return " ".join(words)
 
 
 def _job_record(source: SourceCheckpoint, quantization: QuantSettings | None) -> dict:
@@ -78,8 +114,8 @@ def _job_record(source: SourceCheckpoint, quantization: QuantSettings | None) ->
     for name in (*source.weight_files, *source.side_files):
         stat = (source.root / name).stat()
         files.append({"name": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return {"tool_version": __version__, "source_layout": source.layout, "source_files": files,
-            "quantization": quantization.to_dict() if quantization else None}
+    return {"tool_version": __version__, "format_version": FORMAT_VERSION, "source_layout": source.layout,
+            "source_files": files, "quantization": quantization.to_dict() if quantization else None}
 
 
 def _already_finished(destination: Destination, source: SourceCheckpoint,
@@ -95,9 +131,9 @@ def _already_finished(destination: Destination, source: SourceCheckpoint,
 
 
 def _run(source: SourceCheckpoint, destination: Destination, quantization: QuantSettings | None,
-         progress: ProgressFactory) -> Manifest:
+         progress: ProgressFactory, resume_log: Log | None) -> Manifest:
+    """Write every file and return the manifest; `resume_log` (a resumed run) hears how much was kept."""
     units = all_units(source.geometry.n_layer)
-    destination.folder("blocks")
     total = sum(source.file_size(n) for n in source.weight_files)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hash-source") as hasher, \
             progress(total=total, desc="convert", unit="B", unit_scale=True) as bar:
@@ -108,6 +144,8 @@ def _run(source: SourceCheckpoint, destination: Destination, quantization: Quant
         shards = ShardCache(source.root)
         resumed = {unit: _resumed(destination, unit) for unit in units}
         remaining = [unit for unit in units if resumed[unit] is None]
+        if resume_log is not None:
+            resume_log(f"resuming: {len(units) - len(remaining)} of {len(units)} weight files already written")
         bar.update(sum(_unit_bytes(source, unit) for unit in units if resumed[unit] is not None))
         written = {}
         # Three stages overlap: the encoder reads (and quantizes) the next unit while this thread

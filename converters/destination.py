@@ -1,18 +1,28 @@
 """The destination directory of a conversion: its lock, its job record and its journal.
 
-A run writes DST/.bloomconv-job.json first (what is being made, from what), then one journal
-entry per finished output file, then the manifest. Re-running the same command finds the job
-record, keeps every journaled file whose bytes still hash to the journal entry, and redoes the
-rest. A different job into the same DST is refused.
+A run writes DST/.bloomconv-job.json first (what is being made, from what, and the command that
+started it), then one journal entry per finished output file, then the manifest. Re-running the
+same command finds the job record, keeps every journaled file whose bytes still hash to the
+journal entry, and redoes the rest. A different job into the same DST is refused, naming the
+command that started the unfinished one.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
-import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt's lock instead
+    fcntl = None
+try:
+    import msvcrt
+except ImportError:
+    msvcrt = None
 
 from bloomconv.atomic import atomic_write_bytes, is_temporary
 from bloomconv.errors import DestinationBusyError, DestinationError
@@ -29,6 +39,9 @@ class Destination:
         self._lock_fd: int | None = None
 
     def __enter__(self) -> "Destination":
+        if fcntl is None and msvcrt is None:
+            raise DestinationError(self.path, "cannot lock the destination: this Python has neither fcntl.flock nor "
+                                   "msvcrt.locking", "Convert with CPython on Linux, macOS or Windows.")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -42,12 +55,10 @@ class Destination:
         """A locked descriptor of DST's lock file; None when that file was removed meanwhile."""
         path = self.path / LOCK_NAME
         try:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:
             raise explain_os_error(self.path, exc) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             os.close(fd)
             raise DestinationBusyError(self.path, "another bloomconv process is writing here",
                                        "Wait for it to finish, or pick another destination.") from None
@@ -64,23 +75,31 @@ class Destination:
 
     def __exit__(self, *exc) -> None:
         if self._lock_fd is not None:
-            (self.path / LOCK_NAME).unlink(missing_ok=True)
-            os.close(self._lock_fd)
+            if fcntl is not None:
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
+                os.close(self._lock_fd)
+            else:  # Windows removes no open file: close first; a file another writer opened meanwhile stays
+                os.close(self._lock_fd)
+                with contextlib.suppress(PermissionError):
+                    (self.path / LOCK_NAME).unlink(missing_ok=True)
             self._lock_fd = None
 
     # -- job record -------------------------------------------------------------------------
-    def start_or_resume(self, job: dict) -> bool:
-        """Record `job`, or accept the identical unfinished one. Returns True when resuming."""
+    def start_or_resume(self, job: dict, started_by: dict) -> bool:
+        """Record `job`, or accept the identical unfinished one. Returns True when resuming.
+
+        `started_by` ({"command": "quantize --bits 8", "source": "/abs/src"}) is kept with the job
+        to name it when another run is refused, and is not compared: the same job resumes from
+        wherever it is started."""
         job_path = self.path / JOB_NAME
         if job_path.exists():
             try:
                 recorded = json.loads(job_path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 recorded = None
+            origin = recorded.pop(_STARTED_BY, None) if isinstance(recorded, dict) else None
             if recorded != job:
-                raise DestinationError(self.path, "holds an unfinished conversion of a different source "
-                                       "or with different settings",
-                                       "Re-run that exact command to finish it, or choose an empty destination.")
+                raise _other_job(self.path, origin)
             self._remove_temporaries()
             self.folder(JOURNAL_DIR)
             return True
@@ -93,7 +112,7 @@ class Destination:
             raise DestinationError(self.path, f"is not empty ({', '.join(sorted(stray)[:3])}…) and holds "
                                    "no bloomconv conversion", "Choose an empty or new destination.")
         self._remove_temporaries()
-        atomic_write_bytes(job_path, json.dumps(job, sort_keys=True).encode())
+        atomic_write_bytes(job_path, json.dumps({**job, _STARTED_BY: started_by}, sort_keys=True).encode())
         self.folder(JOURNAL_DIR)
         return False
 
@@ -144,6 +163,35 @@ class Destination:
         except OSError:
             pass
         return None
+
+
+_STARTED_BY = "started_by"
+
+
+def _other_job(path: Path, origin) -> DestinationError:
+    if isinstance(origin, dict) and isinstance(origin.get("command"), str) and isinstance(origin.get("source"), str):
+        command, source = origin["command"], origin["source"]
+        return DestinationError(path, f"holds an unfinished `bloomconv {command}` conversion of {source}",
+                                f"Re-run `bloomconv {command} {source} {path}` to finish it, or choose an empty "
+                                "destination.")
+    return DestinationError(path, "holds an unfinished conversion of a different source or with different settings",
+                            "Re-run that exact command to finish it, or choose an empty destination.")
+
+
+def _try_lock(fd: int) -> bool:
+    """Lock `fd` exclusively without waiting; False when another process holds the lock. flock
+    on Linux and macOS, msvcrt's lock of the first byte on Windows; closing `fd` releases it."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:  # held by another process
+        return False
+    return True
 
 
 def explain_os_error(path: Path, exc: OSError) -> DestinationError:

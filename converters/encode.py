@@ -12,8 +12,12 @@ The four matmul weights of every block (and, if asked, the word embeddings) are 
 Everything else (layernorms, biases) is stored as it is.
 
 Quantized word embeddings (`QuantSettings.embeddings`) are for the bloomconv runtime only:
-transformers keeps `word_embeddings` an `nn.Embedding` and cannot load int8 or 4-bit data into
-it, so such a directory does not load with `from_pretrained`.
+transformers keeps `word_embeddings` an `nn.Embedding`; given bitsandbytes' config it would load
+the int8 data into it without a word and fail at the first forward pass. Such a directory's
+config.json gets a `quantization_config` without a `quant_method` instead, which every
+transformers release refuses at `from_pretrained` (ValueError: "...has no `quant_method`
+attribute..."), with a `bloomconv` entry saying why. (An unknown `quant_method` is no refusal:
+recent transformers warn, skip the quantization and load the int8 bytes as numbers.)
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from bloomconv.storage import storage_for
 __all__ = ["config_with_quantization", "encode_for_storage"]
 
 _TIED_HEAD_MODULE = "lm_head"  # never stored (tied to the embeddings): transformers must not convert it
+RUNTIME_ONLY_NOTE = ("quantized word embeddings: transformers cannot load this directory. Run it with bloomconv "
+                     "(bloomconv.load, `bloomconv generate`), or quantize again with --no-embeddings.")
 
 
 def encode_for_storage(name: str, tensor: torch.Tensor,
@@ -50,7 +56,8 @@ def encode_for_storage(name: str, tensor: torch.Tensor,
 
 
 def config_with_quantization(config_bytes: bytes, settings: QuantSettings) -> bytes:
-    """config.json with the `quantization_config` transformers needs to load the stored weights.
+    """config.json with the `quantization_config` transformers needs to load the stored weights,
+    or, with quantized embeddings, one it refuses (see the module docstring).
 
     The fields are those `BitsAndBytesConfig.to_dict()` writes. The 4-bit compute dtype is float32,
     transformers' default and the faster choice on CPUs without a fused 4-bit kernel. transformers
@@ -59,10 +66,12 @@ def config_with_quantization(config_bytes: bytes, settings: QuantSettings) -> by
     >>> cfg = config_with_quantization(b'{"dtype": "bfloat16"}', QuantSettings(QuantType.NF4, 64))
     >>> json.loads(cfg)["quantization_config"]["bnb_4bit_quant_type"]
     'nf4'
+    >>> list(json.loads(config_with_quantization(b'{}', QuantSettings(QuantType.INT8)))["quantization_config"])
+    ['bloomconv']
     """
     config = json.loads(config_bytes)
     is_4bit = settings.quant_type.is_4bit
-    config["quantization_config"] = {
+    config["quantization_config"] = {"bloomconv": RUNTIME_ONLY_NOTE} if settings.embeddings else {
         "quant_method": "bitsandbytes",
         "load_in_8bit": settings.quant_type is QuantType.INT8,
         "load_in_4bit": is_4bit,

@@ -5,7 +5,10 @@ Layouts:
   safetensors-shards     model-000NN-of-000MM.safetensors + model.safetensors.index.json
   pickle-single          pytorch_model.bin
   safetensors-single     model.safetensors
-  bloomconv              a directory written by bloomconv convert (unquantized), read back
+  bloomconv              a directory written by bloomconv convert (unquantized, format 1 or 2), read back
+
+`resolve_source` also takes a Hugging Face cache repository (models--org--name, at the snapshot
+refs/main names) or a Hub repo id (bigscience/bloom-560m), found in the local cache, offline.
 
 Pickles are opened with `torch.load(weights_only=True, mmap=True)`: tensors stay file-backed
 (page cache, not anonymous memory) and no pickled code can run.
@@ -24,12 +27,13 @@ import torch
 from safetensors import safe_open
 
 from bloomconv.errors import SourceError, UnsafeCheckpointError
-from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, FORMAT_NAME, HF_INDEX_NAME, MANIFEST_NAME,
-                              PICKLE_INDEX_NAME, PICKLE_SINGLE_NAME, PREFIX, SAFETENSORS_DTYPES,
-                              SAFETENSORS_SINGLE_NAME, SOURCE_FLOAT_DTYPES, TIED_HEAD, TOKENIZER_NAMES)
-from bloomconv.safetensors_io import torch_dtype
+from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, FORMAT_NAME, HF_CACHE_MAIN_REF, HF_CACHE_REPO_PREFIX,
+                              HF_CACHE_SNAPSHOTS, HF_INDEX_NAME, MANIFEST_NAME, PICKLE_INDEX_NAME,
+                              PICKLE_SINGLE_NAME, PREFIX, SAFETENSORS_DTYPES, SAFETENSORS_SINGLE_NAME,
+                              SOURCE_FLOAT_DTYPES, TIED_HEAD, TOKENIZER_NAMES, is_carried_file)
 from bloomconv.geometry import Geometry
-
+from bloomconv.manifest import read_manifest
+from bloomconv.safetensors_io import torch_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +52,7 @@ class SourceCheckpoint:
     dtype: torch.dtype
     weight_files: tuple[str, ...]        # relative paths, in reading order
     tensors: dict[str, TensorMeta]       # unprefixed name -> where it lives
-    side_files: tuple[str, ...]          # config + tokenizer files to copy
+    side_files: tuple[str, ...]          # config, tokenizer and the other files carried along, to copy
     tied_head: TensorMeta | None = None  # a stored lm_head.weight, checked equal to the embeddings
 
     def file_size(self, name: str) -> int:
@@ -159,17 +163,76 @@ def _read_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def resolve_source(src: str | os.PathLike) -> Path:
+    """The folder holding the checkpoint `src` names: a folder as it is; a Hugging Face cache
+    repository (models--org--name) at the snapshot its refs/main names; or, when no such path
+    exists, a Hub repo id (bigscience/bloom-560m) looked up in the local Hugging Face cache
+    ($HF_HUB_CACHE, else $HF_HOME/hub), offline.
+
+    >>> resolve_source("bigscience/bloom-560m")   # doctest: +SKIP
+    PosixPath('/root/.cache/huggingface/hub/models--bigscience--bloom-560m/snapshots/ac2ae5f…')
+    """
+    path = Path(src)
+    if path.is_dir():
+        if path.name.startswith(HF_CACHE_REPO_PREFIX) and (path / HF_CACHE_SNAPSHOTS).is_dir():
+            return _main_snapshot(path)
+        return path
+    if not path.exists() and _REPO_ID.fullmatch(str(src)):
+        return _snapshot_in_hub_cache(str(src))
+    raise SourceError(path, "not a directory", "Point bloomconv at the checkpoint's folder.")
+
+
+def _main_snapshot(repository: Path) -> Path:
+    try:
+        revision = (repository / HF_CACHE_MAIN_REF).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        revision = ""
+    snapshot = repository / HF_CACHE_SNAPSHOTS / revision
+    if not re.fullmatch(r"[0-9a-f]{40}", revision) or not snapshot.is_dir():
+        raise SourceError(repository, f"has no {HF_CACHE_MAIN_REF} naming one of its snapshots",
+                          f"Pass the snapshot folder itself ({repository.name}/{HF_CACHE_SNAPSHOTS}/<revision>).")
+    return snapshot
+
+
+def _hub_cache_dir() -> str:
+    """Where `hf download` puts repositories, by the environment as it is now (huggingface_hub
+    reads it once, when first imported)."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return os.path.expanduser(os.environ[variable])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def _snapshot_in_hub_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+    cache = _hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
+    except (LocalEntryNotFoundError, OSError, ValueError):  # ValueError: not a valid repo id
+        raise SourceError(repo_id, f"is neither a folder nor a model in the Hugging Face cache ({cache})",
+                          f"Run `hf download {repo_id}` first, or point bloomconv at the checkpoint's "
+                          "folder.") from None
+
+
 def open_source(root: str | os.PathLike) -> SourceCheckpoint:
     """Identify the layout, read the index and every shard's table of contents, and check that
-    the checkpoint holds exactly the tensors its config.json implies. Reads no tensor data."""
-    root = Path(root)
-    if not root.is_dir():
-        raise SourceError(root, "not a directory", "Point bloomconv at the checkpoint's folder.")
+    the checkpoint holds exactly the tensors its config.json implies. Reads no tensor data.
+    `root` is anything `resolve_source` takes."""
+    root = resolve_source(root)
     geometry = Geometry.from_file(root / CONFIG_NAME)
     if (root / MANIFEST_NAME).is_file():
-        layout = FORMAT_NAME
-        files = sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors"))
-        weight_map = None
+        manifest = read_manifest(root)
+        if manifest.quantization is not None:
+            raise SourceError(root, f"is already {manifest.quantization.quant_type.value} (written by "
+                              "`bloomconv quantize`)", "Quantize from the original checkpoint or a "
+                              "`bloomconv convert` output.")
+        layout, weight_map = FORMAT_NAME, None
+        files = sorted(f.name for f in manifest.files if f.tensors)
     elif (root / HF_INDEX_NAME).is_file():
         layout, weight_map = "safetensors-shards", _read_index(root / HF_INDEX_NAME)
     elif (root / PICKLE_INDEX_NAME).is_file():
@@ -215,8 +278,16 @@ def open_source(root: str | os.PathLike) -> SourceCheckpoint:
     (dtype,) = dtypes
     if str(dtype).removeprefix("torch.") not in SOURCE_FLOAT_DTYPES:
         raise SourceError(root, f"dtype {dtype} is not supported", "Use a bf16, fp16 or fp32 checkpoint.")
-    side_files = tuple(n for n in (CONFIG_NAME, *TOKENIZER_NAMES) if (root / n).is_file())
-    return SourceCheckpoint(root, layout, geometry, dtype, tuple(files), tensors, side_files, head)
+    return SourceCheckpoint(root, layout, geometry, dtype, tuple(files), tensors, _side_files(root), head)
+
+
+def _side_files(root: Path) -> tuple[str, ...]:
+    """Config and tokenizer files, then, sorted, every other file the repository carries
+    (`format.is_carried_file`: README.md, LICENSE, generation_config.json, …)."""
+    needed = [name for name in (CONFIG_NAME, *TOKENIZER_NAMES) if (root / name).is_file()]
+    carried = sorted(p.name for p in root.iterdir()
+                     if p.name not in needed and p.is_file() and is_carried_file(p.name, p.stat().st_size))
+    return (*needed, *carried)
 
 
 def _check_against_config(root: Path, geometry: Geometry, tensors: dict[str, TensorMeta]) -> None:

@@ -3,6 +3,7 @@
 >>> import bloomconv.runtime
 >>> model = bloomconv.runtime.load("bloom-560m-blocks")                   # doctest: +SKIP
 >>> model.generate(["Hello,", "The sea is"], max_new_tokens=20)           # doctest: +SKIP
+>>> logits = model(model.tokenizer("Hello,"))                             # doctest: +SKIP
 >>> logits, past = model.forward(input_ids)                               # doctest: +SKIP
 >>> bloomconv.runtime.load("bloom-7b1-blocks", ram_budget="6GB", threads=2)  # doctest: +SKIP
 
@@ -11,9 +12,10 @@ forward pass, read ahead on a background thread (see `loader`).
 
 The runtime never imports `bloomconv.converters` or transformers (start-up stays ~torch's own).
 """
-from .generate import Bloom, GenerationStats, load, next_tokens, top_k_mask, top_p_mask
+from .generate import (Bloom, Config, GenerationOptions, GenerationStats, Tokenizer, load, next_tokens,
+                       repetition_penalty, top_k_mask, top_p_mask)
 from .loader import Residency, parse_size
 from .model import KVCache
 
-__all__ = ["Bloom", "GenerationStats", "KVCache", "Residency", "load", "next_tokens", "parse_size", "top_k_mask",
-           "top_p_mask"]
+__all__ = ["Bloom", "Config", "GenerationOptions", "GenerationStats", "KVCache", "Residency", "Tokenizer", "load",
+           "next_tokens", "parse_size", "repetition_penalty", "top_k_mask", "top_p_mask"]

@@ -2,28 +2,36 @@
 
 >>> model = load("bloom-560m-int8")                                      # doctest: +SKIP
 >>> model.generate("The capital of France is", max_new_tokens=8)         # doctest: +SKIP
+>>> model.generate("Q: 2+2?\\nA:", stop="\\n", repetition_penalty=1.2)     # doctest: +SKIP
 >>> for piece in model.stream("Once upon a time", temperature=0.8, top_p=0.9, seed=1):  # doctest: +SKIP
 ...     print(piece, end="", flush=True)
+>>> ids = model.tokenizer("Hello")                # token ids, list[int]  # doctest: +SKIP
+>>> logits = model(ids)                           # (1, T, vocab)         # doctest: +SKIP
+>>> model.config["n_layer"], model.config.n_layer                         # doctest: +SKIP
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from bloomconv.errors import ManifestError
+from bloomconv.errors import ManifestError, OptionsError
 from bloomconv.format import TOKENIZER_NAMES
+from bloomconv.settings import QuantSettings
 
 from .loader import Checkpoint, open_checkpoint
 from .model import KVCache, Transformer
 
-__all__ = ["Bloom", "GenerationStats", "load", "next_tokens", "top_k_mask", "top_p_mask"]
+__all__ = ["Bloom", "Config", "GenerationOptions", "GenerationStats", "Tokenizer", "load", "next_tokens",
+           "repetition_penalty", "top_k_mask", "top_p_mask"]
 
 
-def load(directory: str | os.PathLike, *, device="cpu", verify: str = "fast",
+def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", verify: str = "fast",
          dtype: torch.dtype = torch.float32, ram_budget: str | int | None = None,
          threads: int | None = None) -> "Bloom":
     """Open a converted (optionally quantized) directory for inference.
@@ -41,17 +49,22 @@ def load(directory: str | os.PathLike, *, device="cpu", verify: str = "fast",
     bfloat16 activations also work: torch's bf16 GEMM for large batches of bf16 weights.
     `ram_budget`: bytes of weights to hold in RAM, e.g. "12GB", "800MB", "1.5GiB" or an int;
     files that do not fit are read from disk on every forward pass (see `loader`). None: 90 % of
-    available memory (MemAvailable, or the memory cgroup's room if smaller) minus one block's
-    working set and a 1024-token KV cache (`loader.default_ram_budget`).
+    available memory (MemAvailable, or the memory cgroup's room if smaller; psutil's figure
+    where there is no /proc) minus one block's working set and a 1024-token KV cache
+    (`loader.default_ram_budget`).
     `threads`: torch's intra-op threads (process-wide, `torch.set_num_threads`); None leaves it.
     bloomconv's kernels use as many. During a decoding step torch's own ops run on one thread
     (process-wide too, restored after the step): run one model per process, not one per thread.
-    Raises VerificationError naming each damaged file.
+    Raises VerificationError naming each damaged file, OptionsError for a device torch lacks.
     """
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         torch.set_num_threads(threads)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionsError(f"device {str(device)!r} is not available: this torch ({torch.__version__}) sees no "
+                           "CUDA GPU. Use device 'cpu', or install torch's CUDA build on a machine with one.")
     checkpoint = open_checkpoint(directory, verify=verify, ram_budget=ram_budget, dtype=dtype)
     return Bloom(checkpoint, Transformer(checkpoint, dtype=dtype, device=device))
 
@@ -80,17 +93,148 @@ class GenerationStats:
         return self.batch * (self.steps - 1) / self.decode_seconds if self.decode_seconds else 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    """How `generate`, `stream` and `generate_ids` choose each token and when a sequence ends.
+
+    At most `max_new_tokens` are added, fewer where the end-of-sequence token comes first.
+    temperature 0 is greedy; above 0 samples, restricted to the `top_k` most likely tokens (0: all)
+    and to the smallest set whose probability reaches `top_p`. `repetition_penalty` (CTRL's rule,
+    as transformers applies it, before temperature and filtering): the logit of every token
+    already in the sequence, prompt included, is divided by it when positive and multiplied by it
+    when negative; 1 leaves logits alone. `stop`: a string or strings; a sequence ends as soon as
+    a new token completes one, as transformers' `stop_strings` do (the token may run past its end,
+    and it may begin at the end of the prompt), and the text returned stops before it (empty when
+    it began in the prompt). `seed` makes sampling reproducible.
+    """
+
+    max_new_tokens: int = 50
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: str | Sequence[str] | None = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        if self.max_new_tokens < 0:
+            raise OptionsError(f"max_new_tokens {self.max_new_tokens} is negative. Use 0 or more.")
+        if self.temperature < 0:
+            raise OptionsError(f"temperature {self.temperature} is negative. Use 0 for greedy, above 0 to sample.")
+        if self.top_k < 0:
+            raise OptionsError(f"top_k {self.top_k} is negative. Use 0 for no limit, or a positive count.")
+        if not 0 < self.top_p <= 1:
+            raise OptionsError(f"top_p {self.top_p} is outside (0, 1]. Use 1 for no limit.")
+        if not self.repetition_penalty > 0:
+            raise OptionsError(f"repetition_penalty {self.repetition_penalty} is not positive. Use 1 for none, "
+                               "above 1 to discourage repeats.")
+        if not all(isinstance(s, str) and s for s in stop):
+            raise OptionsError(f"stop {stop!r} must be non-empty strings. Drop the empty one.")
+
+
+class Config(Mapping):
+    """The directory's config.json, read-only: `config["n_layer"]` or `config.n_layer`, iteration
+    and `get` as a dict's; `to_dict()` for a copy you may change."""
+
+    def __init__(self, values: dict[str, Any]):
+        object.__setattr__(self, "_values", copy.deepcopy(values))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("_") and name in self._values:
+            return self._values[name]
+        raise AttributeError(f"config.json has no {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("the config is read-only; change a copy from to_dict()")
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._values)
+
+    def __repr__(self) -> str:
+        return f"Config({self._values!r})"
+
+
+class Tokenizer:
+    """Text to token ids and back with the directory's tokenizer.json (no special tokens added).
+
+    `tokenizer("text")` and `encode("text")` give a list of ids (`tokenizer([...])` a list per
+    text); `decode(ids)` gives the text, special tokens kept unless `skip_special_tokens`, as
+    transformers' tokenizers do. `backend` is the `tokenizers.Tokenizer` itself.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text).ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """The text of one sequence of ids (a list or a 1-D tensor)."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def __call__(self, text: str | Sequence[str]) -> list[int] | list[list[int]]:
+        if isinstance(text, str):
+            return self.encode(text)
+        return [encoding.ids for encoding in self.backend.encode_batch(list(text))]
+
+    def __len__(self) -> int:
+        """Vocabulary size, added tokens included."""
+        return self.backend.get_vocab_size()
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab {len(self)})"
+
+
 class Bloom:
-    """A loaded model: `forward` on token ids, `generate` and `stream` on text."""
+    """A loaded model: `model(ids)` or `forward` on token ids, `generate` and `stream` on text.
+
+    `config` is config.json (`Config`), `tokenizer` a `Tokenizer` (None when the directory has no
+    tokenizer.json: text in or out then raises), `geometry` the shapes, `checkpoint` the files.
+    """
 
     def __init__(self, checkpoint: Checkpoint, transformer: Transformer):
         self.checkpoint, self.transformer = checkpoint, transformer
         self.geometry = checkpoint.geometry
-        self.tokenizer = checkpoint.tokenizer
-        config = checkpoint.config
-        self.eos_token_id: int | None = config.get("eos_token_id")
-        pad = config.get("pad_token_id")
+        self.config = Config(checkpoint.config)
+        self.tokenizer = Tokenizer(checkpoint.tokenizer) if checkpoint.tokenizer is not None else None
+        self.eos_token_id: int | None = self.config.get("eos_token_id")
+        pad = self.config.get("pad_token_id")
         self.pad_token_id: int = pad if pad is not None else (self.eos_token_id or 0)
+
+    def __repr__(self) -> str:
+        g, residency = self.geometry, self.checkpoint.residency
+        quantization = self.checkpoint.manifest.quantization
+        stored = (_describe(quantization) if quantization is not None
+                  else f"{self.checkpoint.manifest.model['dtype']}, not quantized")
+        return (f"Bloom({str(self.checkpoint.directory)!r}: hidden {g.hidden_size}, {g.n_layer} blocks, "
+                f"{g.n_head} heads, vocab {g.vocab_size}; weights {stored}; {len(residency.pinned)} files in RAM "
+                f"({residency.pinned_bytes / 1e6:,.1f} MB), {len(residency.streamed)} streamed from disk, budget "
+                f"{residency.budget / 1e6:,.1f} MB; computes {str(self.transformer.dtype).removeprefix('torch.')} "
+                f"on {self.transformer.device})")
+
+    def __call__(self, input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+                 attention_mask: torch.Tensor | Sequence | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) of ids (B, T), as transformers' `model(input_ids).logits`; one
+        sequence, (T,) or a list of ids, gives (1, T, vocab). No cache: see `forward` for one."""
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask, dtype=torch.long)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+            attention_mask = attention_mask[None] if attention_mask is not None else None
+        return self.forward(input_ids, attention_mask)[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past: KVCache | None = None, *, last_only: bool = False) -> tuple[torch.Tensor, KVCache]:
@@ -103,9 +247,14 @@ class Bloom:
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, T) left-padded with the pad token, and the attention mask (B, T)."""
-        encodings = [self._require_tokenizer().encode(p).ids for p in prompts]
-        if any(len(ids) == 0 for ids in encodings):
-            raise ValueError("a prompt encodes to no tokens; give each prompt some text")
+        tokenizer = self._require_tokenizer()
+        encodings = [tokenizer.encode(p) for p in prompts]
+        if not encodings:
+            raise OptionsError("no prompt given. Give at least one.")
+        for number, ids in enumerate(encodings, 1):
+            if not ids:
+                raise OptionsError(f"prompt {number} of {len(prompts)} ({prompts[number - 1]!r}) encodes to no "
+                                   "tokens. Give each prompt some text.")
         longest = max(len(ids) for ids in encodings)
         input_ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
@@ -115,66 +264,94 @@ class Bloom:
         return input_ids, attention_mask
 
     def generate(self, prompt: str | list[str], max_new_tokens: int = 50, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 stop: str | Sequence[str] | None = None, seed: int | None = None,
                  stats: GenerationStats | None = None) -> str | list[str]:
         """The continuation of `prompt` (or of each prompt of a list, batched together).
 
-        temperature 0 is greedy; above 0 samples, restricted to the `top_k` most likely tokens
-        (0: all) and to the smallest set whose probability reaches `top_p`. `seed` makes
-        sampling reproducible. Stops at the end-of-sequence token or after `max_new_tokens`.
+        The options are documented on `GenerationOptions`. Each sequence stops at the
+        end-of-sequence token, at a `stop` string (not returned) or after `max_new_tokens`.
         `stats`: a GenerationStats to fill in with token counts and timings.
         """
+        options = GenerationOptions(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         input_ids, attention_mask = self.encode(prompts)
-        output = self.generate_ids(input_ids, attention_mask, max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=seed, stats=stats)
-        texts = [self._decode(row) for row in output[:, input_ids.shape[1]:].tolist()]
+        new = self._steps(input_ids, attention_mask, options, stats)
+        output = torch.cat([input_ids[:, :0], *(token[:, None] for token in new)], dim=1)  # (B, n)
+        tails = self._prompt_tails(input_ids, attention_mask, options.stop)
+        texts = [_before_stop(self._decode(row), options.stop, tail) for row, tail in zip(output.tolist(), tails)]
         return texts[0] if isinstance(prompt, str) else texts
 
     def stream(self, prompt: str, max_new_tokens: int = 50, *, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+               stop: str | Sequence[str] | None = None, seed: int | None = None,
                stats: GenerationStats | None = None) -> Iterator[str]:
-        """Yield the continuation of `prompt` piece by piece as tokens are produced."""
+        """Yield the continuation of `prompt` piece by piece as tokens are produced; the pieces
+        join to what `generate` returns. Text that may be the start of a `stop` string is held
+        back until the next tokens show it is not. Options and prompt are checked on the call,
+        before the first piece is asked for."""
+        options = GenerationOptions(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
         input_ids, attention_mask = self.encode([prompt])
+        return self._pieces(input_ids, attention_mask, options, stats)
+
+    def _pieces(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: GenerationOptions,
+                stats: GenerationStats | None) -> Iterator[str]:
+        (tail,) = self._prompt_tails(input_ids, attention_mask, options.stop)
         tokens: list[int] = []
-        shown = ""
-        for token in self._steps(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, seed, stats):
+        shown = 0  # characters yielded so far
+        for token in self._steps(input_ids, attention_mask, options, stats):
             if token.item() == self.eos_token_id:
                 break
             tokens.append(token.item())
             text = self._decode(tokens)
             if text.endswith("\ufffd"):
                 continue  # a character split over tokens: wait for the rest of its bytes
-            yield text[len(shown):]
-            shown = text
-        text = self._decode(tokens)
-        if len(text) > len(shown):
-            yield text[len(shown):]
+            settled = _settled(text, options.stop, tail)
+            if len(settled) > shown:
+                yield settled[shown:]
+                shown = len(settled)
+        text = _before_stop(self._decode(tokens), options.stop, tail)
+        if len(text) > shown:
+            yield text[shown:]
 
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     max_new_tokens: int = 50, *, temperature: float = 0.0, top_k: int = 0,
-                     top_p: float = 1.0, seed: int | None = None, stats: GenerationStats | None = None) -> torch.Tensor:
+                     max_new_tokens: int = 50, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                     repetition_penalty: float = 1.0, stop: str | Sequence[str] | None = None,
+                     seed: int | None = None, stats: GenerationStats | None = None) -> torch.Tensor:
         """Prompt ids (B, T) followed by up to `max_new_tokens` new ones, (B, T + n); a sequence
-        that has ended is filled with the pad token, as transformers' `generate` does."""
+        that has ended is filled with the pad token, as transformers' `generate` does. A sequence
+        ended by a `stop` string keeps the token that completed it."""
+        options = GenerationOptions(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        new = list(self._steps(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, seed, stats))
+        new = list(self._steps(input_ids, attention_mask, options, stats))
         return torch.cat([input_ids.cpu(), *(token[:, None] for token in new)], dim=1)
 
-    def _steps(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, seed, stats):
+    def _steps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: GenerationOptions,
+               stats: GenerationStats | None) -> Iterator[torch.Tensor]:
         """Yield each step's next tokens, (B,), until every sequence has ended."""
-        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError("need max_new_tokens >= 0, temperature >= 0, 0 < top_p <= 1, top_k >= 0")
         stats = stats if stats is not None else GenerationStats()
-        stats.batch, stats.prompt_tokens = input_ids.shape[0], int(attention_mask.sum())
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        ended = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        past = KVCache(self.geometry.n_layer, capacity=input_ids.shape[1] + max_new_tokens)
+        B = input_ids.shape[0]
+        stats.batch, stats.prompt_tokens = B, int(attention_mask.sum())
+        generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+        ended = torch.zeros(B, dtype=torch.bool)
+        rows = torch.arange(B)
+        seen = None  # (B, vocab): tokens in each sequence so far, for the repetition penalty
+        new_ids: list[list[int]] = [[] for _ in range(B)]  # for the stop strings
+        tails = self._prompt_tails(input_ids, attention_mask, options.stop)
+        past = KVCache(self.geometry.n_layer, capacity=input_ids.shape[1] + options.max_new_tokens)
         step_ids = input_ids
-        for step in range(max_new_tokens):
+        for step in range(options.max_new_tokens):
             start = time.perf_counter()
             logits, past = self.transformer.forward(step_ids, attention_mask, past, last_only=True)
-            token = next_tokens(logits[:, -1].float().cpu(), temperature, top_k, top_p, generator)  # (B,)
+            logits = logits[:, -1].float().cpu()                                             # (B, V)
+            if options.repetition_penalty != 1:
+                if seen is None:
+                    seen = torch.zeros(logits.shape, dtype=torch.bool)
+                    real = attention_mask.cpu().bool()  # padding is not part of a sequence
+                    seen[rows[:, None].expand_as(input_ids)[real], input_ids.cpu()[real]] = True
+                logits = repetition_penalty(logits, seen, options.repetition_penalty)
+            token = next_tokens(logits, options.temperature, options.top_k, options.top_p, generator)  # (B,)
             elapsed = time.perf_counter() - start
             if step == 0:
                 stats.prefill_seconds = elapsed
@@ -182,20 +359,38 @@ class Bloom:
                 stats.decode_seconds += elapsed
             stats.steps = step + 1
             token = token.masked_fill(ended, self.pad_token_id)
+            if seen is not None:
+                seen[rows, token] = True
             if self.eos_token_id is not None:
                 ended |= token == self.eos_token_id
+            if options.stop:
+                for row in (~ended).nonzero().flatten().tolist():
+                    new_ids[row].append(int(token[row]))
+                    if _stop_at(self._decode(new_ids[row]), options.stop, tails[row]) is not None:
+                        ended[row] = True
             yield token
             if ended.all():
                 return
             step_ids = token[:, None]
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
 
+    def _prompt_tails(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      stop: tuple[str, ...]) -> list[str]:
+        """The end of each prompt's text in which a stop string could begin: one character less
+        than the longest (none without stop strings)."""
+        reach = max(map(len, stop), default=1) - 1
+        if reach == 0:
+            return [""] * input_ids.shape[0]
+        tokenizer = self._require_tokenizer()
+        return [tokenizer.decode(ids[real.bool()], skip_special_tokens=True)[-reach:]
+                for ids, real in zip(input_ids.cpu(), attention_mask.cpu())]
+
     def _decode(self, ids: list[int]) -> str:
         if self.eos_token_id in ids:
             ids = ids[:ids.index(self.eos_token_id)]
         return self._require_tokenizer().decode(ids, skip_special_tokens=True)
 
-    def _require_tokenizer(self):
+    def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ManifestError(self.checkpoint.directory / TOKENIZER_NAMES[0], "no tokenizer in this directory",
                                 "Convert from a checkpoint that has tokenizer.json, or call forward() with token ids.")
@@ -210,6 +405,48 @@ class Bloom:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _describe(quantization: QuantSettings) -> str:
+    """"nf4, block 128, double quant, embeddings kept" and the like."""
+    parts = [quantization.quant_type.value]
+    if quantization.block_size:
+        parts.append(f"block {quantization.block_size}")
+    if quantization.double_quant:
+        parts.append("double quant")
+    parts.append("embeddings quantized" if quantization.embeddings else "embeddings kept")
+    return ", ".join(parts)
+
+
+def _stop_at(text: str, stop: tuple[str, ...], context: str = "") -> int | None:
+    """Where in the new `text` the first stop string begins (0 for one beginning in `context`,
+    the end of the prompt before it); None when none ends in `text`."""
+    joined = context + text
+    found = [at for at in (joined.find(s, max(0, len(context) - len(s) + 1)) for s in stop) if at >= 0]
+    return max(0, min(found) - len(context)) if found else None
+
+
+def _before_stop(text: str, stop: tuple[str, ...], context: str = "") -> str:
+    at = _stop_at(text, stop, context)
+    return text if at is None else text[:at]
+
+
+def _settled(text: str, stop: tuple[str, ...], context: str = "") -> str:
+    """The part of `text` later tokens cannot make part of a stop string: cut before a stop
+    string, and short of a tail that could be the start of one."""
+    if _stop_at(text, stop, context) is not None:
+        return _before_stop(text, stop, context)
+    joined = context + text
+    pending = max((n for s in stop for n in range(1, len(s)) if joined.endswith(s[:n])), default=0)
+    return text[:len(text) - min(pending, len(text))]
+
+
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, as transformers' RepetitionPenaltyLogitsProcessor applies it:
+    logits of tokens already in the sequence (`seen`, bool) are divided by `penalty` when
+    positive, multiplied by it when negative. (B, V) -> (B, V)."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:

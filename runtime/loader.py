@@ -8,8 +8,9 @@ Residency. A RAM budget (`ram_budget`, bytes of weights held in memory) splits t
     pinned    read once into anonymous memory (mlock'ed where permitted), kept for the process's
               life: page-cache reclaim cannot evict them, a token never rereads them;
     streamed  read again for every forward pass into one of STREAM_BUFFERS reusable anonymous
-              buffers, around the page cache (O_DIRECT; where refused, buffered reads with each
-              chunk dropped behind by `posix_fadvise(DONTNEED)`), so a model larger than RAM
+              buffers, around the page cache (O_DIRECT on Linux, F_NOCACHE on macOS; where
+              refused, buffered reads with each chunk dropped behind by
+              `posix_fadvise(DONTNEED)` where the system has it), so a model larger than RAM
               costs (model − pinned) bytes of disk per token and evicts nothing else.
 
 The budget covers the pinned files plus the stream buffers. The ln_f and embedding files are
@@ -24,7 +25,13 @@ Read-ahead. The reader thread keeps the next STREAM_BUFFERS streamed files, in c
 read or being read: when the forward pass finishes with a streamed file its buffer is refilled
 at once with the one after, wrapping to the next pass, so the disk never waits for the CPU and a
 decode step starts with its first streamed block already in memory. Reads are large sequential
-`preadv` calls, which release the GIL while torch computes.
+`preadv` calls (plain seek-and-read where the system lacks it), which release the GIL while
+torch computes.
+
+Portability: every Linux-only call has a fallback, so the runtime runs on macOS too: no O_DIRECT
+(F_NOCACHE, or buffered reads), no transparent huge pages (plain anonymous memory), no mlock (the
+pinned files stay in RAM unless the system swaps them), no /proc (psutil's available memory;
+see `bloomconv.process_stats`).
 
 Tensors are views of those buffers: no copy per access. A view of a streamed file is valid only
 inside its `use` block.
@@ -42,22 +49,30 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import io
 import json
 import math
 import mmap
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import torch
 
 from bloomconv import kernels
-from bloomconv.errors import SourceError, VerificationError
-from bloomconv.format import (CONFIG_NAME, EMBEDDINGS_UNIT, FINAL_UNIT, NARROW_FLOAT_DTYPES, PREFIX, QuantType,
-                              TOKENIZER_NAMES, block_unit, unit_file)
+from bloomconv.errors import ManifestError, SourceError, VerificationError
+from bloomconv.format import (CONFIG_NAME, EMBEDDINGS_UNIT, FINAL_UNIT, MANIFEST_NAME, NARROW_FLOAT_DTYPES, PREFIX,
+                              QuantType, TOKENIZER_NAMES, block_unit)
 from bloomconv.geometry import Geometry
 from bloomconv.manifest import Manifest, read_manifest
+from bloomconv.process_stats import available_memory
 from bloomconv.safetensors_io import SafetensorsHeader, read_header, torch_dtype
 from bloomconv.storage import StoredWeight, decode_module
 
@@ -69,6 +84,8 @@ __all__ = ["BlockWeights", "Checkpoint", "EmbeddingWeights", "LayerNormWeights",
 VERIFY_MODES = ("fast", "full")
 STREAM_BUFFERS = 2           # one file computing, the next being read
 READ_CHUNK_BYTES = 16 << 20  # per preadv call; the page cache of a streamed file is dropped per chunk
+# macOS's "no caching on this descriptor" (the <sys/fcntl.h> value where Python does not name it)
+F_NOCACHE = getattr(fcntl, "F_NOCACHE", 48) if sys.platform == "darwin" else None
 # Default budget: this share of available memory, minus the working set and a KV cache reserve.
 DEFAULT_BUDGET_SHARE = 0.9
 KV_RESERVE_TOKENS = 1024
@@ -242,8 +259,8 @@ class MappedFile:
         self.path = path
         self.quant = quant  # the manifest's storage type of each tensor
         self.header: SafetensorsHeader = read_header(path)
-        self._fd = os.open(path, os.O_RDONLY)
-        self._direct_fd: int | None | bool = None  # opened on first streamed read; False: not supported
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))  # O_BINARY: Windows
+        self._uncached_fd: int | None | bool = None  # opened on first streamed read; False: not possible here
         self._mapping: mmap.mmap | None = None
         self._view: UnitBytes | None = None
 
@@ -273,38 +290,38 @@ class MappedFile:
         """`UnitBytes.widened` straight from the page cache (no copy of the file in between),
         then the mapping's pages are let go (they stay cached, shared, out of this process)."""
         view = self.view()
-        if hasattr(self._mapping, "madvise"):
-            self._mapping.madvise(mmap.MADV_WILLNEED)
+        _advise(self._mapping, "MADV_WILLNEED")
         try:
             return view.widened()
         finally:
-            if hasattr(self._mapping, "madvise"):
-                self._mapping.madvise(mmap.MADV_DONTNEED)
+            _advise(self._mapping, "MADV_DONTNEED")
 
     def read_into(self, buffer: "AnonymousBuffer", streaming: bool) -> UnitBytes:
         """Read the whole file into `buffer` (of at least `padded_size` bytes) with large sequential reads.
 
         `streaming`: the file is read again every pass, so keep it out of the page cache (it must
         not evict pinned or other useful pages, nor count twice against a cgroup limit): read with
-        O_DIRECT, which also spares the CPU the copy out of the page cache (on two cores that copy
-        stalls torch's threads), or where the filesystem refuses O_DIRECT drop each chunk behind.
+        O_DIRECT (F_NOCACHE on macOS), which also spares the CPU the copy out of the page cache (on
+        two cores that copy stalls torch's threads), or where that is refused drop each chunk
+        behind (where the system has posix_fadvise; elsewhere the page cache keeps what it reads).
         """
-        if streaming and self._direct_fd is None:
-            self._direct_fd = _open_direct(self.path)
-        direct = streaming and self._direct_fd is not False
-        fd = self._direct_fd if direct else self._fd
-        if not direct and hasattr(os, "posix_fadvise"):
+        if streaming and self._uncached_fd is None:
+            fd = _open_uncached(self.path)
+            self._uncached_fd = False if fd is None else fd
+        uncached = streaming and self._uncached_fd is not False
+        fd = self._uncached_fd if uncached else self._fd
+        if not uncached and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         view = buffer.memoryview()
         done = 0
         while done < self.size:
             # O_DIRECT reads whole pages: the last one runs past the end of the file (returns short)
-            end = min(done + READ_CHUNK_BYTES, self.padded_size if direct else self.size)
-            n = os.preadv(fd, [view[done:end]], done)
+            end = min(done + READ_CHUNK_BYTES, self.padded_size if uncached else self.size)
+            n = _read_at(fd, view[done:end], done)
             if n <= 0:
                 raise VerificationError(self.path.parent, [f"{self.path.name}: truncated while running "
                                                            f"({done} of {self.size} bytes)"])
-            if streaming and not direct and hasattr(os, "posix_fadvise"):
+            if streaming and not uncached and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, done, n, os.POSIX_FADV_DONTNEED)
             done += n
         return UnitBytes.parse(self.header, buffer.tensor[:self.size], self.quant)
@@ -315,35 +332,68 @@ class MappedFile:
 
     def close(self) -> None:
         os.close(self._fd)
-        if self._direct_fd:
-            os.close(self._direct_fd)
+        if self._uncached_fd:
+            os.close(self._uncached_fd)
 
 
-def _open_direct(path: Path) -> int | bool:
-    """A descriptor reading around the page cache, or False where O_DIRECT is refused (tmpfs…)."""
-    if not hasattr(os, "O_DIRECT"):
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:
-        return False
-    try:
-        os.preadv(fd, [mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)], 0)  # page-aligned
-    except OSError:  # some filesystems accept the flag at open and refuse the read
-        os.close(fd)
-        return False
-    return fd
+def _open_uncached(path: Path) -> int | None:
+    """A descriptor whose reads bypass the page cache: O_DIRECT (Linux; whole, aligned pages) or
+    F_NOCACHE (macOS). None where the system has neither or the filesystem refuses (tmpfs…)."""
+    if hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            return None
+        try:
+            _read_at(fd, memoryview(_anonymous_memory(mmap.PAGESIZE)), 0)  # page-aligned
+        except OSError:  # some filesystems accept the flag at open and refuse the read
+            os.close(fd)
+            return None
+        return fd
+    if F_NOCACHE is not None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.fcntl(fd, F_NOCACHE, 1)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+    return None
+
+
+def _read_at(fd: int, view: memoryview, offset: int) -> int:
+    """Read into `view` from `offset` of `fd`; the bytes read, 0 at the end of the file."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    # macOS before 11, Windows: seek, then read (only the reader thread reads these descriptors)
+    with io.FileIO(fd, "r", closefd=False) as file:
+        file.seek(offset)
+        return file.readinto(view) or 0
+
+
+def _anonymous_memory(size: int) -> mmap.mmap:
+    """Page-aligned anonymous memory. Private, not Python's default shared mapping, where the
+    system has the flags (all but Windows): shared anonymous memory is shmem, which gets no
+    transparent huge pages and is reported as RssShmem instead of RssAnon."""
+    anonymous = getattr(mmap, "MAP_ANONYMOUS", getattr(mmap, "MAP_ANON", None))
+    if anonymous is None or not hasattr(mmap, "MAP_PRIVATE"):
+        return mmap.mmap(-1, size)
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | anonymous)
+
+
+def _advise(mapping: mmap.mmap, advice: str) -> None:
+    """`mapping.madvise(mmap.<advice>)` where the system has both (no madvise on Windows, no
+    MADV_HUGEPAGE outside Linux); advice only, so nothing is lost without it."""
+    if hasattr(mapping, "madvise") and hasattr(mmap, advice):
+        mapping.madvise(getattr(mmap, advice))
 
 
 class AnonymousBuffer:
     """Page-aligned anonymous memory (transparent huge pages where offered), optionally mlock'ed."""
 
     def __init__(self, size: int):
-        # private, not Python's default shared mapping: shared anonymous memory is shmem, which
-        # gets no transparent huge pages and is reported as RssShmem instead of RssAnon
-        self._map = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            self._map.madvise(mmap.MADV_HUGEPAGE)  # fewer TLB misses when a matmul sweeps the weights
+        self._map = _anonymous_memory(max(size, 1))
+        _advise(self._map, "MADV_HUGEPAGE")  # fewer TLB misses when a matmul sweeps the weights
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         self.locked = False
 
@@ -351,12 +401,13 @@ class AnonymousBuffer:
         return memoryview(self._map)
 
     def lock(self) -> bool:
-        """Keep the pages in RAM even under swap pressure; False where not permitted (RLIMIT_MEMLOCK)."""
+        """Keep the pages in RAM even under swap pressure; False where not permitted (RLIMIT_MEMLOCK)
+        or there is no C library mlock to call (Windows)."""
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            self.locked = libc.mlock(ctypes.c_void_p(self.tensor.data_ptr()), ctypes.c_size_t(len(self._map))) == 0
-        except (OSError, AttributeError):
-            self.locked = False
+            mlock = ctypes.CDLL(None, use_errno=True).mlock
+        except (OSError, AttributeError, TypeError):  # TypeError: Windows' CDLL needs a library name
+            return False
+        self.locked = mlock(ctypes.c_void_p(self.tensor.data_ptr()), ctypes.c_size_t(len(self._map))) == 0
         return self.locked
 
 
@@ -378,50 +429,6 @@ def parse_size(size: str | int) -> int:
         raise ValueError(f"cannot read {size!r} as a size; write it like 12GB, 800MB, 1.5GiB or a byte count")
     number, unit = match.groups()
     return int(float(number) * _SIZE_UNITS[(unit or "").lower()])
-
-
-def available_memory() -> int:
-    """Bytes this process may still fill without swapping or being killed: MemAvailable, or less
-    when its memory cgroup (v1 or v2) leaves less (limit − anonymous memory already charged)."""
-    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    available = int(meminfo["MemAvailable"].split()[0]) * 1024
-    cgroup_room = _cgroup_room()
-    return available if cgroup_room is None else min(available, cgroup_room)
-
-
-def _cgroup_room() -> int | None:
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):  # v1: limit and usage of the whole hierarchy above
-            stat = _read_stat(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.stat")
-            if stat and "hierarchical_memory_limit" in stat:
-                return stat["hierarchical_memory_limit"] - stat.get("total_rss", 0)
-    for line in lines:
-        if line.startswith("0::"):  # v2: the tightest memory.max on the way up
-            group = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-            stat = _read_stat(group / "memory.stat")
-            limits = []
-            for directory in (group, *group.parents):
-                try:
-                    value = (directory / "memory.max").read_text().strip()
-                except OSError:
-                    break
-                if value != "max":
-                    limits.append(int(value))
-            if limits and stat is not None:
-                return min(limits) - stat.get("anon", 0)
-    return None
-
-
-def _read_stat(path: Path) -> dict[str, int] | None:
-    try:
-        return {key: int(value) for key, value in (line.split() for line in path.read_text().splitlines())}
-    except (OSError, ValueError):
-        return None
 
 
 def default_ram_budget(geometry: Geometry, dtype: torch.dtype, available: int | None = None) -> int:
@@ -617,7 +624,8 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_b
         raise SourceError(config_path, "apply_residual_connection_post_layernorm is true",
                           "The runtime runs BLOOM as released (false); use transformers for this variant.")
     units = [EMBEDDINGS_UNIT, *(block_unit(i) for i in range(geometry.n_layer)), FINAL_UNIT]
-    files = {unit: MappedFile(directory / unit_file(unit), _quant_tags(manifest, unit_file(unit))) for unit in units}
+    files = {unit: MappedFile(directory / manifest.unit_file(unit), _quant_tags(directory, manifest, unit))
+             for unit in units}
     budget = default_ram_budget(geometry, dtype) if ram_budget is None else parse_size(ram_budget)
     widen = dtype == torch.float32 and not kernels.available()  # the kernel reads 16-bit weights faster
     widened = {unit: f.widened_size for unit, f in files.items()} if widen else None
@@ -625,9 +633,15 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_b
     return Checkpoint(directory, manifest, config, geometry, files, _tokenizer(directory), residency)
 
 
-def _quant_tags(manifest: Manifest, name: str) -> dict[str, QuantType]:
-    """The storage type the manifest records for each tensor of file `name`."""
-    return {tensor.name: tensor.quant for tensor in manifest.file(name).tensors}
+def _quant_tags(directory: Path, manifest: Manifest, unit: str) -> dict[str, QuantType]:
+    """The storage type the manifest records for each tensor of the file holding `unit`."""
+    try:
+        entry = manifest.file(manifest.unit_file(unit))
+    except KeyError:
+        raise ManifestError(directory / MANIFEST_NAME, f"lists no {manifest.unit_file(unit)} (format version "
+                            f"{manifest.format_version})", "Copy manifest.json again from the source of this "
+                            "directory.") from None
+    return {tensor.name: tensor.quant for tensor in entry.tensors}
 
 
 def _raise_for_problems(directory: Path, mode: str) -> None:

@@ -19,7 +19,7 @@ from bloomconv.converters.convert import convert
 from bloomconv.converters.example import write_example_checkpoint
 from bloomconv.errors import (DestinationBusyError, DestinationError, NotBloomError, SourceError,
                               UnsafeCheckpointError)
-from bloomconv.format import JOB_NAME, MANIFEST_NAME, all_units, unit_file
+from bloomconv.format import FORMAT_VERSION, JOB_NAME, MANIFEST_NAME, all_units, unit_file
 from bloomconv.hashing import sha256_file
 from bloomconv.manifest import read_manifest
 from bloomconv.verification import verify
@@ -67,14 +67,14 @@ def test_one_file_per_unit_with_the_right_tensors(converted):
 
 def test_manifest_records_sources_outputs_and_sha256sums_checks(converted, release_checkpoint):
     manifest = read_manifest(converted)
-    assert manifest.format_version == 1 and manifest.tool_version
+    assert manifest.format_version == FORMAT_VERSION == 2 and manifest.tool_version
     for entry in manifest.source_files:
         path = release_checkpoint / entry.name
         assert entry.size == path.stat().st_size and entry.sha256 == sha256_file(path)
     for entry in manifest.files:
         path = converted / entry.name
         assert entry.size == path.stat().st_size and entry.sha256 == sha256_file(path)
-    blocks = [f for f in manifest.files if f.name.startswith("blocks/")]
+    blocks = [f for f in manifest.files if f.name.startswith("block_")]
     assert len(blocks) == SMALL[1]
     qkv = next(t for t in blocks[0].tensors if t.name.endswith("query_key_value.weight"))
     assert qkv.dtype == "BF16" and qkv.shape == (3 * SMALL[0], SMALL[0])
@@ -93,10 +93,10 @@ def test_transformers_reads_the_converted_directory(converted, release_checkpoin
 
 def test_rerun_on_finished_destination_is_a_no_op(converted, release_checkpoint):
     before = (converted / MANIFEST_NAME).read_bytes()
-    mtime = (converted / "blocks/block_000.safetensors").stat().st_mtime_ns
+    mtime = (converted / "block_000.safetensors").stat().st_mtime_ns
     convert(release_checkpoint, converted)
     assert (converted / MANIFEST_NAME).read_bytes() == before
-    assert (converted / "blocks/block_000.safetensors").stat().st_mtime_ns == mtime
+    assert (converted / "block_000.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_destination_holding_a_different_conversion_is_refused(converted_copy, tmp_path):
@@ -263,12 +263,12 @@ def test_killed_conversion_resumes_to_the_same_manifest(tmp_path):
     assert not (dst / MANIFEST_NAME).exists()
     result = verify_cli(dst)
     assert result.exit_code == 2 and "conversion incomplete" in result.output
-    written_before = {p.name: p.stat().st_mtime_ns for p in (dst / "blocks").glob("block_*.safetensors")}
+    written_before = {p.name: p.stat().st_mtime_ns for p in dst.glob("block_*.safetensors")}
     assert written_before
     resumed = convert(src, dst)
     assert (dst / MANIFEST_NAME).read_bytes() == (tmp_path / "reference" / MANIFEST_NAME).read_bytes()
     assert resumed == reference
-    kept = [n for n, t in written_before.items() if (dst / "blocks" / n).stat().st_mtime_ns == t]
+    kept = [n for n, t in written_before.items() if (dst / n).stat().st_mtime_ns == t]
     assert kept, "resuming rewrote every unit instead of skipping finished ones"
     assert verify(dst).ok
     assert not (dst / JOB_NAME).exists() and not journal.exists()

@@ -34,7 +34,7 @@ from bloomconv.converters.convert import convert
 from bloomconv.converters.source import _shard_contents
 from bloomconv.errors import (BloomconvError, DestinationError, HeaderError, ManifestError, SourceError,
                               UnsafeCheckpointError)
-from bloomconv.format import MANIFEST_NAME, SAFETENSORS_DTYPES, TMP_MARKER
+from bloomconv.format import JOURNAL_DIR, MANIFEST_NAME, SAFETENSORS_DTYPES, TMP_MARKER
 from bloomconv.inspection import inspect
 from bloomconv.manifest import read_manifest
 from bloomconv.runtime.loader import UnitBytes
@@ -92,16 +92,16 @@ def planted(converted, tmp_path_factory):
     directory = shutil.copytree(converted, root / "model")
     outside = root / "outside"
     outside.mkdir()
-    shutil.copy(directory / "blocks/block_000.safetensors", outside / "secret.safetensors")
+    shutil.copy(directory / "block_000.safetensors", outside / "secret.safetensors")
     (directory / "link.safetensors").symlink_to(outside / "secret.safetensors")
-    (directory / "blocks" / "inner-link.safetensors").symlink_to("block_000.safetensors")
+    (directory / "inner-link.safetensors").symlink_to("block_000.safetensors")
     (directory / "linked-dir").symlink_to(outside, target_is_directory=True)
     return directory, outside, json.loads((directory / MANIFEST_NAME).read_text())
 
 
 HOSTILE_NAMES = [
     "../outside/secret.safetensors", "/etc/passwd", "link.safetensors", "linked-dir/secret.safetensors",
-    "blocks/inner-link.safetensors", "blocks/../link.safetensors", "./config.json", ".", "..", "", "blocks",
+    "inner-link.safetensors", "blocks/../link.safetensors", "./config.json", ".", "..", "", "blocks",
     "blocks/", "blocks//block_000.safetensors", "a\x00b", "..\\outside\\secret.safetensors", "\udcff",
     "blocks/\udc80.safetensors", "~/secret", "%2e%2e/outside", "x" * 300, "/", "//etc/passwd",
     ".bloomconv-journal/../../outside/secret.safetensors", "blocks/block_000.safetensors/..",
@@ -172,7 +172,7 @@ def test_fuzzed_manifest_is_refused_or_verified_inside_the_directory(planted, da
             inspect(directory)
         with contextlib.suppress(BloomconvError):
             report = verify(directory, fast=data.draw(st.booleans()))
-            links = {"link.safetensors", "linked-dir/secret.safetensors", "blocks/inner-link.safetensors"}
+            links = {"link.safetensors", "linked-dir/secret.safetensors", "inner-link.safetensors"}
             for entry in manifest.files:  # a listed link is reported, never followed
                 if entry.name in links:
                     assert any(p.file == entry.name and p.kind in ("outside", "not a file") for p in report.problems)
@@ -482,8 +482,8 @@ def test_hugging_face_cache_snapshot_of_symlinks_converts(release_checkpoint, tm
 
 @pytest.mark.parametrize("where", ["outside", "inside"])
 def test_listed_file_replaced_by_a_symlink_is_reported_and_never_read(converted_copy, tmp_path, where):
-    name = "blocks/block_001.safetensors"
-    target = (tmp_path / "elsewhere" if where == "outside" else converted_copy / "blocks") / "copy.safetensors"
+    name = "block_001.safetensors"
+    target = (tmp_path / "elsewhere" if where == "outside" else converted_copy) / "copy.safetensors"
     target.parent.mkdir(exist_ok=True)
     shutil.move(converted_copy / name, target)  # same bytes: only the link itself is wrong
     (converted_copy / name).symlink_to(target)
@@ -505,9 +505,9 @@ def test_fifo_in_place_of_a_listed_file_is_reported_without_blocking(converted_c
 
 
 def test_file_name_that_is_not_utf8_is_reported_as_extra(converted_copy):
-    (converted_copy / os.fsdecode(b"blocks/\xff\xfe.safetensors")).write_bytes(b"x")
+    (converted_copy / os.fsdecode(b"\xff\xfe.safetensors")).write_bytes(b"x")
     problems = verify(converted_copy).problems
-    assert [(p.file, p.kind) for p in problems] == [("blocks/\udcff\udcfe.safetensors", "extra")]
+    assert [(p.file, p.kind) for p in problems] == [("\udcff\udcfe.safetensors", "extra")]
     result = CliRunner().invoke(main, ["verify", "--quiet", "--json", str(converted_copy)])
     assert result.exit_code == 1 and json.loads(result.output)["problems"][0]["kind"] == "extra"
 
@@ -541,7 +541,7 @@ def test_converter_never_writes_through_a_planted_symlink(release_checkpoint, tm
     assert sorted(p.name for p in outside.iterdir()) == ["victim"]
 
 
-def test_resume_refuses_a_blocks_folder_replaced_by_a_symlink(release_checkpoint, tmp_path, monkeypatch):
+def test_resume_refuses_a_journal_folder_replaced_by_a_symlink(release_checkpoint, tmp_path, monkeypatch):
     from bloomconv.converters import convert as convert_module
     real_write = fail_on_nth_write(monkeypatch, 3, KeyboardInterrupt())
     dst = tmp_path / "dst"
@@ -549,8 +549,8 @@ def test_resume_refuses_a_blocks_folder_replaced_by_a_symlink(release_checkpoint
         convert(release_checkpoint, dst)
     monkeypatch.setattr(convert_module, "write_safetensors", real_write)
     outside = tmp_path / "outside"
-    shutil.move(dst / "blocks", outside)
-    (dst / "blocks").symlink_to(outside, target_is_directory=True)
+    shutil.move(dst / JOURNAL_DIR, outside)
+    (dst / JOURNAL_DIR).symlink_to(outside, target_is_directory=True)
     before = sorted(p.name for p in outside.iterdir())
     with pytest.raises(DestinationError, match="symbolic link"):
         convert(release_checkpoint, dst)

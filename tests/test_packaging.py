@@ -19,5 +19,6 @@ def test_wheel_maps_top_level_folders_into_the_package(tmp_path):
     for module in ("bloomconv/converters/convert.py", "bloomconv/converters/source.py",
                    "bloomconv/runtime/__init__.py", "bloomconv/cli.py", "bloomconv/format.py"):
         assert module in names
+    assert "bloomconv/py.typed" in names  # PEP 561: type checkers use the package's annotations
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "bloomconv = bloomconv.cli:main" in entry_points

@@ -248,7 +248,7 @@ def test_wrong_attention_mask_shape_is_refused(tiny):
 
 # ------------------------------------------------------------------------------ damaged files
 
-BLOCK = "blocks/block_001.safetensors"
+BLOCK = "block_001.safetensors"
 
 
 @pytest.fixture
@@ -418,8 +418,8 @@ def deep(tmp_path_factory):
 def budget_streaming(directory, n_streamed_blocks):
     sizes = {u: f.stat().st_size for u, f in [(EMBEDDINGS_UNIT, directory / "embeddings.safetensors"),
                                               (FINAL_UNIT, directory / "final.safetensors")]}
-    block = (directory / "blocks" / "block_000.safetensors").stat().st_size
-    n_layer = len(list((directory / "blocks").iterdir()))
+    block = (directory / "block_000.safetensors").stat().st_size
+    n_layer = len(list(directory.glob("block_*.safetensors")))
     return sum(sizes.values()) + loader.STREAM_BUFFERS * (-(-block // PAGE) * PAGE) + (n_layer - n_streamed_blocks) * block
 
 

@@ -56,9 +56,9 @@ def faults_for(directory: Path) -> list[Fault]:
             faults.append(Fault("zero tail", (name,), f"from byte {start}", start))
         faults.append(Fault("delete", (name,)))
         faults.append(Fault("rename", (name,), f"to {renamed(name)}"))
-    faults += [Fault("extra", ("notes.txt",)), Fault("extra", ("blocks/block_099.safetensors",)),
-               Fault("extra", ("blocks/.DS_Store",))]
-    blocks = [n for n in files if n.startswith("blocks/")]
+    faults += [Fault("extra", ("notes.txt",)), Fault("extra", ("block_099.safetensors",)),
+               Fault("extra", (".DS_Store",))]
+    blocks = [n for n in files if n.startswith("block_")]
     faults += [Fault("swap", (a, b)) for i, a in enumerate(blocks) for b in blocks[i + 1:]]
     return faults
 
@@ -88,7 +88,7 @@ def apply(directory: Path, fault: Fault) -> set[str]:
         path.rename(directory / renamed(fault.files[0]))
         return {fault.files[0], renamed(fault.files[0])}
     elif fault.kind == "extra" and path.suffix == ".safetensors":
-        shutil.copy(directory / "blocks/block_000.safetensors", path)
+        shutil.copy(directory / "block_000.safetensors", path)
     elif fault.kind == "extra":
         path.write_text("downloaded from the lab share")
     elif fault.kind == "swap":

@@ -14,7 +14,7 @@ from bloomconv.format import JOB_NAME, MANIFEST_NAME
 from bloomconv.manifest import read_manifest
 from bloomconv.verification import verify
 
-BLOCK = "blocks/block_001.safetensors"
+BLOCK = "block_001.safetensors"
 
 
 def run_verify(directory, *args):
@@ -59,7 +59,7 @@ def test_flipped_bit_is_corruption(converted_copy, offset):
 
 
 def test_fast_mode_catches_damaged_header_and_swapped_blocks(converted_copy):
-    a, b = converted_copy / "blocks/block_000.safetensors", converted_copy / "blocks/block_002.safetensors"
+    a, b = converted_copy / "block_000.safetensors", converted_copy / "block_002.safetensors"
     tmp = a.with_suffix(".x")
     a.rename(tmp), b.rename(a), tmp.rename(b)
     report = verify(converted_copy, fast=True)
@@ -69,8 +69,8 @@ def test_fast_mode_catches_damaged_header_and_swapped_blocks(converted_copy):
 
 
 def test_extra_file(converted_copy):
-    (converted_copy / "blocks" / "block_099.safetensors").write_bytes(b"junk")
-    only_problem(converted_copy, "extra", "blocks/block_099.safetensors")
+    (converted_copy / "block_099.safetensors").write_bytes(b"junk")
+    only_problem(converted_copy, "extra", "block_099.safetensors")
 
 
 def test_tampered_checksums_file(converted_copy):
