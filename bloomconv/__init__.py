@@ -4,6 +4,8 @@
 >>> bloomconv.convert("bloom-560m", "bloom-560m-blocks")                        # doctest: +SKIP
 >>> bloomconv.quantize("bloom-560m", "bloom-560m-nf4", bits=4, block_size=64)   # doctest: +SKIP
 >>> bloomconv.verify("bloom-560m-blocks").ok                                     # doctest: +SKIP
+>>> bloomconv.sign("bloom-560m-blocks", bloomconv.SigningKey("private.pem"))    # doctest: +SKIP
+>>> bloomconv.verify("bloom-560m-blocks", public_key="public.pem").signature     # doctest: +SKIP
 >>> bloomconv.inspect("bloom-560m-nf4")["quantization"]                          # doctest: +SKIP
 >>> model = bloomconv.load("bloom-560m-blocks")                                  # doctest: +SKIP
 >>> model.generate("The capital of France is", max_new_tokens=8)                 # doctest: +SKIP
@@ -24,6 +26,8 @@ _EXPORTS = {
     "convert": ".converters.convert",
     "quantize": ".converters.convert",
     "verify": ".verification",
+    "sign": ".signing",
+    "SigningKey": ".signing",
     "inspect": ".inspection",
     "load": ".runtime",
     "QuantSettings": ".settings",

@@ -51,18 +51,40 @@ def main():
     """Convert, quantize, verify and run BLOOM checkpoints."""
 
 
+def sign_options(command):
+    """--sign-key, --sign-certificate, --sign-chain: sign DST as the last step (convert, quantize)."""
+    command = click.option("--sign-chain", multiple=True, type=click.Path(dir_okay=False),
+                           help="With --sign-certificate: a certificate of the chain up to the root (repeatable).")(command)
+    command = click.option("--sign-certificate", type=click.Path(dir_okay=False),
+                           help="With --sign-key: the key's certificate, for PKI (see `bloomconv sign`).")(command)
+    return click.option("--sign-key", type=click.Path(dir_okay=False),
+                        help="Sign DST with this elliptic-curve private key (PEM) once it is written: model.sig, "
+                        "which `bloomconv verify --public-key` and `model_signing verify` check.")(command)
+
+
+def _signing_key(sign_key, sign_certificate, sign_chain):
+    from .signing import SigningKey
+    if sign_key is None:
+        if sign_certificate or sign_chain:
+            raise click.UsageError("--sign-certificate and --sign-chain go with --sign-key")
+        return None
+    return SigningKey(sign_key, sign_certificate, tuple(sign_chain))
+
+
 @main.command()
 @click.argument("src", type=click.Path(file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
+@sign_options
 @quiet_option
 @_errors_to_exit_codes
-def convert(src, dst, quiet):
+def convert(src, dst, sign_key, sign_certificate, sign_chain, quiet):
     """Reshard SRC into DST: one safetensors file per block, values unchanged, with a manifest.
 
     Re-run the same command after an interruption to resume."""
     from .converters.convert import convert as run
     started = time.monotonic()
-    manifest = run(src, dst, progress=terminal_progress("convert", disable=quiet), log=_say)
+    manifest = run(src, dst, signing=_signing_key(sign_key, sign_certificate, sign_chain),
+                   progress=terminal_progress("convert", disable=quiet), log=_say)
     click.echo(f"{dst}: {_summary(manifest, started)}")
 
 
@@ -86,9 +108,11 @@ def _summary(manifest, started: float) -> str:
               help="int8: take row absmax from the fp16 cast (as transformers does; refuses values "
                    "beyond fp16 range) or from the source dtype  [default: float16]")
 @click.option("--recipe", help="Apply a preset from `bloomconv recipes`, e.g. bloom-176b-int8.")
+@sign_options
 @quiet_option
 @_errors_to_exit_codes
-def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, int8_scale_from, recipe, quiet):
+def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, int8_scale_from, recipe,
+             sign_key, sign_certificate, sign_chain, quiet):
     """Convert SRC into DST with the block weights quantized (int8 or 4-bit), with a manifest.
 
     SRC is a released checkpoint (any layout `convert` reads) or an unquantized bloomconv
@@ -98,6 +122,7 @@ def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, i
     started = time.monotonic()
     manifest = run(src, dst, bits, quant_type=quant_type, block_size=block_size, double_quant=double_quant,
                    embeddings=embeddings, int8_scale_from=int8_scale_from, recipe=recipe,
+                   signing=_signing_key(sign_key, sign_certificate, sign_chain),
                    progress=terminal_progress("quantize", disable=quiet), log=_say)
     click.echo(f"{dst}: {manifest.quantization.quant_type.value}, {_summary(manifest, started)}")
 
@@ -120,27 +145,70 @@ def recipes(as_json):
                    f"  {row['output_bytes'] / row['source_bytes']:.3f}  {', '.join(row['variants'])}")
 
 
+def trusted_signer_options(command):
+    """--public-key, --certificate-chain, --identity/--issuer: who must have signed (verify, generate)."""
+    command = click.option("--issuer", help="With --identity: the OpenID Connect issuer that vouched for it.")(command)
+    command = click.option("--identity", help="Check a Sigstore signature: the signer's identity "
+                           "(e.g. an e-mail address; needs network access).")(command)
+    command = click.option("--certificate-chain", multiple=True, type=click.Path(dir_okay=False),
+                           help="Check a certificate signature against this chain (PEM; repeatable).")(command)
+    return click.option("--public-key", type=click.Path(dir_okay=False),
+                        help="Check that the directory is signed (model.sig) by this key's owner: every file "
+                        "as signed, nothing added or removed.")(command)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--key", type=click.Path(dir_okay=False), help="Elliptic-curve private key (PEM, P-256/384/521).")
+@click.option("--certificate", type=click.Path(dir_okay=False), help="With --key: the key's certificate (PKI).")
+@click.option("--chain", multiple=True, type=click.Path(dir_okay=False),
+              help="With --certificate: a certificate of the chain up to the root (repeatable).")
+@click.option("--sigstore", is_flag=True, help="Sigstore keyless signing instead of a key (network access and "
+              "an OpenID Connect login; passed through to model_signing, untested by bloomconv).")
+@_errors_to_exit_codes
+def sign(directory, key, certificate, chain, sigstore):
+    """Sign every file of DIRECTORY: write DIRECTORY/model.sig (OpenSSF model-signing format).
+
+    The directory is checked against its manifest first; a damaged one is not signed. Anyone can
+    check the signature with `bloomconv verify DIRECTORY --public-key PUBLIC.pem`, or without
+    bloomconv: `model_signing verify key DIRECTORY --signature DIRECTORY/model.sig --public_key PUBLIC.pem`."""
+    from .format import SIGNATURE_NAME
+    from .signing import sign as run
+    if key is None and (certificate or chain):
+        raise click.UsageError("--certificate and --chain go with --key")
+    status = run(directory, _signing_key(key, certificate, chain), sigstore=sigstore)
+    click.echo(f"{directory}: signed ({status.method}): {SIGNATURE_NAME} covers every other file")
+
+
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--fast", is_flag=True, help="Check sizes and safetensors headers; hash only the small files "
               "without tensors (config, tokenizer, index).")
+@trusted_signer_options
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @quiet_option
 @_errors_to_exit_codes
-def verify(directory, fast, as_json, quiet):
-    """Check every file of DIRECTORY against its manifest.
+def verify(directory, fast, public_key, certificate_chain, identity, issuer, as_json, quiet):
+    """Check every file of DIRECTORY against its manifest, and its signature when a public key
+    (or certificate chain, or Sigstore identity) is given.
 
-    Exit 0: all good; 1: files differ (each reported); 2: no usable manifest."""
+    Without one, says whether the directory is signed and how, which proves nothing about who
+    made it. Exit 0: all good; 1: files differ, or the signature does not hold (each reported);
+    2: no usable manifest, or a key that cannot be used."""
     from .verification import verify as run
-    report = run(directory, fast=fast, progress=terminal_progress("verify", disable=quiet or as_json))
+    report = run(directory, fast=fast, progress=terminal_progress("verify", disable=quiet or as_json),
+                 public_key=public_key, certificate_chain=certificate_chain, identity=identity, issuer=issuer)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     elif report.ok:
-        mode = "sizes and headers, small files hashed" if fast else f"{report.bytes_hashed:,} bytes hashed"
+        mode = "sizes and headers, small files hashed" if report.fast else f"{report.bytes_hashed:,} bytes hashed"
         ignored = f"; ignored: {', '.join(report.ignored)}" if report.ignored else ""
-        click.echo(f"{directory}: OK ({report.files_checked} files, {mode}{ignored})")
+        click.echo(f"{directory}: OK ({report.files_checked} files, {mode}{ignored}); {report.signature}")
     if as_json and not report.ok:  # the JSON report is the whole message
-        sys.exit(exit_code(VerificationError(directory, report.problems)))
+        try:
+            report.raise_for_problems()
+        except VerificationError as exc:
+            sys.exit(exit_code(exc))
     report.raise_for_problems()
 
 
@@ -248,18 +316,21 @@ def example(dst, geometry, layout, dtype, seed):
 @click.option("--seed", type=int, help="Make sampling reproducible.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where to compute: cuda copies each file of weights to the GPU in turn.")
-@click.option("--ram-budget", help="Weights kept in RAM, e.g. 12GB, 800MB, 1.5GiB; the rest streams from "
-              "disk each token.  [default: 90% of available memory less working set and KV cache]")
+@click.option("--ram-budget", help="Memory for this run: the weights kept in RAM (the rest streams from disk "
+              "each token), the stream buffers, KV cache and working set; e.g. 12GB, 800MB, 1.5GiB, or min for "
+              "the least that runs.  [default: 90% of available memory less 128 MB]")
 @click.option("--threads", type=click.IntRange(min=1), help="Compute threads  [default: torch's]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Compute dtype: float32 matches transformers' fp32 results; bfloat16 is faster on CPUs "
               "with AVX512-BF16 or AMX.")
 @click.option("--verify", "verify_mode", type=click.Choice(["fast", "full"]), default="fast", show_default=True,
               help="fast: sizes and headers; full: hash every file first.")
+@trusted_signer_options
 @click.option("--stats", is_flag=True, help="Print timings and peak memory to stderr.")
 @_errors_to_exit_codes
 def generate(directory, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
-             seed, device, ram_budget, threads, dtype, verify_mode, stats):
+             seed, device, ram_budget, threads, dtype, verify_mode, public_key, certificate_chain, identity, issuer,
+             stats):
     """Continue PROMPT with the model in DIRECTORY, printing tokens as they are produced.
 
     PROMPT - (or -f FILE) reads the prompt from stdin (or FILE); one trailing newline is dropped."""
@@ -273,12 +344,16 @@ def generate(directory, prompt, prompt_file, max_new_tokens, temperature, top_k,
         text = (prompt_file or click.open_file("-", encoding="utf-8")).read()
         prompt = text[:-1] if text.endswith("\n") else text
     try:
-        budget = None if ram_budget is None else parse_size(ram_budget)
+        budget = ram_budget if ram_budget in (None, "min") else parse_size(ram_budget)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ram-budget") from None
     watch = PeakRssAnon() if stats else None
+    # plan for this run: byte-level BPE gives at most one token per byte of the prompt
+    max_tokens = len(prompt.encode("utf-8")) + max_new_tokens
     with load(directory, device=device, verify=verify_mode, ram_budget=budget, threads=threads,
-              dtype=getattr(torch, dtype)) as model:
+              max_tokens=max(1, max_tokens), dtype=getattr(torch, dtype), public_key=public_key,
+              certificate_chain=certificate_chain,
+              identity=identity, issuer=issuer) as model:
         if stats:
             model.checkpoint.wait_until_loaded()  # "ready": every weight that stays in RAM is there
             ready = seconds_since_start()
@@ -300,8 +375,8 @@ def generate(directory, prompt, prompt_file, max_new_tokens, temperature, top_k,
                    f"{counts.prefill_tokens_per_s:.1f} tokens/s\n"
                    f"decode {max(counts.steps - 1, 0)} tokens in {counts.decode_seconds:.2f} s = "
                    f"{counts.decode_tokens_per_s:.2f} tokens/s\n"
-                   f"peak RSS {hwm / 1e9:.2f} GB, peak RssAnon {peak_anon / 1e9:.2f} GB (sampled every 10 ms)",
-                   err=True)
+                   f"peak RSS {hwm / 1e9:.2f} GB, peak RssAnon {peak_anon / 1e9:.2f} GB (sampled every 10 ms)\n"
+                   f"{residency.describe()}", err=True)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,29 @@ class VerificationError(BloomconvError):
                          "Copy the named files again, or re-run the conversion.")
 
 
+class SignatureError(VerificationError):
+    """The directory is not what the trusted signer signed (exit 1): the signature is missing,
+    unreadable or made with another key, or files were changed, added or removed since signing.
+    `problems` lists each finding, naming the file."""
+
+    def __init__(self, directory, problems):
+        self.directory, self.problems = str(directory), list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        BloomconvError.__init__(
+            self, f"{self.directory}: {len(self.problems)} problem(s), the signature among them:\n{lines}\n"
+            "Do not use these files: get the directory again from its publisher, and their public key (or "
+            "certificate chain) through a channel you trust.")
+
+
+class KeyFileError(BloomconvError):
+    """A key, certificate or certificate chain cannot be used to sign or to check a signature:
+    missing, unreadable, or of a kind model-signing does not take (exit 2)."""
+
+    def __init__(self, path, problem: str, fix: str):
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"{self.path}: {problem}. {fix}")
+
+
 class RecipeError(BloomconvError):
     """An unknown recipe name or an invalid recipe file."""
 
@@ -92,9 +115,21 @@ class QuantizationError(BloomconvError):
         super().__init__(f"{tensor}: {problem}. {fix}")
 
 
+class MemoryBudgetError(BloomconvError):
+    """The RAM budget, or the memory left on this machine, is below what a run needs at least: raised
+    before any weight is read, instead of the OOM killer later. Carries the bytes `needed` and the
+    bytes `allowed`, what they are (`problem`), and the fix."""
+
+    def __init__(self, path, needed: int, allowed: int, problem: str, fix: str):
+        self.path, self.needed, self.allowed, self.problem, self.fix = str(path), needed, allowed, problem, fix
+        super().__init__(f"{self.path}: {problem}. {fix}")
+
+
 # Most specific class first: the first `isinstance` match decides.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (SignatureError, 1),      # the files are not what the trusted signer signed
     (VerificationError, 1),   # the files differ from what the converter wrote
+    (KeyFileError, 2),        # a key or certificate that cannot be used
     (BloomconvError, 2),      # bad input, an unusable manifest, anything else refused
 )
 

@@ -15,6 +15,8 @@ disk offload look for the shards)::
     SHA256SUMS                            `sha256sum -c` compatible, written before the manifest, ends
                                           with the manifest's own hash
     manifest.json                         written last: a directory with a manifest is complete
+    model.sig                             optional, after the manifest: an OpenSSF model-signing
+                                          signature over every other file (`bloomconv sign`)
 
 Format version 1 differed only in placing the blocks in a `blocks/` folder; it is still read
 (`unit_file` names a unit's file for either version).
@@ -45,6 +47,16 @@ JOB_NAME = ".bloomconv-job.json"
 JOURNAL_DIR = ".bloomconv-journal"
 LOCK_NAME = ".bloomconv.lock"
 TMP_MARKER = ".tmp-"
+# The job record's entry saying the run signs the directory once its manifest is written: until
+# the signature is there, the directory is not complete.
+JOB_SIGNATURE_KEY = "signature"
+
+# A detached signature in the OpenSSF model-signing format (a Sigstore bundle; the name is
+# `model_signing sign`'s default). It covers every file of the directory except these: itself, a
+# run's bookkeeping and what the Hub adds (model_signing also always leaves out git's files:
+# .git/, .gitattributes, .github/, .gitignore). Names are relative: a signed directory verifies
+# wherever it is copied.
+SIGNATURE_NAME = "model.sig"
 
 # What else a model repository carries that travels with the weights (README.md model card,
 # LICENSE, generation_config.json, …): every regular, non-hidden file at the top of the source
@@ -59,6 +71,7 @@ INDEX_SUFFIX = ".index.json"
 # download metadata in .cache/huggingface/, and every Hub repository has a .gitattributes.
 # `verify` ignores exactly these (and says so).
 HUB_ADDED_NAMES = (".gitattributes", ".cache/huggingface")
+UNSIGNED_NAMES = (SIGNATURE_NAME, JOB_NAME, LOCK_NAME, JOURNAL_DIR, *HUB_ADDED_NAMES)
 # A Hugging Face cache: models--<org>--<name>/{refs/main, snapshots/<rev>/<file> -> ../../blobs/<hash>}
 HF_CACHE_REPO_PREFIX = "models--"
 HF_CACHE_SNAPSHOTS = "snapshots"
@@ -107,10 +120,11 @@ def unit_file(unit: str, format_version: int = FORMAT_VERSION) -> str:
 
 def is_carried_file(name: str, size: int) -> bool:
     """Whether a source file (top-level `name`, `size` bytes) other than config and tokenizer is
-    copied into the converted directory: small, not hidden, not weights, an index or a manifest."""
+    copied into the converted directory: small, not hidden, not weights, an index, a manifest or a
+    signature (which vouches for the source, not for the conversion)."""
     return (size <= CARRIED_FILE_MAX_BYTES and not name.startswith(".")
             and not name.lower().endswith((*WEIGHT_SUFFIXES, INDEX_SUFFIX))
-            and name not in (MANIFEST_NAME, CHECKSUMS_NAME, JOB_NAME, LOCK_NAME))
+            and name not in (MANIFEST_NAME, CHECKSUMS_NAME, SIGNATURE_NAME, JOB_NAME, LOCK_NAME))
 
 
 def block_tensor(index: int, local_name: str) -> str:

@@ -12,9 +12,11 @@ READ_CHUNK_BYTES = 8 * 1024 * 1024
 
 def sha256_file(path: str | os.PathLike, on_bytes=None) -> str:
     digest = hashlib.sha256()
-    buffer = bytearray(READ_CHUNK_BYTES)
-    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
+        # no larger than the file: a small one (config, tokenizer) must not cost 8 MB that the
+        # allocator of the hashing thread may keep (the runtime's fast check hashes those)
+        buffer = bytearray(max(1, min(READ_CHUNK_BYTES, os.fstat(f.fileno()).st_size)))
+        view = memoryview(buffer)
         while n := f.readinto(buffer):
             digest.update(view[:n])
             if on_bytes:

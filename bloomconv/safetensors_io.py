@@ -3,8 +3,10 @@
 Why not `safetensors.torch.save_file`: it serialises the whole file in memory (a copy per tensor,
 then the joined buffer), which would cost twice the largest output file of anonymous memory. This
 writer streams each tensor's bytes straight from its (often memory-mapped) storage to disk and
-hashes them on the way, so the file is read back never. The byte format is the safetensors spec;
-tests read every file we write with `safetensors.safe_open`.
+hashes them on the way, so the file is read back never. A tensor may also be a `StreamedTensor`,
+whose bytes are computed piece by piece as they are written (a quantized weight: never all of it
+in memory). The byte format is the safetensors spec; tests read every file we write with
+`safetensors.safe_open`.
 
 The header reader is strict: it is what `verify --fast` and the runtime's load-time check use on
 files that may have been damaged in transfer.
@@ -18,6 +20,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -128,6 +131,25 @@ def _tensor_info(path: Path, name: str, entry) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamedTensor:
+    """A tensor the writer takes piece by piece: `dtype` and `shape` for the header, and `pieces()`,
+    its bytes in row-major order. Each piece is copied before the next is asked for, so a producer
+    may refill one buffer, and learns that the writer is done with a piece when asked for the next."""
+
+    dtype: "torch.dtype"
+    shape: tuple[int, ...]
+    pieces: Callable[[], Iterator[memoryview]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _element_size(self.dtype)
+
+
+def _element_size(dtype: "torch.dtype") -> int:
+    return SAFETENSORS_DTYPES[st_dtype(dtype)][1]
+
+
 def tensor_bytes(tensor: "torch.Tensor") -> memoryview:
     """The tensor's bytes in row-major order, without a copy when it is already contiguous."""
     import torch
@@ -135,11 +157,12 @@ def tensor_bytes(tensor: "torch.Tensor") -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def encode_header(tensors: "list[tuple[str, torch.Tensor]]", metadata: dict[str, str] | None) -> bytes:
+def encode_header(tensors: "list[tuple[str, torch.Tensor | StreamedTensor]]",
+                  metadata: dict[str, str] | None) -> bytes:
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = math.prod(tensor.shape) * _element_size(tensor.dtype)
         header[name] = {"dtype": st_dtype(tensor.dtype), "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -150,7 +173,7 @@ def encode_header(tensors: "list[tuple[str, torch.Tensor]]", metadata: dict[str,
     return struct.pack("<Q", len(encoded)) + encoded
 
 
-def write_safetensors(file, tensors: "list[tuple[str, torch.Tensor]]",
+def write_safetensors(file, tensors: "list[tuple[str, torch.Tensor | StreamedTensor]]",
                       metadata: dict[str, str] | None = None) -> tuple[int, str]:
     """Write `tensors` in order to the open binary `file`; return (bytes written, sha256 hex).
 
@@ -167,18 +190,43 @@ def write_safetensors(file, tensors: "list[tuple[str, torch.Tensor]]",
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
         file.write(head)
         turn = 0
-        for _, tensor in tensors:
-            data = tensor_bytes(tensor)
-            for start in range(0, len(data), WRITE_CHUNK_BYTES):
-                if in_flight[turn] is not None:
-                    in_flight[turn].result()  # that buffer's previous write is done (or raise)
-                chunk = buffers[turn][:min(WRITE_CHUNK_BYTES, len(data) - start)]
-                chunk[:] = data[start:start + len(chunk)]
-                digest.update(chunk)
-                in_flight[turn] = writer.submit(file.write, chunk)
-                turn ^= 1
-            size += len(data)
+        filled = 0  # bytes waiting in buffers[turn]: pieces smaller than a buffer are gathered
+        for name, tensor in tensors:
+            written = 0
+            for data in _pieces(tensor):
+                start = 0
+                while start < len(data):
+                    if filled == 0 and in_flight[turn] is not None:
+                        in_flight[turn].result()  # that buffer's previous write is done (or raise)
+                    step = min(WRITE_CHUNK_BYTES - filled, len(data) - start)
+                    buffers[turn][filled:filled + step] = data[start:start + step]
+                    filled, start = filled + step, start + step
+                    if filled == WRITE_CHUNK_BYTES:
+                        in_flight[turn], filled, turn = _flush(writer, file, digest, buffers[turn]), 0, turn ^ 1
+                written += len(data)
+            expected = math.prod(tensor.shape) * _element_size(tensor.dtype)
+            if written != expected:
+                raise ValueError(f"{name}: {written} bytes streamed, its shape and dtype take {expected}")
+            size += written
+        if filled:
+            in_flight[turn] = _flush(writer, file, digest, buffers[turn][:filled])
         for future in in_flight:
             if future is not None:
                 future.result()
     return size, digest.hexdigest()
+
+
+def _pieces(tensor: "torch.Tensor | StreamedTensor") -> Iterator[memoryview]:
+    """A tensor's bytes, as unsigned-byte views (what the bounce buffers take)."""
+    if not isinstance(tensor, StreamedTensor):
+        yield tensor_bytes(tensor)
+        return
+    for piece in tensor.pieces():
+        piece = memoryview(piece)
+        yield piece if piece.format == "B" and piece.ndim == 1 else piece.cast("B")
+
+
+def _flush(writer: concurrent.futures.Executor, file, digest, chunk: memoryview) -> concurrent.futures.Future:
+    """Hash a full buffer here and write it on the writer thread."""
+    digest.update(chunk)
+    return writer.submit(file.write, chunk)

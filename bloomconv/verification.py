@@ -1,4 +1,5 @@
-"""`verify`: prove that a directory holds exactly the bytes its manifest describes.
+"""`verify`: prove that a directory holds exactly the bytes its manifest describes, and, given a
+trusted signer, that its signature vouches for every one of them.
 
 Findings are collected, never raised one by one, so a damaged transfer is reported in full:
 each names the file and what was expected vs found. Exit codes (see cli.py): 0 all good,
@@ -8,29 +9,65 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import stat
 from pathlib import Path
 
-from .errors import HeaderError, IncompleteDirectoryError, ManifestError, VerificationError
+from .errors import (HeaderError, IncompleteDirectoryError, ManifestError, SignatureError,
+                     VerificationError)
 from .format import (CHECKSUMS_NAME, HF_CACHE_BLOBS, HF_CACHE_REPO_PREFIX, HF_CACHE_SNAPSHOTS, HUB_ADDED_NAMES,
-                     JOB_NAME, JOURNAL_DIR, LOCK_NAME, MANIFEST_NAME)
+                     JOB_NAME, JOB_SIGNATURE_KEY, JOURNAL_DIR, LOCK_NAME, MANIFEST_NAME, SIGNATURE_NAME)
 from .hashing import sha256_files
 from .manifest import FileEntry, Manifest, checksums_text, read_manifest
 from .progress import ProgressFactory, no_progress
 from .safetensors_io import read_header
 
+# What a signature check finds (the other kinds are the manifest's): the signature file itself is
+# missing, unreadable, by another signer or leaves files out; or a file differs from what was signed.
+SIGNATURE_KINDS = ("signature", "changed since signing", "added since signing", "removed since signing")
+
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
     file: str
-    kind: str  # missing | truncated | oversized | corrupted | header | extra | unreadable | outside | not a file
+    kind: str  # missing | truncated | oversized | corrupted | header | extra | unreadable | outside | not a file,
+    #            or one of SIGNATURE_KINDS
     expected: str = ""
     actual: str = ""
 
     def __str__(self) -> str:
         detail = f": expected {self.expected}, found {self.actual}" if self.expected or self.actual else ""
         return f"{self.file}: {self.kind}{detail}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SignatureStatus:
+    """What the directory's signature file (format.SIGNATURE_NAME) is, and whether it was checked.
+
+    `method` (key, certificate, sigstore) is what the file says, which proves nothing by itself;
+    `verified` is True only when it was checked against a trusted signer (`checked_against`) and
+    every file is as signed."""
+
+    present: bool
+    method: str | None = None       # None: absent, or not a model-signing signature
+    checked_against: str = ""       # the public key, chain or identity given; "" when not checked
+    verified: bool = False
+
+    def to_dict(self) -> dict:
+        return {"file": SIGNATURE_NAME, **dataclasses.asdict(self)}
+
+    def __str__(self) -> str:
+        if self.verified:
+            return f"signature verified ({self.method}: {self.checked_against})"
+        if self.checked_against:
+            return f"signature NOT verified against {self.checked_against}"
+        if not self.present:
+            return "not signed"
+        if self.method is None:
+            return f"{SIGNATURE_NAME} is not a readable model-signing signature (not checked)"
+        return (f"signed ({self.method}), not checked: give a public key (or certificate chain, or Sigstore "
+                "identity) to check who signed it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,35 +78,67 @@ class Report:
     bytes_hashed: int
     problems: tuple[Problem, ...]
     ignored: tuple[str, ...] = ()  # present but not checked: what the Hub adds (format.HUB_ADDED_NAMES)
+    signature: SignatureStatus = SignatureStatus(False)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
-    def raise_for_problems(self) -> None:
-        if self.problems:
-            raise VerificationError(self.directory, [str(p) for p in self.problems])
+    def raise_for_problems(self, ignore_kinds: tuple[str, ...] = ()) -> None:
+        """Raise SignatureError when a signature check failed, VerificationError for any other
+        problem (except those of `ignore_kinds`)."""
+        problems = [p for p in self.problems if p.kind not in ignore_kinds]
+        if any(p.kind in SIGNATURE_KINDS for p in problems):
+            raise SignatureError(self.directory, [str(p) for p in problems])
+        if problems:
+            raise VerificationError(self.directory, [str(p) for p in problems])
 
     def to_dict(self) -> dict:
         return {"directory": self.directory, "ok": self.ok, "mode": "fast" if self.fast else "full",
                 "files_checked": self.files_checked, "bytes_hashed": self.bytes_hashed,
-                "problems": [dataclasses.asdict(p) for p in self.problems], "ignored": list(self.ignored)}
+                "problems": [dataclasses.asdict(p) for p in self.problems], "ignored": list(self.ignored),
+                "signature": self.signature.to_dict()}
 
 
-def load_manifest_for_check(directory: Path) -> Manifest:
-    """The manifest, or IncompleteDirectoryError when a conversion has not finished here."""
+def load_manifest_for_check(directory: Path, *, signature_pending_ok: bool = False) -> Manifest:
+    """The manifest, or IncompleteDirectoryError when a conversion has not finished here: no
+    manifest yet, or (unless `signature_pending_ok`, for the signing itself) a run that signs the
+    directory has not written its signature yet."""
     # The lock is all a run has written before its job record.
     if not (directory / MANIFEST_NAME).exists() and ((directory / JOB_NAME).exists()
                                                      or (directory / LOCK_NAME).exists()):
         raise IncompleteDirectoryError(directory, "conversion incomplete: it is still running or was "
                                        "interrupted (no manifest yet)",
                                        "Wait for it, or re-run the same convert command to finish it.")
-    return read_manifest(directory)
+    manifest = read_manifest(directory)
+    if not signature_pending_ok and signature_pending(directory):
+        raise IncompleteDirectoryError(directory, f"conversion incomplete: it signs the directory and {SIGNATURE_NAME} "
+                                       "is not written yet (still running, or interrupted)",
+                                       "Wait for it, or re-run the same command to finish it (or sign the "
+                                       "directory with `bloomconv sign`).")
+    return manifest
+
+
+def signature_pending(directory: Path) -> bool:
+    """Whether a run's job record says it signs the directory, and the signature is not there yet."""
+    if (directory / SIGNATURE_NAME).exists():
+        return False
+    job = directory / JOB_NAME
+    try:
+        if not stat.S_ISREG(job.lstat().st_mode):  # never open a planted FIFO or follow a link
+            return False
+        record = json.loads(job.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and bool(record.get(JOB_SIGNATURE_KEY))
 
 
 def verify(directory: str | os.PathLike, *, fast: bool = False, workers: int | None = None,
-           progress: ProgressFactory = no_progress) -> Report:
-    """Check every file of a bloomconv directory against its manifest.
+           progress: ProgressFactory = no_progress, public_key: str | os.PathLike | None = None,
+           certificate_chain: tuple[str | os.PathLike, ...] = (), identity: str | None = None,
+           issuer: str | None = None) -> Report:
+    """Check every file of a bloomconv directory against its manifest, and its signature against
+    a trusted signer when one is given.
 
     Always checked: each listed file is a regular file inside the directory, of the listed size;
     SHA256SUMS agrees with the manifest and vouches for manifest.json; nothing unlisted (what the
@@ -80,11 +149,38 @@ def verify(directory: str | os.PathLike, *, fast: bool = False, workers: int | N
     safetensors header against the manifest's tensors, otherwise every byte is hashed, files in
     parallel on all cores. Raises ManifestError when there is no usable manifest.
 
+    The signature (model.sig, see `bloomconv.signing`): with `public_key`, `certificate_chain` or
+    `identity` and `issuer` (Sigstore), it must verify with that signer and list exactly the files
+    present, with the hashes the manifest lists; every byte is then hashed once, by the signature
+    check, `fast` or not. Without one, `report.signature` only says whether the directory is signed
+    and how: that proves nothing about who made it.
+
     >>> report = verify("bloom-560m-int8")          # doctest: +SKIP
     >>> report.ok, [str(p) for p in report.problems]  # doctest: +SKIP
+    >>> verify("bloom-560m-int8", public_key="publisher.pub").signature.verified  # doctest: +SKIP
+    True
     """
+    from .signing import TrustedSigner, check_signature, signature_status
+    trusted = TrustedSigner.from_options(public_key=public_key, certificate_chain=certificate_chain,
+                                         identity=identity, issuer=issuer)
     directory = Path(directory)
     manifest = load_manifest_for_check(directory)
+    if trusted is None:
+        return dataclasses.replace(check_files(directory, manifest, fast, workers, progress),
+                                   signature=signature_status(directory))
+    # The signature check hashes every file (model_signing reads them itself) and its hashes are
+    # compared with the manifest's: bloomconv's own pass hashes only the small files.
+    report = check_files(directory, manifest, True, workers, progress)
+    problems, status, bytes_hashed = check_signature(directory, manifest, trusted)
+    order = {e.name: i for i, e in enumerate(manifest.files)}
+    ordered = sorted((*report.problems, *problems), key=lambda p: (order.get(p.file, len(order)), p.file))
+    return dataclasses.replace(report, fast=bytes_hashed == 0, problems=tuple(ordered),
+                               bytes_hashed=bytes_hashed or report.bytes_hashed, signature=status)
+
+
+def check_files(directory: Path, manifest: Manifest, fast: bool, workers: int | None = None,
+                progress: ProgressFactory = no_progress) -> Report:
+    """`verify` against the manifest alone (see there), for a manifest already read."""
     root = directory.resolve()
     blobs = _hf_cache_blobs(root)
     problems: list[Problem] = []
@@ -184,7 +280,7 @@ def _extra_files(root: Path, manifest: Manifest) -> tuple[list[Problem], list[st
     """Unlisted files (problems), and the Hub's additions found (ignored, never opened)."""
     # A run killed after writing its manifest leaves its bookkeeping (removed by re-running it):
     # the directory is complete all the same.
-    known = {e.name for e in manifest.files} | {MANIFEST_NAME, CHECKSUMS_NAME, JOB_NAME, LOCK_NAME}
+    known = {e.name for e in manifest.files} | {MANIFEST_NAME, CHECKSUMS_NAME, SIGNATURE_NAME, JOB_NAME, LOCK_NAME}
     extra, ignored = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)

@@ -1,9 +1,12 @@
 """`convert`: reshard a BLOOM checkpoint into one safetensors file per block, streaming.
 
-Memory: tensors come from memory-mapped shards and are written straight from those pages, so
-anonymous memory stays near start-up size (plus, when quantizing, one output file's tensors).
-Crash safety: see destination.py. I/O: each source file is hashed on a background thread while
-the main thread converts, so a shard is read from disk once and parsed from the page cache.
+Memory: tensors come from memory-mapped shards and are written straight from those pages, a
+piece at a time; quantized tensors are computed piece by piece into one reused buffer as they are
+written (`Storage.encode_stream`), so anonymous memory stays near start-up size whatever the size
+of a tensor (BLOOM-176B's 250880×14336 embeddings included). Crash safety: see destination.py.
+I/O: each source file is hashed from the pages the converter reads, by a thread that reads just
+ahead of it and drops the pages both are done with (reading.py): the disk reads the source once
+and the page cache does not fill with it.
 """
 from __future__ import annotations
 
@@ -19,16 +22,21 @@ import torch
 from bloomconv import __version__
 from bloomconv.atomic import atomic_write_bytes, commit, discard, open_temporary
 from bloomconv.errors import DestinationError, SourceError
-from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, FORMAT_VERSION, HF_INDEX_NAME,
-                              PREFIX, QuantType, all_units, unit_file, unit_tensor_names)
+from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, FORMAT_VERSION, HF_INDEX_NAME, JOB_SIGNATURE_KEY,
+                              PREFIX, SIGNATURE_NAME, QuantType, all_units, unit_file, unit_tensor_names)
 from bloomconv.hashing import sha256_file
 from bloomconv.manifest import FileEntry, Manifest, TensorEntry, read_manifest, write_manifest
 from bloomconv.settings import QuantSettings
 from bloomconv.progress import ProgressFactory, no_progress
-from bloomconv.safetensors_io import st_dtype, write_safetensors
+from bloomconv.signing import SigningKey, sign
+from bloomconv.verification import signature_pending
+from bloomconv.safetensors_io import StreamedTensor, st_dtype, write_safetensors
+from bloomconv.storage.base import CHUNK_ELEMENTS, ReadReport
 
 from .destination import Destination, explain_os_error
-from .source import ShardCache, SourceCheckpoint, open_source, resolve_source
+from .encode import stream_for_storage
+from .reading import SourceReading
+from .source import SourceCheckpoint, open_source, resolve_source
 
 Log = Callable[[str], None]  # one line about the run as a whole ("resuming: …"), for the CLI to print
 
@@ -38,30 +46,37 @@ def _silent(message: str) -> None:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: QuantSettings | None = None,
-            progress: ProgressFactory = no_progress, log: Log = _silent) -> Manifest:
+            signing: SigningKey | None = None, progress: ProgressFactory = no_progress, log: Log = _silent) -> Manifest:
     """Convert the checkpoint in `src` into a bloomconv directory `dst`; return its manifest.
 
     `src` is a checkpoint folder, a Hugging Face cache repository or a Hub repo id found in the
     local cache (`source.resolve_source`). Re-running the same call after an interruption resumes
     (and says so through `log`); a finished `dst` is left as is.
 
+    `signing`: sign the directory (`bloomconv.signing.sign`) as the last step, after the manifest.
+    The job record says so: until model.sig is written the directory is incomplete (`verify` and
+    `load` refuse it), and re-running the same call signs it.
+
     >>> convert("bloom-560m", "bloom-560m-blocks")              # doctest: +SKIP
     >>> convert("bigscience/bloom-560m", "bloom-560m-int8", quantization=QuantSettings("int8"),
     ...         log=print)                                       # doctest: +SKIP
     resuming: 12 of 26 weight files already written
+    >>> convert("bloom-560m", "bloom-560m-blocks", signing=SigningKey("publisher.pem"))  # doctest: +SKIP
     """
+    if signing is not None:
+        signing.check()
     source = open_source(src)
-    job = _job_record(source, quantization)
-    started_by = {"command": command_line(quantization), "source": str(source.root.resolve())}
+    job = _job_record(source, quantization, signing)
+    started_by = {"command": command_line(quantization, signing), "source": str(source.root.resolve())}
     with Destination(dst) as destination:
         if destination.has_manifest():
-            manifest = _already_finished(destination, source, quantization)
-            log(f"already finished: {destination.path} holds this conversion; nothing was rewritten")
-            return manifest
+            return _already_finished(destination, source, quantization, signing, job, log)
         try:
             resuming = destination.start_or_resume(job, started_by)
             manifest = _run(source, destination, quantization, progress, log if resuming else None)
             write_manifest(destination.path, manifest)
+            if signing is not None:  # the job record stays until the signature is written
+                sign(destination.path, signing)
             destination.finish()
         except OSError as exc:
             raise explain_os_error(destination.path, exc) from exc
@@ -71,10 +86,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: Qua
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = None, *,
              quant_type: str | None = None, block_size: int | None = None, double_quant: bool | None = None,
              embeddings: bool | None = None, int8_scale_from: str | None = None, recipe: str | None = None,
-             progress: ProgressFactory = no_progress, log: Log = _silent) -> Manifest:
+             signing: SigningKey | None = None, progress: ProgressFactory = no_progress,
+             log: Log = _silent) -> Manifest:
     """`convert` with the block weights quantized: `bits` 8 (LLM.int8()) or 4 (`quant_type` nf4 or
     fp4), or a `recipe` from `bloomconv recipes`. Options left None take the preset, the same
     defaults as `bloomconv quantize`; every combination is validated before anything is read.
+    `signing` signs the result as `convert`'s does.
 
     >>> quantize("bloom-560m", "bloom-560m-int8", bits=8)                              # doctest: +SKIP
     >>> quantize("bloom-560m", "bloom-560m-nf4", bits=4, quant_type="nf4", block_size=64)  # doctest: +SKIP
@@ -84,17 +101,29 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = 
     src = resolve_source(src)  # a recipe checks the source's config.json
     settings = quantization_for(src, bits=bits, recipe=recipe, quant_type=quant_type, block_size=block_size,
                                 double_quant=double_quant, embeddings=embeddings, int8_scale_from=int8_scale_from)
-    return convert(src, dst, quantization=settings, progress=progress, log=log)
+    return convert(src, dst, quantization=settings, signing=signing, progress=progress, log=log)
 
 
-def command_line(quantization: QuantSettings | None) -> str:
-    """The `bloomconv` command (options, no paths) that asks for `quantization`.
+def command_line(quantization: QuantSettings | None, signing: SigningKey | None = None) -> str:
+    """The `bloomconv` command (options, no source or destination) that asks for `quantization`
+    and `signing` (whose files are named by absolute path, so that the command can be re-run).
 
     >>> command_line(QuantSettings(QuantType.INT8)), command_line(QuantSettings(QuantType.FP4, 64))
     ('quantize --bits 8', 'quantize --bits 4 --quant-type fp4 --block-size 64')
+    >>> command_line(None, SigningKey("/keys/private.pem"))
+    'convert --sign-key /keys/private.pem'
     """
-    if quantization is None:
-        return "convert"
+    words = ["convert"] if quantization is None else _quantize_words(quantization)
+    if signing is not None:
+        words += ["--sign-key", str(signing.private_key.absolute())]
+        if signing.certificate is not None:
+            words += ["--sign-certificate", str(signing.certificate.absolute())]
+        for path in signing.chain:
+            words += ["--sign-chain", str(path.absolute())]
+    return " ".join(words)
+
+
+def _quantize_words(quantization: QuantSettings) -> list[str]:
     q, preset = quantization, QuantSettings(quantization.quant_type)
     words = ["quantize", "--bits", "8"] if q.quant_type is QuantType.INT8 else \
         ["quantize", "--bits", "4", "--quant-type", q.quant_type.value]
@@ -106,27 +135,42 @@ def command_line(quantization: QuantSettings | None) -> str:
         words.append("--embeddings" if q.embeddings else "--no-embeddings")
     if q.int8_scale_from != preset.int8_scale_from:
         words += ["--int8-scale-from", q.int8_scale_from]
-    return " ".join(words)
+    return words
 
 
-def _job_record(source: SourceCheckpoint, quantization: QuantSettings | None) -> dict:
+def _job_record(source: SourceCheckpoint, quantization: QuantSettings | None, signing: SigningKey | None) -> dict:
     files = []
     for name in (*source.weight_files, *source.side_files):
         stat = (source.root / name).stat()
         files.append({"name": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     return {"tool_version": __version__, "format_version": FORMAT_VERSION, "source_layout": source.layout,
-            "source_files": files, "quantization": quantization.to_dict() if quantization else None}
+            "source_files": files, "quantization": quantization.to_dict() if quantization else None,
+            **({JOB_SIGNATURE_KEY: signing.method} if signing else {})}  # absent: records of unsigned runs unchanged
 
 
-def _already_finished(destination: Destination, source: SourceCheckpoint,
-                      quantization: QuantSettings | None) -> Manifest:
+def _already_finished(destination: Destination, source: SourceCheckpoint, quantization: QuantSettings | None,
+                      signing: SigningKey | None, job: dict, log: Log) -> Manifest:
+    """The manifest of a finished `dst` holding this conversion; signed now if this run signs and
+    the signature is not there yet (a run killed after its manifest, or signing asked afterwards)."""
     manifest = read_manifest(destination.path)
     same_source = ({(f.name, f.size) for f in manifest.source_files}
                    == {(n, source.file_size(n)) for n in (*source.weight_files, *source.side_files)})
     if not same_source or manifest.quantization != quantization:
         raise DestinationError(destination.path, "already holds a finished conversion of a different "
                                "source or with different settings", "Choose another destination.")
-    destination.finish()  # a run killed after its manifest may have left bookkeeping behind
+    signed = (destination.path / SIGNATURE_NAME).exists()
+    if signature_pending(destination.path):  # refused unless this run signs too, naming the one that does
+        destination.refuse_other_job(job)
+    try:
+        if signing is not None and not signed:
+            sign(destination.path, signing)
+            log(f"signed: {destination.path}/{SIGNATURE_NAME} ({signing.method}); nothing else was rewritten")
+        else:
+            log(f"already finished: {destination.path} holds this conversion"
+                f"{' (signed)' if signed else ''}; nothing was rewritten")
+        destination.finish()  # a run killed after its manifest may have left bookkeeping behind
+    except OSError as exc:
+        raise explain_os_error(destination.path, exc) from exc
     return manifest
 
 
@@ -135,38 +179,42 @@ def _run(source: SourceCheckpoint, destination: Destination, quantization: Quant
     """Write every file and return the manifest; `resume_log` (a resumed run) hears how much was kept."""
     units = all_units(source.geometry.n_layer)
     total = sum(source.file_size(n) for n in source.weight_files)
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hash-source") as hasher, \
-            progress(total=total, desc="convert", unit="B", unit_scale=True) as bar:
-        # Queued in the order the units read the shards: the hash runs just ahead of (or just
-        # behind) the conversion, so each shard comes off the disk once.
-        source_hashes = {name: hasher.submit(_source_entry, source, destination, name)
-                         for name in (*source.weight_files, *source.side_files)}
-        shards = ShardCache(source.root)
+    recorded = {name: entry for name in source.weight_files
+                if (entry := destination.recorded(f"source/{name}")) is not None}
+
+    def record_hash(name: str, sha256: str) -> None:  # on the reading thread, as each shard is hashed
+        destination.record(f"source/{name}", FileEntry(name, source.file_size(name), sha256))
+
+    with progress(total=total, desc="convert", unit="B", unit_scale=True) as bar, \
+            SourceReading(source.root, {n: e.sha256 for n, e in recorded.items()}, record_hash) as reading:
         resumed = {unit: _resumed(destination, unit) for unit in units}
         remaining = [unit for unit in units if resumed[unit] is None]
         if resume_log is not None:
             resume_log(f"resuming: {len(units) - len(remaining)} of {len(units)} weight files already written")
         bar.update(sum(_unit_bytes(source, unit) for unit in units if resumed[unit] is not None))
+        last_use = {file: unit for unit in remaining for file in _unit_files(source, unit)}
         written = {}
-        # Three stages overlap: the encoder reads (and quantizes) the next unit while this thread
-        # hashes and writes the current one and the committer fsyncs the previous one. At most
-        # two units' tensors are in memory at once; commits stay in order.
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder, \
-                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
-            def encode(unit: str):
-                return encoder.submit(_stored_tensors, source, shards, unit, quantization)
-            upcoming = encode(remaining[0]) if remaining else None
+        # This thread computes each unit's tensors piece by piece as it writes them (nothing of a
+        # unit is held whole); the reading thread hashes the source just ahead of it and the
+        # committer fsyncs the previous file. Commits stay in order.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
             for position, unit in enumerate(remaining):
-                stored = upcoming.result()
-                upcoming = encode(remaining[position + 1]) if position + 1 < len(remaining) else None
-                written[unit] = _write_stored(destination, unit, stored, committer)
-                del stored
+                for upcoming in remaining[position:position + 2]:  # read ahead into the next unit's shards
+                    for file in _unit_files(source, upcoming):
+                        reading.open(file)
+                written[unit] = _write_stored(destination, unit, _stored_streams(source, reading, unit, quantization),
+                                              committer)
+                for file in _unit_files(source, unit):
+                    if last_use[file] == unit:
+                        reading.release(file)
                 bar.update(_unit_bytes(source, unit))
             outputs = [(resumed[unit] or written[unit]).result() for unit in units]
-        shards.close()
         side_outputs = [_write_side_file(source, destination, name, quantization) for name in source.side_files]
         index = _write_hf_index(destination, outputs)
-        source_files = tuple(future.result() for future in source_hashes.values())
+        hashes = reading.finish(list(source.weight_files))
+    source_files = tuple([*(recorded.get(name) or FileEntry(name, source.file_size(name), hashes[name])
+                            for name in source.weight_files),
+                          *(_source_entry(source, destination, name) for name in source.side_files)])
     model = {**source.geometry.to_dict(), "dtype": str(source.dtype).removeprefix("torch.")}
     return Manifest(tool_version=__version__, model=model, source_layout=source.layout,
                     source_files=source_files, files=tuple([*side_outputs, *outputs, index]),
@@ -176,6 +224,14 @@ def _run(source: SourceCheckpoint, destination: Destination, quantization: Quant
 def _unit_bytes(source: SourceCheckpoint, unit: str) -> int:
     """Source bytes of one unit's tensors (what the progress bar counts)."""
     return sum(math.prod(source.tensors[n].shape) for n in unit_tensor_names(unit)) * source.dtype.itemsize
+
+
+def _unit_files(source: SourceCheckpoint, unit: str) -> list[str]:
+    """The source files one unit reads, in the order it first reads them."""
+    metas = [source.tensors[name] for name in unit_tensor_names(unit)]
+    if EMBEDDING_WEIGHT in unit_tensor_names(unit) and source.tied_head is not None:
+        metas.append(source.tied_head)
+    return list(dict.fromkeys(meta.file for meta in metas))
 
 
 def _source_entry(source: SourceCheckpoint, destination: Destination, name: str) -> FileEntry:
@@ -188,20 +244,22 @@ def _source_entry(source: SourceCheckpoint, destination: Destination, name: str)
     return entry
 
 
-def _stored_tensors(source: SourceCheckpoint, shards: ShardCache, unit: str,
-                    quantization: QuantSettings | None) -> list[tuple[str, torch.Tensor, QuantType]]:
-    """The tensors one unit's file holds: source tensors, quantized where asked."""
-    stored: list[tuple[str, torch.Tensor, QuantType]] = []
+def _stored_streams(source: SourceCheckpoint, reading: SourceReading, unit: str,
+                    quantization: QuantSettings | None) -> list[tuple[str, StreamedTensor, QuantType]]:
+    """The tensors one unit's file holds, each computed as it is written: source tensors, quantized
+    where asked."""
+    stored: list[tuple[str, StreamedTensor, QuantType]] = []
     for name in unit_tensor_names(unit):
-        tensor = shards.get(source.tensors[name])
+        meta = source.tensors[name]
+        shard = reading.open(meta.file)
+        tensor = shard.tensor(meta.stored_name)
         if name == EMBEDDING_WEIGHT and source.tied_head is not None:
-            _check_tied_head(source, shards, tensor)
-            tensor = shards.get(source.tensors[name])  # the shard cache may have moved on
-        stored.extend(_encode(PREFIX + name, tensor, quantization))
+            _check_tied_head(source, reading, tensor, shard.report(meta.stored_name))
+        stored.extend(stream_for_storage(PREFIX + name, tensor, quantization, shard.report(meta.stored_name)))
     return stored
 
 
-def _write_stored(destination: Destination, unit: str, stored: list[tuple[str, torch.Tensor, QuantType]],
+def _write_stored(destination: Destination, unit: str, stored: list[tuple[str, StreamedTensor, QuantType]],
                   committer: concurrent.futures.Executor) -> concurrent.futures.Future:
     """Write one unit to a temporary file; its fsync, rename and journal entry run on `committer`."""
     relative = unit_file(unit)
@@ -231,20 +289,21 @@ def _resumed(destination: Destination, unit: str) -> concurrent.futures.Future |
     return done
 
 
-def _encode(name: str, tensor: torch.Tensor, quantization: QuantSettings | None):
-    """The tensors stored for one source tensor: itself, or its quantized form and state."""
-    if quantization is None:
-        return [(name, tensor, QuantType.NONE)]
-    from .encode import encode_for_storage  # quantization is the only user of bitsandbytes layouts
-    return encode_for_storage(name, tensor, quantization)
-
-
-def _check_tied_head(source: SourceCheckpoint, shards: ShardCache, embeddings: torch.Tensor) -> None:
-    head = shards.get(source.tied_head)
-    if not torch.equal(head, embeddings):
-        raise SourceError(source.root / source.tied_head.file, "lm_head.weight differs from the word "
-                          "embeddings", "bloomconv stores BLOOM with lm_head tied to the embeddings; "
-                          "this checkpoint is not tied.")
+def _check_tied_head(source: SourceCheckpoint, reading: SourceReading, embeddings: torch.Tensor,
+                     embeddings_report: ReadReport) -> None:
+    """A stored lm_head.weight must equal the embeddings; compared CHUNK_ELEMENTS at a time."""
+    shard = reading.open(source.tied_head.file)
+    head, head_report = shard.tensor(source.tied_head.stored_name), shard.report(source.tied_head.stored_name)
+    flat_head, flat_embeddings = head.reshape(-1), embeddings.reshape(-1)
+    for start in range(0, flat_head.numel(), CHUNK_ELEMENTS):
+        end = min(start + CHUNK_ELEMENTS, flat_head.numel())
+        head_report.reading(start, end)
+        embeddings_report.reading(start, end)  # read again when encoded: not done
+        if not torch.equal(flat_head[start:end], flat_embeddings[start:end]):
+            raise SourceError(source.root / source.tied_head.file, "lm_head.weight differs from the word "
+                              "embeddings", "bloomconv stores BLOOM with lm_head tied to the embeddings; "
+                              "this checkpoint is not tied.")
+        head_report.done(start, end)
 
 
 def _write_side_file(source: SourceCheckpoint, destination: Destination, name: str,

@@ -93,13 +93,7 @@ class Destination:
         wherever it is started."""
         job_path = self.path / JOB_NAME
         if job_path.exists():
-            try:
-                recorded = json.loads(job_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                recorded = None
-            origin = recorded.pop(_STARTED_BY, None) if isinstance(recorded, dict) else None
-            if recorded != job:
-                raise _other_job(self.path, origin)
+            self.refuse_other_job(job)
             self._remove_temporaries()
             self.folder(JOURNAL_DIR)
             return True
@@ -115,6 +109,16 @@ class Destination:
         atomic_write_bytes(job_path, json.dumps({**job, _STARTED_BY: started_by}, sort_keys=True).encode())
         self.folder(JOURNAL_DIR)
         return False
+
+    def refuse_other_job(self, job: dict) -> None:
+        """Raise DestinationError naming the command that started DST's job unless it is `job`."""
+        try:
+            recorded = json.loads((self.path / JOB_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = None
+        origin = recorded.pop(_STARTED_BY, None) if isinstance(recorded, dict) else None
+        if recorded != job:
+            raise _other_job(self.path, origin)
 
     def _remove_temporaries(self) -> None:
         for p in self.path.rglob("*"):

@@ -26,10 +26,12 @@ import json
 import torch
 
 from bloomconv.format import QuantType, is_quantized_weight
+from bloomconv.safetensors_io import StreamedTensor
 from bloomconv.settings import QuantSettings
 from bloomconv.storage import storage_for
+from bloomconv.storage.base import NO_REPORT, ReadReport, stream_as_stored
 
-__all__ = ["config_with_quantization", "encode_for_storage"]
+__all__ = ["config_with_quantization", "encode_for_storage", "stream_for_storage"]
 
 _TIED_HEAD_MODULE = "lm_head"  # never stored (tied to the embeddings): transformers must not convert it
 RUNTIME_ONLY_NOTE = ("quantized word embeddings: transformers cannot load this directory. Run it with bloomconv "
@@ -52,6 +54,18 @@ def encode_for_storage(name: str, tensor: torch.Tensor,
         return [(name, tensor, QuantType.NONE)]
     module = name.removesuffix(".weight")
     stored = storage_for(settings.quant_type).encode(tensor, settings, name=name)
+    return [(f"{module}.{key}", value, settings.quant_type) for key, value in stored.items()]
+
+
+def stream_for_storage(name: str, tensor: torch.Tensor, settings: QuantSettings | None,
+                       report: ReadReport = NO_REPORT) -> list[tuple[str, StreamedTensor, QuantType]]:
+    """`encode_for_storage` as the writer takes it: the same names, bytes and order, each stored
+    tensor computed piece by piece as it is written (`Storage.encode_stream`); `report` hears what
+    is read of `tensor`. `settings` None: stored as it is (a plain `convert`)."""
+    if settings is None or not is_quantized_weight(name, settings.embeddings):
+        return [(name, stream_as_stored(tensor, report), QuantType.NONE)]
+    module = name.removesuffix(".weight")
+    stored = storage_for(settings.quant_type).encode_stream(tensor, settings, name=name, report=report)
     return [(f"{module}.{key}", value, settings.quant_type) for key, value in stored.items()]
 
 

@@ -32,6 +32,7 @@ GEOMETRIES = {
     "bloom-560m": (1024, 24, 16, 250880),
 }
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FILL_ELEMENTS = 1 << 24  # random values drawn per step when writing a large checkpoint
 _GEOMETRY_FIX = (f"Use one of {', '.join(GEOMETRIES)}, or HIDDEN,LAYERS,HEADS,VOCAB: four positive integers "
                  "with HIDDEN a multiple of HEADS, e.g. 64,2,4,1024.")
 
@@ -150,7 +151,9 @@ def write_large_release_checkpoint(dst: str | os.PathLike, geometry: tuple, dtyp
     """Release-layout checkpoint of any size, written shard by shard (for benchmarks).
 
     `write_example_checkpoint` builds the whole model in transformers first; this writes each
-    shard from fresh N(0, 0.02) tensors so a checkpoint larger than RAM can be made.
+    shard from fresh N(0, 0.02) tensors so a checkpoint larger than RAM can be made. Each tensor
+    is filled in place, _FILL_ELEMENTS at a time: never a float32 copy of a whole matrix (BLOOM's
+    250880×14336 embeddings would take 14 GB).
     """
     hidden, n_layer, n_head, vocab = parse_geometry(geometry)
     config = bloom_config(hidden, n_layer, n_head, vocab)
@@ -163,7 +166,14 @@ def write_large_release_checkpoint(dst: str | os.PathLike, geometry: tuple, dtyp
     generator = torch.Generator().manual_seed(seed)
 
     def fresh(names):
-        return {n: (torch.randn(shapes[n], generator=generator) * 0.02).to(dtype) for n in names}
+        tensors = {}
+        for n in names:
+            tensor = tensors[n] = torch.empty(shapes[n], dtype=dtype)
+            flat = tensor.view(-1)
+            for start in range(0, flat.numel(), _FILL_ELEMENTS):
+                piece = flat[start:start + _FILL_ELEMENTS]
+                piece.copy_(torch.randn(piece.numel(), generator=generator).mul_(0.02))
+        return tensors
 
     groups = _release_groups(n_layer)
     _write_release_shards(dst, (fresh(keys) for keys in groups), groups)

@@ -24,7 +24,7 @@ from bloomconv.errors import ManifestError, OptionsError
 from bloomconv.format import TOKENIZER_NAMES
 from bloomconv.settings import QuantSettings
 
-from .loader import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .model import KVCache, Transformer
 
 __all__ = ["Bloom", "Config", "GenerationOptions", "GenerationStats", "Tokenizer", "load", "next_tokens",
@@ -33,7 +33,9 @@ __all__ = ["Bloom", "Config", "GenerationOptions", "GenerationStats", "Tokenizer
 
 def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", verify: str = "fast",
          dtype: torch.dtype = torch.float32, ram_budget: str | int | None = None,
-         threads: int | None = None) -> "Bloom":
+         threads: int | None = None, max_tokens: int | None = None, public_key: str | os.PathLike | None = None,
+         certificate_chain: tuple[str | os.PathLike, ...] = (), identity: str | None = None,
+         issuer: str | None = None) -> "Bloom":
     """Open a converted (optionally quantized) directory for inference.
 
     Returns once headers are checked; the weights that stay in RAM are read on a background
@@ -47,15 +49,28 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     int8 weights are widened in registers by bloomconv's kernels, never copied to fp32 (without
     a C compiler at install time, 16-bit weights are widened once at load when they fit).
     bfloat16 activations also work: torch's bf16 GEMM for large batches of bf16 weights.
-    `ram_budget`: bytes of weights to hold in RAM, e.g. "12GB", "800MB", "1.5GiB" or an int;
-    files that do not fit are read from disk on every forward pass (see `loader`). None: 90 % of
-    available memory (MemAvailable, or the memory cgroup's room if smaller; psutil's figure
-    where there is no /proc) minus one block's working set and a 1024-token KV cache
-    (`loader.default_ram_budget`).
+    `ram_budget`: the memory this model may take, e.g. "12GB", "800MB", "1.5GiB" or an int: the
+    weights held in RAM, the buffers the rest streams through every forward pass, and the KV
+    cache and working set of `max_tokens` tokens (see `checkpoint`); the process's own memory
+    (torch ~150 MB, the tokenizer) comes on top: peak RssAnon stays within the budget + ~300 MB.
+    "min": the least that runs. None: 90 % of available memory (MemAvailable, or the memory
+    cgroup's room if smaller; psutil's figure where there is no /proc) less 128 MB
+    (`memory.default_ram_budget`). Below the minimum the run needs, MemoryBudgetError names it,
+    before any weight is read.
+    `max_tokens`: tokens (prompt + new, summed over a batch) to plan KV cache and working set for;
+    None: 256. A longer `generate` runs if the memory left holds the difference, else raises
+    MemoryBudgetError.
     `threads`: torch's intra-op threads (process-wide, `torch.set_num_threads`); None leaves it.
     bloomconv's kernels use as many. During a decoding step torch's own ops run on one thread
     (process-wide too, restored after the step): run one model per process, not one per thread.
+    `public_key` (or `certificate_chain`, or Sigstore's `identity` and `issuer`): the directory
+    must carry a signature by that signer over exactly its files (`bloomconv.signing`), checked
+    before any weight is read; this hashes every byte once, whatever `verify` says. An unsigned
+    directory, another signer's, or a file changed, added or removed since signing raise
+    SignatureError naming the cause.
     Raises VerificationError naming each damaged file, OptionsError for a device torch lacks.
+
+    >>> model = load("bloom-560m-int8", public_key="publisher.pub")         # doctest: +SKIP
     """
     if threads is not None:
         if threads < 1:
@@ -65,7 +80,9 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionsError(f"device {str(device)!r} is not available: this torch ({torch.__version__}) sees no "
                            "CUDA GPU. Use device 'cpu', or install torch's CUDA build on a machine with one.")
-    checkpoint = open_checkpoint(directory, verify=verify, ram_budget=ram_budget, dtype=dtype)
+    checkpoint = open_checkpoint(directory, verify=verify, ram_budget=ram_budget, dtype=dtype, max_tokens=max_tokens,
+                                 public_key=public_key,
+                                 certificate_chain=certificate_chain, identity=identity, issuer=issuer)
     return Bloom(checkpoint, Transformer(checkpoint, dtype=dtype, device=device))
 
 
@@ -339,6 +356,7 @@ class Bloom:
         seen = None  # (B, vocab): tokens in each sequence so far, for the repetition penalty
         new_ids: list[list[int]] = [[] for _ in range(B)]  # for the stop strings
         tails = self._prompt_tails(input_ids, attention_mask, options.stop)
+        self.checkpoint.check_room(B * (input_ids.shape[1] + options.max_new_tokens), self.transformer.dtype)
         past = KVCache(self.geometry.n_layer, capacity=input_ids.shape[1] + options.max_new_tokens)
         step_ids = input_ids
         for step in range(options.max_new_tokens):

@@ -21,8 +21,9 @@ from bloomconv.format import EMBEDDINGS_UNIT, FINAL_UNIT, block_unit
 from bloomconv.geometry import Geometry
 from bloomconv.kernels import fourbit
 
-from .loader import (BlockWeights, Checkpoint, LayerNormWeights, LinearWeights, UnitBytes, block_weights,
-                     embedding_weights, final_weights)
+from .checkpoint import Checkpoint
+from .records import (BlockWeights, LayerNormWeights, LinearWeights, UnitBytes, block_weights, embedding_weights,
+                      final_weights)
 
 __all__ = ["KVCache", "Transformer", "alibi_bias", "alibi_slopes", "gelu"]
 

@@ -43,6 +43,18 @@ def restores_threads():
     torch.set_num_threads(before)
 
 
+def streaming_everything(directory, **kwargs):
+    """`bloomconv.load` with every matrix streamed in its smallest pieces (one granule of rows):
+    the least RAM budget, and the piece size forced down for the plan."""
+    import bloomconv
+    from bloomconv.runtime import readahead
+    size, readahead.STREAM_PIECE_BYTES = readahead.STREAM_PIECE_BYTES, 1
+    try:
+        return bloomconv.load(directory, ram_budget="min", **kwargs)
+    finally:
+        readahead.STREAM_PIECE_BYTES = size
+
+
 def edit_config(checkpoint, **changes):
     """Overwrite keys of a checkpoint's config.json (the test's own copy)."""
     path = checkpoint / "config.json"

@@ -17,6 +17,8 @@ from bloomconv.converters.example import write_example_checkpoint
 from bloomconv.errors import OptionsError
 from bloomconv.runtime.generate import _settled
 
+from .conftest import streaming_everything
+
 GEOMETRY = (64, 2, 4, 1024)  # hidden, layers, heads, vocab
 PROMPT = "Return the"
 SAMPLED = dict(max_new_tokens=24, temperature=1.0, seed=1)  # random weights: greedy repeats one token
@@ -80,7 +82,7 @@ def test_repr_names_directory_geometry_quantization_and_residency(model, tmp_pat
                      "float32, not quantized", "4 files in RAM", "0 streamed", "computes float32 on cpu"):
         assert expected in text, text
     quantize(model.checkpoint.directory, tmp_path / "nf4", bits=4)
-    with bloomconv.load(tmp_path / "nf4", ram_budget=0) as nf4:
+    with streaming_everything(tmp_path / "nf4") as nf4:
         text = repr(nf4)
     assert "nf4, block 128, double quant, embeddings kept" in text and "0 files in RAM" in text, text
     assert "4 streamed from disk" in text, text

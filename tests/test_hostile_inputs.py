@@ -37,7 +37,7 @@ from bloomconv.errors import (BloomconvError, DestinationError, HeaderError, Man
 from bloomconv.format import JOURNAL_DIR, MANIFEST_NAME, SAFETENSORS_DTYPES, TMP_MARKER
 from bloomconv.inspection import inspect
 from bloomconv.manifest import read_manifest
-from bloomconv.runtime.loader import UnitBytes
+from bloomconv.runtime.records import UnitBytes
 from bloomconv.safetensors_io import MAX_HEADER_BYTES, read_header
 from bloomconv.verification import verify
 

@@ -1,5 +1,5 @@
 """bloomconv where Linux-only calls are missing (macOS, Windows), checked on Linux by taking them
-away: /proc, O_DIRECT, preadv, posix_fadvise, transparent huge pages, libc's mlock, fcntl."""
+away: /proc, O_DIRECT, preadv, posix_fadvise, fcntl."""
 from __future__ import annotations
 
 import os
@@ -20,11 +20,10 @@ from bloomconv.converters import destination
 from bloomconv.converters.convert import quantize
 from bloomconv.errors import DestinationBusyError
 from bloomconv.format import LOCK_NAME
-from bloomconv.geometry import Geometry
 from bloomconv.manifest import read_manifest
-from bloomconv.runtime import loader
+from bloomconv.runtime import files, memory
 
-from .conftest import SMALL
+from .conftest import SMALL, streaming_everything
 
 PROMPT = "Return the"
 
@@ -36,8 +35,8 @@ def probe_ids():
 def outputs(directory) -> dict:
     """Logits and text of `directory` with every file pinned and with every file streamed."""
     results = {}
-    for budget in (None, 0):
-        with bloomconv.load(directory, ram_budget=budget) as model:
+    for budget in ("default", "min"):
+        with bloomconv.load(directory) if budget == "default" else streaming_everything(directory) as model:
             results[f"logits, budget {budget}"] = model(probe_ids())
             results[f"text, budget {budget}"] = model.generate(PROMPT, max_new_tokens=6)
     return results
@@ -59,7 +58,7 @@ def reference(release_checkpoint, converted, tmp_path_factory):
 # The whole round trip in a fresh process where `import fcntl` fails (a stand-in msvcrt takes its
 # place, as on Windows), and the runtime's Linux-only calls are gone.
 WITHOUT_LINUX = textwrap.dedent("""
-    import ctypes, mmap, os, sys, types
+    import os, sys, types
     from pathlib import Path
     import fcntl as real_fcntl
     import torch
@@ -73,14 +72,13 @@ WITHOUT_LINUX = textwrap.dedent("""
     import bloomconv
     from bloomconv import process_stats
     from bloomconv.converters import convert, destination
-    from bloomconv.runtime import loader
+    from bloomconv.runtime import files
+    from tests.conftest import streaming_everything
     from tests.test_portability import outputs
-    assert destination.fcntl is None and loader.fcntl is None
+    assert destination.fcntl is None and files.fcntl is None
 
     for name in ("O_DIRECT", "preadv", "posix_fadvise"):
         delattr(os, name)
-    del mmap.MADV_HUGEPAGE
-    ctypes.CDLL = lambda *args, **kwargs: types.SimpleNamespace()  # a C library without mlock
     out, src = Path(sys.argv[1]), Path(sys.argv[2])
     process_stats.PROC = out / "no-proc"
 
@@ -90,10 +88,10 @@ WITHOUT_LINUX = textwrap.dedent("""
     for name in ("bf16", "int8"):
         assert bloomconv.verify(out / name).ok
         results[name] = outputs(out / name)
-        with bloomconv.load(out / name, ram_budget=0) as model:
+        with streaming_everything(out / name) as model:
             model.generate("x", max_new_tokens=2)
-            assert all(f._uncached_fd is False for f in model.checkpoint.files.values())
-            assert not any(buffer.locked for buffer in model.checkpoint._buffers)
+            read = [f.reads_around_the_page_cache for f in model.checkpoint.files.values()]
+            assert False in read and True not in read, read
     torch.save(results, out / "results.pt")
 """)
 
@@ -112,10 +110,11 @@ def test_macos_uncached_reads_give_identical_results(converted, reference, monke
     """F_NOCACHE's branch, with a harmless fcntl command in its place (Linux has no F_NOCACHE)."""
     import fcntl
     monkeypatch.delattr(os, "O_DIRECT")
-    monkeypatch.setattr(loader, "F_NOCACHE", fcntl.F_SETFD)  # sets close-on-exec, as a no-op
-    with bloomconv.load(converted, ram_budget=0) as model:
+    monkeypatch.setattr(files, "F_NOCACHE", fcntl.F_SETFD)  # sets close-on-exec, as a no-op
+    with streaming_everything(converted) as model:
         model.generate("x", max_new_tokens=2)
-        assert all(type(f._uncached_fd) is int for f in model.checkpoint.files.values())
+        read = [f.reads_around_the_page_cache for f in model.checkpoint.files.values()]
+        assert True in read and False not in read, read
     assert same(outputs(converted), reference["bf16"][1])
 
 
@@ -133,8 +132,7 @@ def test_memory_figures_without_proc_come_from_psutil_and_getrusage(tmp_path, mo
     assert process_stats.anonymous_rss() == 45 << 20
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert before * 1024 <= process_stats.peak_rss() <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    g = Geometry(hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880)
-    assert loader.default_ram_budget(g, torch.float32) == loader.default_ram_budget(g, torch.float32, 8 << 30) > 0
+    assert memory.default_ram_budget() == memory.default_ram_budget(8 << 30) > 0
 
 
 def test_memory_figures_from_proc_and_the_cgroups(tmp_path, monkeypatch):

@@ -84,6 +84,15 @@ def bnb_int8(weight, scale_from):
     return CB, SCB
 
 
+def int8_both_ways(weight, scale_from, **chunking):
+    """quantize_int8 by the compiled quantizer (when built) and by torch: bit for bit the same."""
+    ours = quantize_int8(weight, scale_from, **chunking)
+    with mock.patch("bloomconv.storage.int8._compiled_int8_quantizer", lambda: None):
+        reference = quantize_int8(weight, scale_from, **chunking)
+    assert torch.equal(ours[0], reference[0]) and torch.equal(bits(ours[1]), bits(reference[1]))
+    return ours
+
+
 def check_4bit_against_bnb(weight, quant_type, block_size, double_quant, **chunking):
     """Both quantizers (the compiled one, when built, and the torch one) against bitsandbytes."""
     ours = quantize_4bit(weight, quant_type, block_size, double_quant, **chunking)
@@ -112,12 +121,12 @@ def test_code_tables_are_bitsandbytes_tables():
     assert torch.equal(bits(dynamic_map()), bits(F.create_dynamic_map()))
 
 
-@pytest.mark.parametrize("shape", [(3072, 1024), (37, 91)])
+@pytest.mark.parametrize("shape", [(3072, 1024), (1024, 4096), (37, 91), (5, 33), (1, 1)])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("scale_from", ["float16", "source"])
 def test_int8_matches_bitsandbytes(shape, dtype, scale_from):
     weight = normal_weight(shape, dtype, seed=shape[0])
-    CB, SCB = quantize_int8(weight, scale_from, chunk_elements=1 << 18)
+    CB, SCB = int8_both_ways(weight, scale_from, chunk_elements=1 << 18)
     ref_CB, ref_SCB = bnb_int8(weight, scale_from)
     assert CB.dtype == torch.int8 and CB.shape == shape and SCB.dtype == torch.float32 and SCB.shape == shape[:1]
     assert torch.equal(CB, ref_CB) and torch.equal(bits(SCB), bits(ref_SCB))
@@ -182,7 +191,7 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 @FAST
 @given(weights(), st.sampled_from(["float16", "source"]))
 def test_int8_property(weight, scale_from):
-    CB, SCB = quantize_int8(weight, scale_from)
+    CB, SCB = int8_both_ways(weight, scale_from)
     rows, cols = weight.shape
     assert CB.dtype == torch.int8 and CB.shape == (rows, cols)
     assert SCB.dtype == torch.float32 and SCB.shape == (rows,)
@@ -202,7 +211,7 @@ TINY_INT8_ROW = 127 / torch.finfo(torch.float32).max
 
 def test_int8_row_too_small_for_its_reciprocal_scale_quantizes_to_zero_like_bitsandbytes():
     weight = torch.tensor([[torch.finfo(torch.float32).tiny, -1e-38], [1e-36, 5e-37]])
-    CB, SCB = quantize_int8(weight, "source")
+    CB, SCB = int8_both_ways(weight, "source")
     ref_CB, ref_SCB = bnb_int8(weight, "source")
     assert torch.equal(CB, ref_CB) and torch.equal(bits(SCB), bits(ref_SCB))
     assert CB[0].tolist() == [0, 0] and CB[1, 0] == 127
@@ -254,7 +263,7 @@ def test_float16_overflow_is_refused_not_stored_as_inf():
     with pytest.raises(QuantizationError, match="int8_scale_from='source'"):
         quantize_int8(weight, "float16", name="transformer.h.0.mlp.dense_4h_to_h.weight")
     assert torch.isinf(bnb_int8(weight, "float16")[1][2])  # what transformers would have stored
-    CB, SCB = quantize_int8(weight, "source")
+    CB, SCB = int8_both_ways(weight, "source")
     assert torch.isfinite(SCB).all() and SCB[2] == 70144.0
     assert torch.equal(CB, bnb_int8(weight, "source")[0])
 
@@ -262,7 +271,7 @@ def test_float16_overflow_is_refused_not_stored_as_inf():
 def test_float16_rounding_down_to_max_is_accepted():
     weight = torch.full((2, 8), 0.5, dtype=torch.float32)
     weight[0, 0] = 65510.0  # rounds to float16's max, as transformers' cast does
-    CB, SCB = quantize_int8(weight, "float16")
+    CB, SCB = int8_both_ways(weight, "float16")
     assert SCB[0] == 65504.0 and torch.equal(CB, bnb_int8(weight, "float16")[0])
 
 
@@ -273,6 +282,9 @@ def test_non_finite_weights_are_refused(bad):
     for scale_from in ("float16", "source"):
         with pytest.raises(QuantizationError, match="NaN or infinite"):
             quantize_int8(weight, scale_from)
+        with mock.patch("bloomconv.storage.int8._compiled_int8_quantizer", lambda: None), \
+                pytest.raises(QuantizationError, match="NaN or infinite"):
+            quantize_int8(weight, scale_from)
     with pytest.raises(QuantizationError, match="NaN or infinite"):
         quantize_4bit(weight, QuantType.NF4)
 
@@ -282,7 +294,7 @@ def test_zero_rows_and_zero_blocks():
     weight[1] = 0
     weight[4, :64] = 0  # a zero block at block size 64 (the flattened 4*100 = 400 starts block 6.25)
     weight.view(-1)[-24:] = 0  # the tensor's partial tail block is zero: 600 = 9*64 + 24
-    CB, SCB = quantize_int8(weight)
+    CB, SCB = int8_both_ways(weight, "float16")
     assert SCB[1] == 0 and not CB[1].any()
     assert torch.equal(dequantize_int8(CB, SCB)[1], torch.zeros(100))
     for quant_type in FOUR_BIT:

@@ -27,9 +27,9 @@ from bloomconv.settings import QuantSettings
 from bloomconv.storage.int8 import dequantize_int8, quantize_int8
 from bloomconv import kernels
 from bloomconv.kernels import dense
-from bloomconv.runtime import loader
+from bloomconv.runtime import files, memory, readahead, residency
 
-from .conftest import load_dequantized
+from .conftest import load_dequantized, streaming_everything
 
 GEOMETRIES = {
     # hidden, layers, heads, vocab: heads a power of two or not (ALiBi's interleaved slopes)
@@ -199,8 +199,7 @@ def test_bf16_stored_weights_are_converted_piecewise(bf16_pair, monkeypatch):
     monkeypatch.setattr(fallback, "CONVERT_CHUNK_BYTES", 4096)  # lm_head in 64 pieces of 16 rows
     directory, reference = bf16_pair
     ids, mask = padded_batch(1024)
-    stored = sum(f.stat().st_size for f in directory.rglob("*.safetensors"))
-    with runtime.load(directory, ram_budget=stored) as model:  # room for the files as stored, not widened
+    with runtime.load(directory, ram_budget="min") as model:  # room for the files as stored, not widened
         assert not model.checkpoint.residency.widened
         assert model.checkpoint.block(0).dense.weight.weight.dtype == torch.bfloat16
         logits, _ = model.forward(ids, mask)
@@ -236,7 +235,7 @@ def test_bf16_weights_are_widened_once_without_the_dense_kernel(bf16_pair, monke
 def test_streaming_blocks_past_a_ram_budget_gives_the_same_logits(tiny):
     model, _ = tiny
     ids, mask = padded_batch(model.geometry.vocab_size)
-    with runtime.load(model.checkpoint.directory, ram_budget=0) as streamed:
+    with streaming_everything(model.checkpoint.directory) as streamed:
         assert torch.equal(streamed.forward(ids, mask)[0], model.forward(ids, mask)[0])
 
 
@@ -382,28 +381,44 @@ def sizes_for(n_layer, block=100, embeddings=50, final=1):
             **{block_unit(i): block * PAGE for i in range(n_layer)}}
 
 
+def pieces_for(sizes, piece=10):
+    """Every matrix file in pieces of `piece` pages (final: none)."""
+    return {unit: residency.UnitPieces(0, 0) if unit == FINAL_UNIT else
+            residency.UnitPieces(-(-size // (piece * PAGE)), min(size, piece * PAGE)) for unit, size in sizes.items()}
+
+
 def test_residency_pins_what_fits_and_spreads_the_streamed_blocks():
     sizes = sizes_for(10)
-    everything = loader.plan_residency(sizes, 10, sum(sizes.values()))
+    pieces = pieces_for(sizes)
+    plan = lambda budget, **kw: residency.plan_residency(sizes, 10, budget, pieces=pieces, **kw)  # noqa: E731
+    everything = plan(sum(sizes.values()) + 7 * PAGE, reserve=7 * PAGE)
     assert everything.streamed == () and everything.resident_bytes == sum(sizes.values())
-    nothing = loader.plan_residency(sizes, 10, 0)
+    nothing = plan(residency.minimum_budget(sizes, pieces, 7 * PAGE, 3), reserve=7 * PAGE)
     assert nothing.pinned == () and set(nothing.streamed) == set(sizes)
     assert nothing.streamed[-2:] == (FINAL_UNIT, EMBEDDINGS_UNIT)  # in use order: lm_head last
-    plan = loader.plan_residency(sizes, 10, 500 * PAGE)  # 2 buffers (200) + final + embeddings (51) + 2 blocks
-    assert plan.resident_bytes <= 500 * PAGE and plan.buffer_bytes == 100 * PAGE
-    assert set(plan.pinned) == {FINAL_UNIT, EMBEDDINGS_UNIT, block_unit(4), block_unit(9)}
-    assert plan.streamed == tuple(block_unit(i) for i in (0, 1, 2, 3, 5, 6, 7, 8))
-    big_embeddings = loader.plan_residency(sizes_for(4, embeddings=1000), 4, 600 * PAGE)
-    assert EMBEDDINGS_UNIT in big_embeddings.streamed and big_embeddings.buffer_bytes == 1000 * PAGE
+    assert nothing.stream_buffers == 3 and nothing.buffer_bytes == 10 * PAGE and nothing.streamed_pieces == 105
+    # 3 buffers of 10 pages (30) + final + embeddings (51) + 4 blocks (400) + a reserve of 19
+    plan_4 = plan(500 * PAGE, reserve=19 * PAGE)
+    assert plan_4.planned_bytes <= 500 * PAGE and plan_4.buffer_bytes == 10 * PAGE
+    assert set(plan_4.pinned) == {FINAL_UNIT, EMBEDDINGS_UNIT, *(block_unit(i) for i in (2, 4, 7, 9))}
+    assert plan_4.streamed == tuple(block_unit(i) for i in (0, 1, 3, 5, 6, 8))
+    assert plan_4.kv_cache_bytes == 0 and "6 files in 60 pieces" in plan_4.describe()
+    # however large a file, it streams through buffers of one piece
+    big = sizes_for(4, embeddings=100_000)
+    big_plan = residency.plan_residency(big, 4, 1000 * PAGE, pieces=pieces_for(big))
+    assert EMBEDDINGS_UNIT in big_plan.streamed and big_plan.stream_bytes == 30 * PAGE
 
 
-def test_default_budget_leaves_room_for_working_set_and_kv_cache():
-    g = Geometry(hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880)
-    working_set = 4 * 1024 * 1024 * 4 + loader.RUNTIME_OVERHEAD_BYTES
-    kv = 2 * 24 * 1024 * loader.KV_RESERVE_TOKENS * 4
-    assert loader.default_ram_budget(g, torch.float32, available=10**10) == int(0.9 * 10**10) - working_set - kv
-    assert loader.default_ram_budget(g, torch.float32, available=10**8) == 0
-    assert 0 < loader.available_memory() <= int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) * 1024
+def test_default_budget_is_a_share_of_available_memory_less_the_runtime():
+    assert memory.default_ram_budget(10**10) == int(0.9 * 10**10) - memory.RUNTIME_OVERHEAD_BYTES
+    assert memory.default_ram_budget(10**8) < 0
+
+
+def test_the_reserve_is_the_kv_cache_and_working_set_of_this_run():
+    g = Geometry(hidden_size=14336, n_layer=70, n_head=112, vocab_size=250880)  # BLOOM-176B
+    assert memory.kv_cache_bytes(g, torch.float32, 40) == 70 * 2 * 14336 * 40 * 4
+    # not 4·hidden²·4 bytes (3.3 GB) for a dequantized matrix: the kernels dequantize none
+    assert memory.working_set_bytes(g, torch.float32, 40) < 200e6
 
 
 @pytest.fixture(scope="module")
@@ -415,38 +430,45 @@ def deep(tmp_path_factory):
     return root / "dst"
 
 
-def budget_streaming(directory, n_streamed_blocks):
-    sizes = {u: f.stat().st_size for u, f in [(EMBEDDINGS_UNIT, directory / "embeddings.safetensors"),
-                                              (FINAL_UNIT, directory / "final.safetensors")]}
-    block = (directory / "block_000.safetensors").stat().st_size
-    n_layer = len(list(directory.glob("block_*.safetensors")))
-    return sum(sizes.values()) + loader.STREAM_BUFFERS * (-(-block // PAGE) * PAGE) + (n_layer - n_streamed_blocks) * block
+def budget_streaming(directory, n_streamed_blocks, monkeypatch):
+    """A budget that streams `n_streamed_blocks` blocks, with each matrix in its smallest pieces."""
+    monkeypatch.setattr(readahead, "STREAM_PIECE_BYTES", 1)
+    with streaming_everything(directory) as model:
+        plan = model.checkpoint.residency
+    block = -(-(directory / "block_000.safetensors").stat().st_size // PAGE) * PAGE
+    embeddings, final = (-(-(directory / f"{u}.safetensors").stat().st_size // PAGE) * PAGE
+                         for u in (EMBEDDINGS_UNIT, FINAL_UNIT))
+    return plan.budget + embeddings + final + (6 - n_streamed_blocks) * block
 
 
 def test_streaming_gives_the_same_tokens_and_reads_in_use_order(deep, monkeypatch):
     ids, mask = padded_batch(256, lengths=(5, 3))
     with runtime.load(deep) as pinned:
         expected = pinned.generate_ids(ids, mask, max_new_tokens=4)
+    budget = budget_streaming(deep, 3, monkeypatch)
     reads = []
-    original = loader.MappedFile.read_into
-    monkeypatch.setattr(loader.MappedFile, "read_into",
-                        lambda self, buffer, streaming: reads.append((self.path.stem, streaming))
-                        or original(self, buffer, streaming))
-    with runtime.load(deep, ram_budget=budget_streaming(deep, 3)) as model:
-        residency = model.checkpoint.residency
-        assert residency.streamed == ("block_000", "block_002", "block_004")
+    original = files.MappedFile.read_spans
+    monkeypatch.setattr(files.MappedFile, "read_spans", lambda self, memory, spans, streaming:
+                        reads.append((self.path.stem, streaming)) or original(self, memory, spans, streaming=streaming))
+    with runtime.load(deep, ram_budget=budget) as model:
+        plan = model.checkpoint.residency
+        assert plan.streamed == ("block_000", "block_002", "block_004")
+        cycle = [(piece.unit, piece.module, piece.rows) for piece in model.checkpoint._stream.pieces]
+        assert plan.streamed_pieces == len(cycle) == 3 * 6 and plan.stream_buffers == 3  # qkv and h_to_4h: 2 each
         assert torch.equal(model.generate_ids(ids, mask, max_new_tokens=4), expected)
-    pinned_reads = [(unit, False) for unit in residency.pinned]
+    pinned_reads = [(unit, False) for unit in plan.pinned]
     assert reads[:len(pinned_reads)] == pinned_reads  # each pinned file read once, in load order
-    streamed = [name for name, drop in reads[len(pinned_reads):]]
-    assert all(drop for _, drop in reads[len(pinned_reads):])
-    # every forward pass reads each streamed block once, and the next pass's first two ahead
-    assert streamed[:12] == list(residency.streamed) * 4 and len(streamed) <= 14
+    streamed = [name for name, _ in reads[len(pinned_reads):]]
+    assert all(streaming for _, streaming in reads[len(pinned_reads):])
+    # every forward pass reads each streamed piece once, in use order, and the next pass's first ahead
+    assert [module.split(".")[-1] for _, module, _ in cycle[:6]] == [
+        "query_key_value", "query_key_value", "dense", "dense_h_to_4h", "dense_h_to_4h", "dense_4h_to_h"]
+    assert streamed[:4 * 18] == [unit for unit, _, _ in cycle] * 4 and len(streamed) <= 4 * 18 + 3
 
 
 def test_a_pass_that_stops_part_way_does_not_desynchronise_read_ahead(deep, monkeypatch):
     ids, mask = padded_batch(256, lengths=(5, 3))
-    with runtime.load(deep, ram_budget=budget_streaming(deep, 4)) as model:
+    with runtime.load(deep, ram_budget=budget_streaming(deep, 4, monkeypatch)) as model:
         expected, _ = model.forward(ids, mask)
         original = model.transformer._block
 
@@ -463,16 +485,18 @@ def test_a_pass_that_stops_part_way_does_not_desynchronise_read_ahead(deep, monk
 
 def test_weight_memory_stays_within_the_budget(deep, monkeypatch):
     allocated = []
-    original = loader.AnonymousBuffer.__init__
+    original = files.AnonymousBuffer.__init__
 
     def counting(self, size):
         allocated.append(size)
         original(self, size)
-    monkeypatch.setattr(loader.AnonymousBuffer, "__init__", counting)
-    budget = budget_streaming(deep, 3)
+    monkeypatch.setattr(files.AnonymousBuffer, "__init__", counting)
+    budget = budget_streaming(deep, 3, monkeypatch)
+    allocated.clear()
     with runtime.load(deep, ram_budget=budget) as model:
         model.generate_ids(*padded_batch(256, lengths=(4,)), max_new_tokens=3)
-        assert sum(allocated) == model.checkpoint.residency.resident_bytes <= budget
+        plan = model.checkpoint.residency
+        assert sum(allocated) == plan.resident_bytes and plan.planned_bytes <= budget
 
 
 # ----------------------------------------------------------------------------- generate command
@@ -490,7 +514,7 @@ def test_generate_command_prints_the_continuation(tiny, restores_threads):
     assert result.stdout == "Return the" + model.generate("Return the", max_new_tokens=12) + "\n"
     sampled = ["--temperature", "1.2", "--top-k", "40", "--top-p", "0.9", "--seed", "5"]
     result = CliRunner().invoke(main, ["generate", directory, "a", "--max-new-tokens", "8", *sampled,
-                                       "--ram-budget", "1KB", "--threads", "1", "--verify", "full"])
+                                       "--ram-budget", "min", "--threads", "1", "--verify", "full"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "a" + model.generate("a", 8, temperature=1.2, top_k=40, top_p=0.9, seed=5) + "\n"
     result = CliRunner().invoke(main, ["generate", directory, "The", "--max-new-tokens", "6", "--dtype", "bfloat16"])
@@ -518,13 +542,14 @@ def test_generate_command_errors(damaged_copy):
 
 # ------------------------------------------------------------------------ accelerator paths (on CPU)
 
-@pytest.mark.parametrize("budget", [None, 0], ids=["pinned", "streamed"])
-def test_device_copy_pipeline_gives_the_same_logits(tiny, budget):
-    """The accelerator path's control flow (copy unit i+1 while unit i computes, release a streamed
-    buffer only after its copy) run on the CPU, where the copies are no-ops: same logits."""
+@pytest.mark.parametrize("streamed", [False, True], ids=["pinned", "streamed"])
+def test_device_copy_pipeline_gives_the_same_logits(tiny, streamed):
+    """The accelerator path's control flow (copy unit i+1 while unit i computes) run on the CPU,
+    where the copies are no-ops: same logits."""
     model, _ = tiny
     ids, mask = padded_batch(model.geometry.vocab_size)
-    with runtime.load(model.checkpoint.directory, ram_budget=budget) as copied:
+    directory = model.checkpoint.directory
+    with streaming_everything(directory) if streamed else runtime.load(directory) as copied:
         copied.transformer.copies_to_device = True
         logits, past = copied.forward(ids, mask)
         step, _ = copied.forward(ids[:, -1:], torch.cat([mask, torch.ones_like(mask[:, :1])], 1), past)
@@ -553,7 +578,7 @@ def test_four_bit_weight_through_bitsandbytes_matches_the_dequantized_weight(qua
 def test_an_error_mid_pass_releases_the_streamed_buffer(tiny, monkeypatch):
     model, _ = tiny
     ids, mask = padded_batch(model.geometry.vocab_size)
-    with runtime.load(model.checkpoint.directory, ram_budget=0) as streamed:
+    with streaming_everything(model.checkpoint.directory) as streamed:
         expected, _ = streamed.forward(ids, mask)
         real_block = streamed.transformer._block
 

@@ -7,7 +7,7 @@ import torch
 
 from bloomconv.errors import QuantizationError
 from bloomconv.format import QuantType
-from bloomconv.runtime.loader import UnitBytes
+from bloomconv.runtime.records import UnitBytes
 from bloomconv.settings import QuantSettings
 from bloomconv.storage import (DenseWeight, Int8Weight, dequantize_tensors, registered_types, storage_for)
 

@@ -166,12 +166,17 @@ def fourbit_dequantize(matrix: FourBitMatrix, rows: torch.Tensor | None = None, 
 
 
 def fourbit_quantize_blocks(values: torch.Tensor, block_size: int, bounds: torch.Tensor,
-                            order: torch.Tensor | None, *, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            order: torch.Tensor | None, *, absmax: torch.Tensor | None = None,
+                            packed: torch.Tensor | None = None, codes: bool = True,
+                            isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """bitsandbytes' CPU 4-bit quantizer on flat `values` (whole blocks, plus the tensor's partial
     tail if it ends there): (absmax fp32 [nblocks], packed uint8 [ceil(n/2)]), bit for bit what
     `_quantize_4bit_chunk` (bloomconv.storage) computes, in one pass over the input (bf16 is read as
-    is; other dtypes are cast to fp32 first). A non-finite value gives its block a non-finite absmax.
-    `bounds`: the 15 midpoints of the sorted code; `order`: sorted position -> code (uint8) or None.
+    is; other dtypes are cast to fp32 first), blocks shared out among `kernel_threads()` threads.
+    A non-finite value gives its block a non-finite absmax. `bounds`: the 15 midpoints of the sorted
+    code; `order`: sorted position -> code (uint8) or None. `absmax` and `packed` may be given
+    (contiguous, preallocated) to be filled; with `codes=False` only the absmax are computed and
+    packed is None.
     """
     isa_code = _isa_code(isa)
     if values.dtype not in (torch.bfloat16, torch.float32):
@@ -182,13 +187,23 @@ def fourbit_quantize_blocks(values: torch.Tensor, block_size: int, bounds: torch
         raise QuantizationError("weight", "the 4-bit quantizer needs 15 bounds and 16 uint8 codes",
                                 "Pass the midpoints of the sorted code table and its sort order (or None).")
     n = values.numel()
-    absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = _output(absmax, -(-n // block_size), torch.float32, "absmax")
+    packed = _output(packed, (n + 1) // 2, torch.uint8, "packed") if codes else None
     if n:
         _kernels.fourbit_quantize(values.data_ptr(), values.dtype == torch.bfloat16, n, block_size, bounds.data_ptr(),
                                   0 if order is None else order.contiguous().data_ptr(), absmax.data_ptr(),
-                                  packed.data_ptr(), isa_code)
+                                  0 if packed is None else packed.data_ptr(), kernel_threads(), isa_code)
     return absmax, packed
+
+
+def _output(tensor: torch.Tensor | None, numel: int, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """A preallocated output checked for size and layout, or a new one."""
+    if tensor is None:
+        return torch.empty(numel, dtype=dtype)
+    if tensor.dtype != dtype or tensor.numel() != numel or not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise QuantizationError("weight", f"{name} is {tensor.dtype} with {tensor.numel()} elements; the quantizer "
+                                f"writes {numel} contiguous {dtype} on the CPU", "Preallocate it with torch.empty.")
+    return tensor.view(-1)
 
 
 def _dequantize_into(matrix: FourBitMatrix, ids: torch.Tensor, out: torch.Tensor, isa_code: int) -> None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from bloomconv.format import QuantType
 from bloomconv.kernels import dense
 
-from .base import Lookup, Storage, register
+from .base import NO_REPORT, Lookup, Storage, register, slice_granularity, stream_as_stored
 from .fallback import dense_kernel_takes, linear_in_pieces
 
 __all__ = ["DenseStorage", "DenseWeight"]
@@ -42,6 +42,13 @@ class DenseWeight:
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(dtype)
 
+    @property
+    def row_multiple(self) -> int:
+        return slice_granularity(*self.shape)
+
+    def row_slice(self, start: int, end: int) -> "DenseWeight":
+        return DenseWeight(self.weight[start:end])
+
 
 @register
 class DenseStorage(Storage):
@@ -61,6 +68,10 @@ class DenseStorage(Storage):
     @classmethod
     def encode(cls, weight, settings=None, *, name="weight"):
         return {"weight": weight}
+
+    @classmethod
+    def encode_stream(cls, weight, settings=None, *, name="weight", report=NO_REPORT):
+        return {"weight": stream_as_stored(weight, report)}
 
     @classmethod
     def decode(cls, lookup: Lookup, *, name="weight") -> DenseWeight:

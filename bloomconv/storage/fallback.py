@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from bloomconv import kernels
 from bloomconv.kernels import dense
 
+from .base import ROW_MULTIPLE
+
 __all__ = ["CONVERT_CHUNK_BYTES", "dense_kernel_takes", "linear_in_pieces"]
 
 # Largest piece of a weight converted to the compute dtype at once (bf16 storage, fp32 compute):
@@ -21,11 +23,13 @@ def dense_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return kernels.available() and x.device.type == "cpu" and dense.supports(weight)
 
 
-def linear_in_pieces(x: torch.Tensor, shape: tuple[int, int],
-                     piece: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+def linear_in_pieces(x: torch.Tensor, shape: tuple[int, int], piece: Callable[[int, int], torch.Tensor],
+                     multiple: int = ROW_MULTIPLE) -> torch.Tensor:
     """F.linear against a weight widened CONVERT_CHUNK_BYTES at a time: `piece(start, end)` gives
-    rows [start, end) in x's dtype. Bounds the memory a vocab × hidden matrix would take."""
+    rows [start, end) in x's dtype. Bounds the memory a vocab × hidden matrix would take. Pieces
+    start at multiples of `multiple` rows (of ROW_MULTIPLE), so a row slice of the weight gives
+    the same sums."""
     out_features, in_features = shape
-    rows = max(1, CONVERT_CHUNK_BYTES // (in_features * x.element_size()))
+    rows = max(1, CONVERT_CHUNK_BYTES // (in_features * x.element_size() * multiple)) * multiple
     return torch.cat([F.linear(x, piece(start, min(start + rows, out_features)))
                       for start in range(0, out_features, rows)], dim=-1)

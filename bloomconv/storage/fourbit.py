@@ -34,10 +34,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from bloomconv import kernels
 from bloomconv.errors import QuantizationError
@@ -45,9 +44,12 @@ from bloomconv.format import (BLOCK_SIZES_4BIT, NESTED_ABSMAX_SUFFIX, NESTED_BLO
                               NESTED_QUANT_MAP_SUFFIX, QUANT_ABSMAX_SUFFIX, QUANT_MAP_SUFFIX,
                               QUANT_STATE_SUFFIX_TEMPLATE, SOURCE_FLOAT_DTYPES, QuantType)
 from bloomconv.kernels import fourbit as fourbit_kernel
+from bloomconv.safetensors_io import StreamedTensor, tensor_bytes
 from bloomconv.settings import QuantSettings
 
-from .base import CHUNK_ELEMENTS, Lookup, Storage, check_float_weight, register
+from .base import (CHUNK_ELEMENTS, NO_REPORT, STREAM_PIECE_ELEMENTS, Lookup, ReadReport, Storage, check_float_weight,
+                   register, slice_granularity)
+from .fallback import linear_in_pieces
 
 __all__ = ["FP4Storage", "FourBitState", "FourBitStorage", "FourBitWeight", "NF4Storage", "code_table",
            "dequantize_4bit", "dynamic_map", "quantize_4bit"]
@@ -175,6 +177,19 @@ def quantize_4bit(weight: torch.Tensor, quant_type: QuantType | str, block_size:
     >>> stored["weight"].shape, stored["weight.absmax"].tolist()
     (torch.Size([32, 1]), [1.0, 1.0])
     """
+    quant_type = _check_4bit_request(weight, quant_type, block_size, name)
+    flat = weight.reshape(-1)
+    n = flat.numel()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
+    for _ in _quantized_block_runs(flat, quant_type, block_size, chunk_elements, absmax,
+                                   lambda start, end: packed[start // 2:(end + 1) // 2, 0]):
+        pass
+    _check_finite(absmax, name)
+    return {"weight": packed, **_state_tensors(weight, quant_type, block_size, double_quant, absmax)}
+
+
+def _check_4bit_request(weight: torch.Tensor, quant_type: QuantType | str, block_size: int, name: str) -> QuantType:
     quant_type = QuantType(quant_type)
     check_float_weight(weight, name)
     if not quant_type.is_4bit:
@@ -182,27 +197,73 @@ def quantize_4bit(weight: torch.Tensor, quant_type: QuantType | str, block_size:
     if block_size not in BLOCK_SIZES_4BIT:
         raise QuantizationError(name, f"block size {block_size} is not one bitsandbytes supports",
                                 f"Use one of {', '.join(map(str, BLOCK_SIZES_4BIT))}.")
-    flat = weight.reshape(-1)
-    n = flat.numel()
-    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
-    absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
-    bounds, order = _bucket_bounds(quant_type)
-    quantize_chunk = _compiled_4bit_quantizer() or _quantize_4bit_chunk
-    step = max(1, chunk_elements // block_size) * block_size
-    for start in range(0, n, step):  # whole blocks; `start` is even, so chunks start on a byte
-        chunk_absmax, chunk_packed = quantize_chunk(flat[start:start + step], block_size, bounds, order)
-        absmax[start // block_size:start // block_size + chunk_absmax.numel()] = chunk_absmax
-        packed[start // 2:start // 2 + chunk_packed.numel(), 0] = chunk_packed
+    return quant_type
+
+
+def _check_finite(absmax: torch.Tensor, name: str) -> None:
     if not torch.isfinite(absmax).all():
         raise QuantizationError(name, "holds NaN or infinite values", "The checkpoint is damaged; get it again.")
 
-    stored = {"weight": packed, f"weight.{QUANT_ABSMAX_SUFFIX}": absmax,
-              f"weight.{QUANT_MAP_SUFFIX}": code_table(quant_type).clone()}
+
+def _block_runs(n: int, block_size: int, chunk_elements: int):
+    """(start, end) of runs of about `chunk_elements` in whole blocks (the last may end mid-block);
+    every `start` is even, so a run's codes start on a byte."""
+    step = max(1, chunk_elements // block_size) * block_size
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
+
+
+def _quantized_block_runs(flat: torch.Tensor, quant_type: QuantType, block_size: int, chunk_elements: int,
+                          absmax: torch.Tensor, packed_for: Callable[[int, int], torch.Tensor],
+                          report: ReadReport = NO_REPORT):
+    """Quantize `flat` a run of blocks at a time: elements [start, end) go to `packed_for(start,
+    end)` and their blocks' absmax into `absmax`; yields those codes when they are filled."""
+    bounds, order = _bucket_bounds(quant_type)
+    compiled = _compiled_4bit_quantizer()
+    for start, end in _block_runs(flat.numel(), block_size, chunk_elements):
+        packed, absmax_run = packed_for(start, end), absmax[start // block_size:-(-end // block_size)]
+        report.reading(start, end)
+        if compiled is not None and packed.is_contiguous():
+            compiled(flat[start:end], block_size, bounds, order, absmax=absmax_run, packed=packed)
+        else:
+            run_absmax, run_packed = _quantize_4bit_chunk(flat[start:end], block_size, bounds, order)
+            absmax_run.copy_(run_absmax)
+            packed.copy_(run_packed)
+        report.done(start, end)
+        yield packed
+
+
+def _block_absmax(flat: torch.Tensor, quant_type: QuantType, block_size: int, absmax: torch.Tensor,
+                  report: ReadReport = NO_REPORT) -> None:
+    """Every block's absmax into `absmax`, as `_quantized_block_runs` computes them (no codes)."""
+    bounds, order = _bucket_bounds(quant_type)
+    compiled = _compiled_4bit_quantizer()
+    for start, end in _block_runs(flat.numel(), block_size, STREAM_PIECE_ELEMENTS):
+        absmax_run = absmax[start // block_size:-(-end // block_size)]
+        report.reading(start, end)
+        if compiled is not None:
+            compiled(flat[start:end], block_size, bounds, order, absmax=absmax_run, codes=False)
+        else:
+            absmax_run.copy_(_quantize_4bit_chunk(flat[start:end], block_size, bounds, order)[0])
+
+
+def _state_tensors(weight: torch.Tensor, quant_type: QuantType, block_size: int, double_quant: bool,
+                   absmax: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The stored tensors after `weight`, in order: absmax (fp32, or its 8-bit codes with double
+    quant), the code table, the nested absmax and map, the state blob. Without double quant
+    `absmax` is stored as it is, so it may still be being filled."""
+    stored = {f"weight.{QUANT_ABSMAX_SUFFIX}": absmax, f"weight.{QUANT_MAP_SUFFIX}": code_table(quant_type).clone()}
     offset = None
     if double_quant:
         # offset is the mean over ALL blocks, which is why absmax is gathered before this step
         mean = absmax.mean()
-        codes, nested_absmax = _quantize_blockwise8(absmax - mean)
+        codes = torch.empty(absmax.numel(), dtype=torch.uint8)
+        nested_absmax = torch.empty(-(-absmax.numel() // NESTED_BLOCK_SIZE), dtype=torch.float32)
+        step = NESTED_BLOCK_SIZE * 4096  # whole nested blocks at a time: bounded temporaries
+        for start in range(0, absmax.numel(), step):
+            run_codes, run_absmax = _quantize_blockwise8(absmax[start:start + step] - mean)
+            codes[start:start + run_codes.numel()] = run_codes
+            nested_absmax[start // NESTED_BLOCK_SIZE:start // NESTED_BLOCK_SIZE + run_absmax.numel()] = run_absmax
         offset = mean.item()
         stored[f"weight.{QUANT_ABSMAX_SUFFIX}"] = codes
         stored[f"weight.{NESTED_ABSMAX_SUFFIX}"] = nested_absmax
@@ -353,7 +414,8 @@ class FourBitWeight:
             return fourbit_kernel.fourbit_matmul(x, self.matrix).to(x.dtype)
         if x.device.type != "cpu":
             return self.bitsandbytes_matmul(x)
-        return F.linear(x, self.dequantize(x.dtype))
+        return linear_in_pieces(x, self.shape, lambda start, end: self.row_slice(start, end).dequantize(x.dtype),
+                                self.row_multiple)
 
     def bitsandbytes_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T through `bitsandbytes.matmul_4bit`, on whatever device the tensors are (on CUDA its
@@ -373,7 +435,37 @@ class FourBitWeight:
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.stored["weight"].device.type == "cpu" and kernels.available():
             return fourbit_kernel.fourbit_dequantize(self.matrix, ids).to(dtype).reshape(*ids.shape, self.shape[1])
-        return self.dequantize(dtype)[ids]
+        # only the row slices holding the ids are dequantized (never a vocab × hidden matrix)
+        step = self.row_multiple
+        flat = ids.reshape(-1)
+        out = torch.empty(flat.numel(), self.shape[1], dtype=dtype, device=flat.device)
+        for first in (flat // step).unique().tolist():
+            chosen = flat // step == first
+            piece = self.row_slice(first * step, min(first * step + step, self.shape[0])).dequantize(dtype)
+            out[chosen] = piece[flat[chosen] - first * step]
+        return out.reshape(*ids.shape, self.shape[1])
+
+    @property
+    def row_multiple(self) -> int:
+        unit = self.state.block_size * (NESTED_BLOCK_SIZE if self.state.nested else 1)
+        return slice_granularity(*self.shape, unit)  # whole blocks, and whole nested blocks of absmax
+
+    def row_slice(self, start: int, end: int) -> "FourBitWeight":
+        rows, cols = self.shape
+        if start % self.row_multiple:
+            raise ValueError(f"a 4-bit row slice must start at a multiple of {self.row_multiple} rows, not {start}")
+        end = min(end, rows)
+        first, last = start * cols // self.state.block_size, -(-end * cols // self.state.block_size)
+        stored = dict(self.stored)
+        stored["weight"] = self.stored["weight"].view(-1)[start * cols // 2:(end * cols + 1) // 2].view(-1, 1)
+        absmax_key = f"weight.{QUANT_ABSMAX_SUFFIX}"
+        stored[absmax_key] = self.stored[absmax_key].view(-1)[first:last]
+        if self.state.nested:
+            stored[_NESTED_NAMES[0]] = self.stored[_NESTED_NAMES[0]].view(-1)[
+                first // NESTED_BLOCK_SIZE:-(-last // NESTED_BLOCK_SIZE)]
+        state = dataclasses.replace(self.state, shape=(end - start, cols))
+        stored[state.blob_key] = state.to_blob()  # bitsandbytes reads the shape from it
+        return FourBitWeight(stored, state)
 
 
 class FourBitStorage(Storage):
@@ -404,6 +496,39 @@ class FourBitStorage(Storage):
     def encode(cls, weight, settings: QuantSettings | None, *, name="weight"):
         settings = settings or QuantSettings(cls.quant_type)
         return quantize_4bit(weight, cls.quant_type, settings.block_size, settings.double_quant, name=name)
+
+    @classmethod
+    def encode_stream(cls, weight, settings: QuantSettings | None, *, name="weight", report=NO_REPORT):
+        settings = settings or QuantSettings(cls.quant_type)
+        block_size = settings.block_size
+        quant_type = _check_4bit_request(weight, cls.quant_type, block_size, name)
+        flat = weight.reshape(-1)
+        n = flat.numel()
+        absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
+        if settings.double_quant:
+            # the state (the file's header) needs the mean of every absmax before any code is written:
+            # a first pass takes them (the converter keeps the source's pages until the second)
+            _block_absmax(flat, quant_type, block_size, absmax, report)
+            _check_finite(absmax, name)
+        state = _state_tensors(weight, quant_type, block_size, settings.double_quant, absmax)
+        codes_written = []
+
+        def codes():
+            buffer = torch.empty((STREAM_PIECE_ELEMENTS + block_size) // 2, dtype=torch.uint8)  # refilled per run
+            for packed in _quantized_block_runs(flat, quant_type, block_size, STREAM_PIECE_ELEMENTS, absmax,
+                                                lambda start, end: buffer[:(end - start + 1) // 2], report):
+                yield tensor_bytes(packed)
+            _check_finite(absmax, name)
+            codes_written.append(True)
+
+        def after_codes(tensor: torch.Tensor):
+            def pieces():
+                if not codes_written:
+                    raise RuntimeError(f"{name}: 4-bit state taken before the codes were written")
+                yield tensor_bytes(tensor)
+            return StreamedTensor(tensor.dtype, tuple(tensor.shape), pieces)
+        return {"weight": StreamedTensor(torch.uint8, ((n + 1) // 2, 1), codes),
+                **{key: after_codes(tensor) for key, tensor in state.items()}}
 
     @classmethod
     def decode(cls, lookup: Lookup, *, name="weight") -> FourBitWeight:

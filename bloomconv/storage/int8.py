@@ -20,18 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 
+from bloomconv import kernels
 from bloomconv.errors import QuantizationError
 from bloomconv.format import INT8_SCALE_FROM, INT8_SCALE_SUFFIX, QuantType
 from bloomconv.kernels import dense
+from bloomconv.kernels import int8 as int8_kernel
+from bloomconv.safetensors_io import StreamedTensor, tensor_bytes
 from bloomconv.settings import QuantSettings
 
-from .base import CHUNK_ELEMENTS, Lookup, Storage, check_float_weight, register
+from .base import (CHUNK_ELEMENTS, NO_REPORT, STREAM_PIECE_ELEMENTS, Lookup, ReadReport, Storage, check_float_weight,
+                   register, slice_granularity)
 from .fallback import dense_kernel_takes, linear_in_pieces
 
-__all__ = ["Int8Storage", "Int8Weight", "dequantize_int8", "quantize_int8"]
+__all__ = ["Int8Storage", "Int8Weight", "check_int8_weight", "dequantize_int8", "quantize_int8",
+           "quantize_int8_rows"]
 
 _INT8_DEQUANT_SCALE = 7.874015718698502e-3  # 1/127 exactly as bitsandbytes writes it
 # torch._weight_int8pack_mm (CPU) needs rows of a multiple of 16 bytes and a weight starting on a
@@ -45,14 +51,40 @@ def quantize_int8(weight: torch.Tensor, scale_from: str = "float16", *, name: st
 
     SCB is each row's absmax (not absmax/127); CB = round-half-even(w * (127/SCB)) in fp32. An
     all-zero row gives SCB 0 and CB 0. A row whose absmax is below 127/FLT_MAX (~7.5e-37) also
-    gets CB 0, as in bitsandbytes (127/SCB overflows): an absolute error below 7.5e-37. With `scale_from="float16"` a weight with a value float16
-    cannot hold (|w| >= 65520, which casts to inf) raises QuantizationError, where bitsandbytes
-    would store an infinite scale; `name` only labels errors.
+    gets CB 0, as in bitsandbytes (127/SCB overflows): an absolute error below 7.5e-37. With
+    `scale_from="float16"` a weight with a value float16 cannot hold (|w| >= 65520, which casts to
+    inf) raises QuantizationError, where bitsandbytes would store an infinite scale; `name` only
+    labels errors. Rows are quantized `chunk_elements` at a time by `quantize_int8_rows`.
 
     >>> CB, SCB = quantize_int8(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))
     >>> CB.tolist(), SCB.tolist()
     ([[64, -127, 32], [0, 0, 0]], [2.0, 0.0])
     """
+    check_int8_weight(weight, scale_from, name)
+    CB = torch.empty(weight.shape, dtype=torch.int8)
+    SCB = torch.empty(weight.shape[0], dtype=torch.float32)
+    for _ in _quantized_row_blocks(weight, scale_from, name, chunk_elements, SCB, lambda start, end: CB[start:end]):
+        pass
+    return CB, SCB
+
+
+def _quantized_row_blocks(weight: torch.Tensor, scale_from: str, name: str, chunk_elements: int, SCB: torch.Tensor,
+                          codes_for: Callable[[int, int], torch.Tensor], report: ReadReport = NO_REPORT):
+    """Quantize `weight` about `chunk_elements` at a time, in whole rows: rows [start, end) go to
+    `codes_for(start, end)` and SCB[start:end]; yields that block of codes when it is filled."""
+    rows, cols = weight.shape
+    step = max(1, chunk_elements // max(cols, 1))
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        codes = codes_for(start, end)
+        report.reading(start * cols, end * cols)
+        quantize_int8_rows(weight[start:end], codes, SCB[start:end], scale_from, name=name)
+        report.done(start * cols, end * cols)
+        yield codes
+
+
+def check_int8_weight(weight: torch.Tensor, scale_from: str, name: str) -> None:
+    """A typed error unless `weight` is a 2-D float matrix and `scale_from` is known."""
     check_float_weight(weight, name)
     if weight.dim() != 2:
         raise QuantizationError(name, f"int8 quantization needs a 2-D weight, got shape {tuple(weight.shape)}",
@@ -60,23 +92,33 @@ def quantize_int8(weight: torch.Tensor, scale_from: str = "float16", *, name: st
     if scale_from not in INT8_SCALE_FROM:
         raise QuantizationError(name, f"unknown int8 scale_from {scale_from!r}",
                                 f"Use one of {', '.join(INT8_SCALE_FROM)}.")
-    rows, cols = weight.shape
-    CB = torch.empty((rows, cols), dtype=torch.int8)
-    SCB = torch.empty(rows, dtype=torch.float32)
-    step = max(1, chunk_elements // max(cols, 1))
-    for start in range(0, rows, step):
-        w = weight[start:start + step]                                  # (r, in)
-        if scale_from == "float16":
-            w = w.to(torch.float16)
-        absmax = torch.amax(w.abs(), dim=1).float()                     # (r,)
-        if not torch.isfinite(absmax).all():
-            raise _non_finite_int8(name, weight, scale_from)
-        # `127.0 / absmax` is reciprocal-then-multiply, as in bitsandbytes; zero rows stay 0, not NaN
-        multiplier = torch.where(absmax > 0, 127.0 / absmax, 0.0)
-        scaled = torch.mul(w, multiplier.unsqueeze(-1)).round_()        # (r, in) fp32; one temporary
-        CB[start:start + step] = scaled
-        SCB[start:start + step] = absmax
-    return CB, SCB
+
+
+def quantize_int8_rows(rows: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, scale_from: str, *,
+                       name: str = "weight") -> None:
+    """`quantize_int8` of a block of rows into preallocated CB (r, in) int8 and SCB (r,) fp32: the
+    compiled quantizer where the kernels were built, else torch (the reference, bit for bit the same).
+    Raises QuantizationError for a non-finite row (or one float16 cannot hold)."""
+    compiled = _compiled_int8_quantizer()
+    if compiled is not None and CB.is_contiguous() and SCB.is_contiguous():
+        compiled(rows, CB, SCB, to_fp16=scale_from == "float16")
+        absmax = SCB
+    else:
+        w = rows.to(torch.float16) if scale_from == "float16" else rows     # (r, in)
+        absmax = torch.amax(w.abs(), dim=1).float()                         # (r,)
+        if torch.isfinite(absmax).all():
+            # `127.0 / absmax` is reciprocal-then-multiply, as in bitsandbytes; zero rows stay 0, not NaN
+            multiplier = torch.where(absmax > 0, 127.0 / absmax, 0.0)
+            CB.copy_(torch.mul(w, multiplier.unsqueeze(-1)).round_())     # (r, in) fp32; one temporary
+            SCB.copy_(absmax)
+    if not torch.isfinite(absmax).all():
+        raise _non_finite_int8(name, rows, scale_from)
+
+
+def _compiled_int8_quantizer():
+    """The C quantizer (bit for bit the torch code of `quantize_int8_rows`), or None where the
+    kernels were not built."""
+    return int8_kernel.int8_quantize_rows if kernels.available() else None
 
 
 def dequantize_int8(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype = torch.float32, *,
@@ -95,9 +137,9 @@ def dequantize_int8(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype = to
     return out
 
 
-def _non_finite_int8(name: str, weight: torch.Tensor, scale_from: str) -> QuantizationError:
-    if scale_from == "float16" and torch.isfinite(weight).all():
-        peak = weight.abs().max().item()
+def _non_finite_int8(name: str, rows: torch.Tensor, scale_from: str) -> QuantizationError:
+    if scale_from == "float16" and torch.isfinite(rows).all():
+        peak = rows.abs().max().item()
         return QuantizationError(
             name, f"holds a value of magnitude {peak:g}, beyond float16's range, so int8 quantization of "
             "its float16 cast (what transformers does) would store an infinite scale",
@@ -149,6 +191,13 @@ class Int8Weight:
         flat = ids.reshape(-1)
         return dequantize_int8(self.CB[flat], self.SCB[flat], dtype).reshape(*ids.shape, -1)
 
+    @property
+    def row_multiple(self) -> int:
+        return slice_granularity(*self.shape)
+
+    def row_slice(self, start: int, end: int) -> "Int8Weight":
+        return Int8Weight(self.CB[start:end], self.SCB[start:end])
+
 
 @register
 class Int8Storage(Storage):
@@ -168,6 +217,29 @@ class Int8Storage(Storage):
         settings = settings or QuantSettings(cls.quant_type)
         CB, SCB = quantize_int8(weight, settings.int8_scale_from, name=name)
         return {"weight": CB, INT8_SCALE_SUFFIX: SCB}
+
+    @classmethod
+    def encode_stream(cls, weight, settings=None, *, name="weight", report=NO_REPORT):
+        settings = settings or QuantSettings(cls.quant_type)
+        check_int8_weight(weight, settings.int8_scale_from, name)
+        rows, cols = weight.shape
+        SCB = torch.empty(rows, dtype=torch.float32)   # (out,): filled as the codes are written
+        step = max(1, STREAM_PIECE_ELEMENTS // max(cols, 1))
+        codes_written = []
+
+        def codes():
+            buffer = torch.empty((min(step, rows), cols), dtype=torch.int8)  # (step, in), refilled per piece
+            for block in _quantized_row_blocks(weight, settings.int8_scale_from, name, STREAM_PIECE_ELEMENTS, SCB,
+                                               lambda start, end: buffer[:end - start], report):
+                yield tensor_bytes(block)
+            codes_written.append(True)
+
+        def scales():
+            if not codes_written:
+                raise RuntimeError(f"{name}: SCB taken before the int8 codes it scales were written")
+            yield tensor_bytes(SCB)
+        return {"weight": StreamedTensor(torch.int8, (rows, cols), codes),
+                INT8_SCALE_SUFFIX: StreamedTensor(torch.float32, (rows,), scales)}
 
     @classmethod
     def decode(cls, lookup: Lookup, *, name="weight") -> Int8Weight:

@@ -57,25 +57,7 @@ static inline float widen(const void *w, int kind, int64_t i)
     if (kind == KIND_INT8)
         return (float)((const int8_t *)w)[i];
     uint16_t h = ((const uint16_t *)w)[i];
-    if (kind == KIND_BF16)
-        return bf16_to_float(h);
-    /* IEEE half -> single, subnormals included */
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
-    if (exponent == 0x1f)
-        bits = sign | 0x7f800000u | (mantissa << 13);
-    else if (exponent)
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    else if (!mantissa)
-        bits = sign;
-    else {
-        int shift = 0;
-        while (!(mantissa & 0x400)) {
-            mantissa <<= 1;
-            shift++;
-        }
-        bits = sign | ((uint32_t)(113 - shift) << 23) | ((mantissa & 0x3ff) << 13);
-    }
-    return bits_to_float(bits);
+    return kind == KIND_BF16 ? bf16_to_float(h) : fp16_to_float(h);
 }
 
 /* Weight rows [begin, end). */

@@ -74,24 +74,12 @@ static inline float block_scale(const Matrix *w, int64_t block)
 /* Round to the nearest bf16/fp16 value, ties to even, as torch's .to(dtype) does (finite input). */
 static inline float round_weight(float v, int rounding)
 {
-    if (rounding == ROUND_NONE)
-        return v;
-    uint32_t b = float_to_bits(v);
     if (rounding == ROUND_BF16) {
+        uint32_t b = float_to_bits(v);
         b += 0x7FFFu + ((b >> 16) & 1u);
         return bits_to_float(b & 0xFFFF0000u);
     }
-    uint32_t sign = b & 0x80000000u, mag = b & 0x7FFFFFFFu;
-    float a = bits_to_float(mag);
-    if (a >= 65520.0f)                       /* rounds past fp16's largest finite value */
-        mag = 0x7F800000u;
-    else if (a < 6.103515625e-05f) {         /* fp16 subnormals: multiples of 2^-24 */
-        volatile float shifted = a + 0.5f;   /* rounded to float's 2^-24 steps in [0.5, 1) */
-        mag = float_to_bits(shifted - 0.5f);
-    }
-    else
-        mag = (mag + 0xFFFu + ((mag >> 13) & 1u)) & ~0x1FFFu;
-    return bits_to_float(sign | mag);
+    return rounding == ROUND_FP16 ? round_to_fp16(v) : v;
 }
 
 /* Weights of row elements [c0, c1) into dst: per block, its 16 possible weights are computed once
@@ -491,7 +479,9 @@ AVX512_TARGET static void avx512_matvec(const Task *t) { DISPATCH_ROUNDING(MATVE
  * tensor's last, partial block; clamped to [-1, 1]; sorted position = how many of the 15 midpoints
  * of the sorted code are < scaled (torch.bucketize, ties low); code = order[position]. Non-finite
  * input gives a non-finite absmax, which the caller refuses, so the codes of such a block do not
- * matter. Elements 2i go to the high nibble; an odd count is padded with the code of 0.0. */
+ * matter. Elements 2i go to the high nibble; an odd count is padded with the code of 0.0. Blocks
+ * are shared out among threads (block sizes are even, so no two blocks share a byte); with no
+ * `packed` output only the absmax are computed (a pass that needs every absmax before any code). */
 typedef struct {
     const void *x;                 /* n elements, fp32 or bf16 */
     int bf16;
@@ -499,8 +489,11 @@ typedef struct {
     const float *bounds;           /* 15 midpoints */
     const uint8_t *order;          /* 16 sorted position -> code, NULL when the code is sorted */
     float *absmax;                 /* ceil(n / block_size) */
-    uint8_t *packed;               /* ceil(n / 2) */
+    uint8_t *packed;               /* ceil(n / 2), or NULL: absmax only */
 } Quantize;
+
+/* Quantizing streams the input once at a few GB/s per core. */
+enum { QUANTIZE_MIN_BYTES_PER_THREAD = 256 * 1024 };
 
 static inline float load_element(const Quantize *q, int64_t i)
 {
@@ -524,7 +517,8 @@ static inline void put_code(uint8_t *packed, int64_t i, uint8_t code)
         packed[i >> 1] = (uint8_t)(code << 4);
 }
 
-/* Elements [begin, end) of one block; a partial block (the tensor's tail) divides, as bitsandbytes. */
+/* One block, elements [begin, end); a partial block (the tensor's tail) divides, as bitsandbytes,
+ * and pads an odd count with the code of 0.0. */
 static void scalar_quantize_block(const Quantize *q, int64_t block, int64_t begin, int64_t end)
 {
     int divide = end - begin < q->block_size;
@@ -541,27 +535,24 @@ static void scalar_quantize_block(const Quantize *q, int64_t block, int64_t begi
     }
     float clamped = absmax < 1e-38f ? 1e-38f : absmax;
     q->absmax[block] = divide ? clamped : absmax;
+    if (!q->packed)
+        return;
     float reciprocal = 1.0f / clamped;
     for (int64_t i = begin; i < end; i++) {
         float v = load_element(q, i);
         put_code(q->packed, i, code_of(q, divide ? v / clamped : v * reciprocal));
     }
-}
-
-static void quantize_tail_padding(const Quantize *q)
-{
-    if (q->n & 1)
+    if (end == q->n && (q->n & 1))
         put_code(q->packed, q->n, code_of(q, 0.0f));
 }
 
-static void scalar_quantize(const Quantize *q)
+static void scalar_quantize(const void *job, int64_t b0, int64_t b1)
 {
-    int64_t blocks = (q->n + q->block_size - 1) / q->block_size;
-    for (int64_t b = 0; b < blocks; b++) {
+    const Quantize *q = job;
+    for (int64_t b = b0; b < b1; b++) {
         int64_t begin = b * q->block_size, end = begin + q->block_size < q->n ? begin + q->block_size : q->n;
         scalar_quantize_block(q, b, begin, end);
     }
-    quantize_tail_padding(q);
 }
 
 #ifdef HAVE_X86_KERNELS
@@ -570,18 +561,32 @@ AVX2_TARGET static inline __m256 load8(const Quantize *q, int64_t i)
     return q->bf16 ? load_bf16x8((const uint16_t *)q->x + i) : _mm256_loadu_ps((const float *)q->x + i);
 }
 
-/* Whole blocks of a multiple of 8 elements: 8 lanes at a time, the 15 comparisons as mask sums. */
-AVX2_TARGET static void avx2_quantize(const Quantize *q)
+/* Whole blocks (a multiple of 8 elements) 8 lanes at a time: the 15 comparisons as mask sums, the
+ * order as two in-lane permutes, two codes to a byte in 64-bit lanes. */
+AVX2_TARGET static void avx2_quantize(const void *job, int64_t b0, int64_t b1)
 {
+    const Quantize *q = job;
     const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), minus_one = _mm256_set1_ps(-1.0f);
     const __m256 largest = _mm256_set1_ps(3.4028234663852886e38f);
     __m256 bounds[15];
     for (int b = 0; b < 15; b++)
         bounds[b] = _mm256_set1_ps(q->bounds[b]);
-    int64_t blocks = (q->n + q->block_size - 1) / q->block_size;
-    int64_t whole = q->n / q->block_size;
-    for (int64_t block = 0; block < whole; block++) {
+    int32_t order[16];
+    for (int k = 0; k < 16; k++)
+        order[k] = q->order ? q->order[k] : k;
+    const __m256i order_lo = _mm256_loadu_si256((const __m256i *)order);
+    const __m256i order_hi = _mm256_loadu_si256((const __m256i *)(order + 8));
+    const __m256i seven = _mm256_set1_epi32(7);
+    /* byte 0 of each 64-bit lane (c[2k] << 4 | c[2k+1]) to bytes 0-1 of each 128-bit lane */
+    const __m256i gather = _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                            0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const int64_t whole = q->n / q->block_size;
+    for (int64_t block = b0; block < b1; block++) {
         int64_t begin = block * q->block_size, end = begin + q->block_size;
+        if (block >= whole) {  /* the tensor's partial tail */
+            scalar_quantize_block(q, block, begin, q->n);
+            continue;
+        }
         __m256 max = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
         for (int64_t i = begin; i < end; i += 8) {
             __m256 a = _mm256_andnot_ps(sign, load8(q, i));
@@ -597,27 +602,86 @@ AVX2_TARGET static void avx2_quantize(const Quantize *q)
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         float absmax = _mm_cvtss_f32(m4);
         q->absmax[block] = absmax;
+        if (!q->packed)
+            continue;
         const __m256 reciprocal = _mm256_set1_ps(1.0f / (absmax < 1e-38f ? 1e-38f : absmax));
         for (int64_t i = begin; i < end; i += 8) {
             __m256 scaled = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(load8(q, i), reciprocal), minus_one), one);
             __m256i position = _mm256_setzero_si256();
             for (int b = 0; b < 15; b++)  /* a true comparison is -1 */
                 position = _mm256_sub_epi32(position, _mm256_castps_si256(_mm256_cmp_ps(scaled, bounds[b], _CMP_GT_OQ)));
-            int32_t p[8];
-            _mm256_storeu_si256((__m256i *)p, position);
-            uint8_t *dst = q->packed + (i >> 1);
-            for (int k = 0; k < 8; k += 2) {
-                uint8_t hi = q->order ? q->order[p[k]] : (uint8_t)p[k];
-                uint8_t lo = q->order ? q->order[p[k + 1]] : (uint8_t)p[k + 1];
-                dst[k >> 1] = (uint8_t)(hi << 4 | lo);
-            }
+            const __m256i code = _mm256_blendv_epi8(_mm256_permutevar8x32_epi32(order_lo, position),
+                                                    _mm256_permutevar8x32_epi32(order_hi, position),
+                                                    _mm256_cmpgt_epi32(position, seven));
+            const __m256i pairs = _mm256_or_si256(_mm256_slli_epi64(code, 4), _mm256_srli_epi64(code, 32));
+            const __m256i bytes = _mm256_shuffle_epi8(pairs, gather);
+            const uint32_t four = (uint32_t)_mm256_extract_epi16(bytes, 0) | (uint32_t)_mm256_extract_epi16(bytes, 8) << 16;
+            memcpy(q->packed + (i >> 1), &four, 4);
         }
     }
-    for (int64_t b = whole; b < blocks; b++) {
-        int64_t begin = b * q->block_size, end = begin + q->block_size < q->n ? begin + q->block_size : q->n;
-        scalar_quantize_block(q, b, begin, end);
+}
+
+AVX512_TARGET static inline __m512 load16(const Quantize *q, int64_t i)
+{
+    if (!q->bf16)
+        return _mm512_loadu_ps((const float *)q->x + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)q->x + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Whole blocks (a multiple of 16 elements) 16 lanes at a time: the sorted position by a binary
+ * search over the 15 midpoints held in one register (4 permutes and compares: the count of
+ * midpoints below, as the 15 comparisons count it, since the midpoints are sorted), the order by
+ * one more permute, two codes to a byte in 64-bit lanes and 8 bytes out with vpmovqb. */
+AVX512_TARGET static void avx512_quantize(const void *job, int64_t b0, int64_t b1)
+{
+    const Quantize *q = job;
+    const __m512 one = _mm512_set1_ps(1.0f), minus_one = _mm512_set1_ps(-1.0f);
+    const __m512 largest = _mm512_set1_ps(3.4028234663852886e38f);
+    float midpoints[16];
+    memcpy(midpoints, q->bounds, 15 * sizeof(float));
+    midpoints[15] = INFINITY;  /* never looked up: the search reads indices 0-14 */
+    const __m512 table = _mm512_loadu_ps(midpoints);
+    int32_t order[16];
+    for (int k = 0; k < 16; k++)
+        order[k] = q->order ? q->order[k] : k;
+    const __m512i order_table = _mm512_loadu_si512(order);
+    const int64_t whole = q->n / q->block_size;
+    for (int64_t block = b0; block < b1; block++) {
+        int64_t begin = block * q->block_size, end = begin + q->block_size;
+        if (block >= whole) {
+            scalar_quantize_block(q, block, begin, q->n);
+            continue;
+        }
+        __m512 max = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int64_t i = begin; i < end; i += 16) {
+            const __m512 a = _mm512_abs_ps(load16(q, i));
+            bad |= _mm512_cmp_ps_mask(a, largest, _CMP_NLE_UQ);  /* inf or NaN */
+            max = _mm512_max_ps(max, a);
+        }
+        if (bad) {
+            q->absmax[block] = NAN;
+            continue;
+        }
+        const float absmax = _mm512_reduce_max_ps(max);
+        q->absmax[block] = absmax;
+        if (!q->packed)
+            continue;
+        const __m512 reciprocal = _mm512_set1_ps(1.0f / (absmax < 1e-38f ? 1e-38f : absmax));
+        for (int64_t i = begin; i < end; i += 16) {
+            const __m512 scaled = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load16(q, i), reciprocal), minus_one), one);
+            __m512i position = _mm512_setzero_si512();
+            for (int step = 8; step; step >>= 1) {
+                const __m512i probe = _mm512_add_epi32(position, _mm512_set1_epi32(step - 1));
+                const __mmask16 above = _mm512_cmp_ps_mask(scaled, _mm512_permutexvar_ps(probe, table), _CMP_GT_OQ);
+                position = _mm512_mask_add_epi32(position, above, position, _mm512_set1_epi32(step));
+            }
+            const __m512i code = _mm512_permutexvar_epi32(position, order_table);
+            const __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(code, 4), _mm512_srli_epi64(code, 32));
+            _mm_storel_epi64((__m128i *)(q->packed + (i >> 1)), _mm512_cvtepi64_epi8(pairs));
+        }
     }
-    quantize_tail_padding(q);
 }
 #endif
 
@@ -772,21 +836,27 @@ PyObject *fourbit_quantize(PyObject *self, PyObject *args)
 {
     unsigned long long x, bounds, order, absmax, packed;
     long long n, block_size;
-    int bf16, isa;
-    if (!PyArg_ParseTuple(args, "KiLLKKKKi", &x, &bf16, &n, &block_size, &bounds, &order,
-                          &absmax, &packed, &isa))
+    int bf16, threads, isa;
+    if (!PyArg_ParseTuple(args, "KiLLKKKKii", &x, &bf16, &n, &block_size, &bounds, &order,
+                          &absmax, &packed, &threads, &isa))
         return NULL;
     Quantize q = {.x = (const void *)(uintptr_t)x, .bf16 = bf16, .n = n, .block_size = block_size,
                   .bounds = (const float *)(uintptr_t)bounds,
                   .order = (const uint8_t *)(uintptr_t)order, .absmax = (float *)(uintptr_t)absmax,
                   .packed = (uint8_t *)(uintptr_t)packed};
-    Py_BEGIN_ALLOW_THREADS
+    RangeFunction run = scalar_quantize;
 #ifdef HAVE_X86_KERNELS
-    if (isa != ISA_SCALAR && cpu_has_avx2() && block_size % 8 == 0)
-        avx2_quantize(&q);
-    else
+    if ((isa == ISA_AUTO || isa == ISA_AVX512) && cpu_has_avx512() && block_size % 16 == 0)
+        run = avx512_quantize;
+    else if (isa != ISA_SCALAR && cpu_has_avx2() && block_size % 8 == 0)
+        run = avx2_quantize;
 #endif
-        scalar_quantize(&q);
+    const int64_t blocks = (n + block_size - 1) / block_size;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_parallel(run, &q, blocks, block_size * (bf16 ? 2 : 4), threads, QUANTIZE_MIN_BYTES_PER_THREAD);
     Py_END_ALLOW_THREADS
+    if (status)
+        return PyErr_NoMemory();
     Py_RETURN_NONE;
 }

@@ -1,9 +1,11 @@
-/* What the files of the one kernels extension share (fourbit.c, dense.c, parallel.c, module.c):
+/* What the files of the one kernels extension share (fourbit.c, dense.c, int8.c, parallel.c,
+ * module.c):
  *   - the instruction-set codes callers pass (one enum; bloomconv/kernels/__init__.py mirrors it);
  *   - compiling x86 SIMD code without a -march flag and choosing it at run time: HAVE_X86_KERNELS
  *     where gcc/clang target x86, the per-function target attributes, and the CPU checks that both
  *     kernels and `isas()` must agree on;
- *   - the conversions both kernels make (bf16 widening, float bits, horizontal sums);
+ *   - the conversions the kernels make (bf16 and fp16 widening, fp16 rounding, float bits,
+ *     horizontal sums);
  *   - the thread pool's entry point (parallel.c: one pool for every kernel);
  *   - the Python entry points that module.c puts in its method table.
  */
@@ -60,6 +62,47 @@ static inline uint32_t float_to_bits(float f) { uint32_t b; memcpy(&b, &f, 4); r
 /* bf16 is the high half of an fp32, so widening is exact. */
 static inline float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
 
+/* IEEE half -> single, exactly (subnormals, infinities and NaN included). */
+static inline float fp16_to_float(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+    if (exponent == 0x1f)
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    else if (exponent)
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    else if (!mantissa)
+        bits = sign;
+    else {
+        int shift = 0;
+        while (!(mantissa & 0x400)) {
+            mantissa <<= 1;
+            shift++;
+        }
+        bits = sign | ((uint32_t)(113 - shift) << 23) | ((mantissa & 0x3ff) << 13);
+    }
+    return bits_to_float(bits);
+}
+
+/* The nearest fp16 value, ties to even, as torch's .to(torch.float16) and F16C's vcvtps2ph round:
+ * inf from 65520 on (NaN and inf stay as they are), subnormals on fp16's 2^-24 grid. */
+static inline float round_to_fp16(float v)
+{
+    uint32_t b = float_to_bits(v);
+    uint32_t sign = b & 0x80000000u, mag = b & 0x7FFFFFFFu;
+    float a = bits_to_float(mag);
+    if (mag >= 0x7F800000u)                  /* inf or NaN */
+        return v;
+    if (a >= 65520.0f)                       /* rounds past fp16's largest finite value */
+        mag = 0x7F800000u;
+    else if (a < 6.103515625e-05f) {         /* fp16 subnormals: multiples of 2^-24 */
+        volatile float shifted = a + 0.5f;   /* rounded to float's 2^-24 steps in [0.5, 1) */
+        mag = float_to_bits(shifted - 0.5f);
+    }
+    else
+        mag = (mag + 0xFFFu + ((mag >> 13) & 1u)) & ~0x1FFFu;
+    return bits_to_float(sign | mag);
+}
+
 #ifdef HAVE_X86_KERNELS
 /* 8 bf16 values from p, widened to fp32. */
 AVX2_TARGET static ALWAYS_INLINE __m256 load_bf16x8(const uint16_t *p)
@@ -92,6 +135,8 @@ INTERNAL int run_parallel(RangeFunction run, const void *job, int64_t count, int
 
 /* ---------------------------------------------------------------------- Python entry points */
 
+/* int8.c */
+INTERNAL PyObject *int8_quantize(PyObject *self, PyObject *args);
 /* fourbit.c */
 INTERNAL PyObject *fourbit_matmul(PyObject *self, PyObject *args);
 INTERNAL PyObject *fourbit_dequantize(PyObject *self, PyObject *args);

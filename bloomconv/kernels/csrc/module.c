@@ -1,6 +1,6 @@
-/* bloomconv.kernels._kernels: the 4-bit (fourbit.c) and dense (dense.c) CPU kernels in one
- * extension, so they share one thread pool (parallel.c) and one answer to which instruction sets
- * this CPU runs. Every function takes raw addresses; the Python wrappers in bloomconv/kernels/
+/* bloomconv.kernels._kernels: the 4-bit (fourbit.c), dense (dense.c) and int8 quantization
+ * (int8.c) CPU kernels in one extension, so they share one thread pool (parallel.c) and one answer
+ * to which instruction sets this CPU runs. Every function takes raw addresses; the Python wrappers in bloomconv/kernels/
  * validate the tensors behind them.
  */
 #include "kernels.h"
@@ -16,9 +16,16 @@ PyDoc_STRVAR(fourbit_dequantize_doc,
 "out (count, cols) fp32 = the 4-bit matrix's rows listed in row_ids (int64), given by address.");
 
 PyDoc_STRVAR(fourbit_quantize_doc,
-"fourbit_quantize(x, bf16, n, block_size, bounds, order, absmax, packed, isa) -> None\n\n"
+"fourbit_quantize(x, bf16, n, block_size, bounds, order, absmax, packed, threads, isa) -> None\n\n"
 "Blockwise 4-bit quantization of n fp32 or bf16 values at address x into absmax (fp32) and\n"
-"packed (uint8); bounds: 15 fp32 midpoints; order: 16 uint8 or 0. All given by address.");
+"packed (uint8; 0: absmax only); bounds: 15 fp32 midpoints; order: 16 uint8 or 0. All given by\n"
+"address.");
+
+PyDoc_STRVAR(int8_quantize_doc,
+"int8_quantize(x, kind, to_fp16, rows, cols, CB, SCB, threads, isa) -> None\n\n"
+"LLM.int8() vector-wise quantization of x (rows, cols) fp32 (kind 0), bf16 (1) or fp16 (2), rounded\n"
+"to fp16 first if to_fp16: CB (rows, cols) int8 and SCB (rows,) fp32 row absmax, NaN for a row\n"
+"holding NaN or inf. All contiguous, given by address.");
 
 PyDoc_STRVAR(dense_matmul_doc,
 "dense_matmul(x, batch, out, threads, isa, weight, rows, cols, kind, scale) -> None\n\n"
@@ -37,6 +44,7 @@ static PyMethodDef methods[] = {
     {"fourbit_matmul", fourbit_matmul, METH_VARARGS, fourbit_matmul_doc},
     {"fourbit_dequantize", fourbit_dequantize, METH_VARARGS, fourbit_dequantize_doc},
     {"fourbit_quantize", fourbit_quantize, METH_VARARGS, fourbit_quantize_doc},
+    {"int8_quantize", int8_quantize, METH_VARARGS, int8_quantize_doc},
     {"dense_matmul", dense_matmul, METH_VARARGS, dense_matmul_doc},
     {"isas", isas, METH_NOARGS, "The instruction sets this CPU runs, fastest first."},
     {NULL, NULL, 0, NULL},

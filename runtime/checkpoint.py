@@ -1,0 +1,229 @@
+"""Open a bloomconv directory for running: check it, plan what stays in RAM, read weights ahead.
+
+Start-up reads the manifest, the safetensors headers (and the 4-bit state blobs) and the
+tokenizer, plans residency (`residency`) within the RAM budget (`memory`), then returns; weight
+bytes are read by one background thread: first the pinned files, whole, with large reads around
+the page cache (`files`), then the streamed files' pieces, in the order the forward pass uses them
+(`readahead`). A budget, or a machine, too small for the run raises MemoryBudgetError naming the
+minimum before any weight is read.
+
+Tensors are views of those buffers: no copy per access. A view of a streamed piece is valid only
+while the forward pass multiplies by it.
+
+>>> checkpoint = open_checkpoint("bloom-560m-blocks", ram_budget="800MB")   # doctest: +SKIP
+>>> checkpoint.residency.streamed                                          # doctest: +SKIP
+('block_000', 'block_002', 'block_004', …)
+>>> with checkpoint.use("block_000") as source:                            # doctest: +SKIP
+...     block_weights(source, 0).query_key_value.weight.shape
+(3072, 1024)
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from bloomconv import kernels
+from bloomconv.errors import ManifestError, MemoryBudgetError, SourceError
+from bloomconv.format import (CONFIG_NAME, EMBEDDINGS_UNIT, FINAL_UNIT, MANIFEST_NAME, PREFIX, QuantType,
+                              TOKENIZER_NAMES, block_unit)
+from bloomconv.geometry import Geometry
+from bloomconv.manifest import Manifest, read_manifest
+from bloomconv.process_stats import available_memory
+
+from . import readahead
+from .files import AnonymousBuffer, MappedFile
+from .memory import (DEFAULT_BUDGET_SHARE, DEFAULT_MAX_TOKENS, RUNTIME_OVERHEAD_BYTES, default_ram_budget,
+                     kv_cache_bytes, parse_size, working_set_bytes)
+from .readahead import Piece, ReadAhead, StreamedUnit, plan_pieces
+from .records import (BLOCK_LINEARS, EMBEDDING_LINEARS, BlockWeights, EmbeddingWeights, LayerNormWeights, UnitBytes,
+                      block_weights, embedding_weights, final_weights)
+from .residency import Residency, UnitPieces, minimum_budget, plan_residency
+
+__all__ = ["Checkpoint", "MINIMUM_BUDGET", "VERIFY_MODES", "open_checkpoint"]
+
+VERIFY_MODES = ("fast", "full")
+MINIMUM_BUDGET = "min"  # ram_budget="min": the least the run fits in (every file streamed)
+
+
+class Checkpoint:
+    """A verified bloomconv directory with its weights being read. Build with `open_checkpoint`.
+
+    `use(unit)` gives a file's tensors for one forward-pass step; `embeddings()`, `block(i)` and
+    `final()` give typed weights for inspection (pinned: the RAM copy; streamed: the mapping).
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, config: dict, geometry: Geometry,
+                 files: dict[str, MappedFile], tokenizer, residency: Residency, pieces: dict[str, list[Piece]]):
+        self.directory, self.manifest, self.config, self.geometry = directory, manifest, config, geometry
+        self.files, self.tokenizer, self.residency = files, tokenizer, residency
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bloomconv-read")
+        self._pinned: dict[str, concurrent.futures.Future] = {
+            unit: self._reader.submit(self._read_pinned, unit) for unit in residency.pinned}
+        cycle = [piece for unit in residency.streamed for piece in pieces[unit]]
+        self._stream = ReadAhead(self._reader, files, cycle, residency.buffer_bytes, residency.stream_buffers)
+        places: dict[str, dict[str, list[int]]] = {unit: {} for unit in residency.streamed}
+        for index, piece in enumerate(cycle):  # unit -> matrix -> its pieces' places in the cycle
+            places[piece.unit].setdefault(piece.module, []).append(index)
+        self._streamed = {unit: StreamedUnit(files[unit], self._stream, {m: tuple(p) for m, p in modules.items()})
+                          for unit, modules in places.items()}
+
+    def _read_pinned(self, unit: str) -> UnitBytes:
+        if self.residency.widened:
+            source, _ = self.files[unit].widened()
+            return source
+        return self.files[unit].read_into(AnonymousBuffer(self.files[unit].padded_size), streaming=False)
+
+    @contextlib.contextmanager
+    def use(self, unit: str) -> Iterator[UnitBytes]:
+        """The tensors of `unit` for one step of a forward pass; a streamed unit's matrices are read
+        piece by piece as they are multiplied, in the order of a pass (blocks, final, embeddings as
+        lm_head)."""
+        yield self._pinned[unit].result() if unit in self._pinned else self._streamed[unit]
+
+    def peek(self, unit: str) -> UnitBytes:
+        """The tensors of `unit` for a lookup that touches few pages: the RAM copy when pinned
+        (waiting for it), else the file mapping (only the pages read come off the disk)."""
+        if unit in self._pinned:
+            return self._pinned[unit].result()
+        return self.files[unit].view()
+
+    @property
+    def pieces(self) -> tuple[Piece, ...]:
+        """The streamed files' pieces, in the order every forward pass reads them."""
+        return self._stream.pieces
+
+    def wait_until_loaded(self) -> None:
+        """Block until every pinned file is in RAM (start-up measurements; never needed to run)."""
+        for pending in self._pinned.values():
+            pending.result()
+
+    def embeddings(self) -> EmbeddingWeights:
+        return embedding_weights(self.peek(EMBEDDINGS_UNIT))
+
+    def block(self, index: int) -> BlockWeights:
+        return block_weights(self.peek(block_unit(index)), index)
+
+    def final(self) -> LayerNormWeights:
+        return final_weights(self.peek(FINAL_UNIT))
+
+    def check_room(self, tokens: int, dtype: torch.dtype) -> None:
+        """Raise MemoryBudgetError when a run over `tokens` tokens (prompt + new, over the batch)
+        needs more than the plan reserved and than the memory left can give."""
+        residency = self.residency
+        if tokens <= residency.max_tokens:
+            return
+        extra = (kv_cache_bytes(self.geometry, dtype, tokens) + working_set_bytes(self.geometry, dtype, tokens)
+                 - residency.reserve_bytes)
+        room = int(DEFAULT_BUDGET_SHARE * available_memory())
+        if extra > room:
+            raise MemoryBudgetError(
+                self.directory, extra, room,
+                f"{tokens} tokens (prompt and new, over the batch) need {extra / 1e6:,.0f} MB more KV cache and "
+                f"working set than the {residency.max_tokens} tokens planned for, and {room / 1e6:,.0f} MB is free",
+                f"Generate fewer tokens, or load with max_tokens={tokens} (it then plans for them within the budget).")
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=True, cancel_futures=True)
+        for file in self.files.values():
+            file.close()
+
+
+def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_budget: str | int | None = None,
+                    dtype: torch.dtype = torch.float32, max_tokens: int | None = None,
+                    **trusted_signer) -> Checkpoint:
+    """Verify `directory` (`"fast"`: sizes and headers; `"full"`: every hash; and its signature
+    when `trusted_signer` names one: `public_key`, `certificate_chain`, or `identity` and `issuer`,
+    as `bloomconv.verify` takes them), plan residency within `ram_budget` (see `parse_size`; "min":
+    the least that runs; None: `default_ram_budget`) for runs of up to `max_tokens` tokens in
+    compute `dtype`, and start reading the pinned files in the background."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    _raise_for_problems(directory, verify, trusted_signer)
+    config_path = directory / CONFIG_NAME
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    geometry = Geometry.from_config(config, config_path)
+    if config.get("apply_residual_connection_post_layernorm", False):
+        raise SourceError(config_path, "apply_residual_connection_post_layernorm is true",
+                          "The runtime runs BLOOM as released (false); use transformers for this variant.")
+    units = [EMBEDDINGS_UNIT, *(block_unit(i) for i in range(geometry.n_layer)), FINAL_UNIT]
+    files = {unit: MappedFile(directory / manifest.unit_file(unit), _quant_tags(directory, manifest, unit))
+             for unit in units}
+    matrices = _matrices(geometry.n_layer)
+    pieces = {unit: plan_pieces(files[unit], unit, matrices[unit], readahead.STREAM_PIECE_BYTES) for unit in units}
+    unit_pieces = {unit: UnitPieces(len(p), max((piece.nbytes for piece in p), default=0))
+                   for unit, p in pieces.items()}
+    sizes = {unit: f.resident_size for unit, f in files.items()}
+    kv, working_set = kv_cache_bytes(geometry, dtype, max_tokens), working_set_bytes(geometry, dtype, max_tokens)
+    minimum = minimum_budget(sizes, unit_pieces, kv + working_set, readahead.STREAM_BUFFERS)
+    parts = (f"weights {(minimum - kv - working_set) / 1e6:,.1f} MB, KV cache {kv / 1e6:,.1f} MB and "
+             f"working set {working_set / 1e6:,.1f} MB for {max_tokens} tokens")
+    if isinstance(ram_budget, str) and ram_budget.strip().lower() == MINIMUM_BUDGET:
+        budget, rule = minimum, "the minimum"
+    elif ram_budget is None:
+        available = available_memory()
+        budget = default_ram_budget(available)
+        rule = (f"{DEFAULT_BUDGET_SHARE:.0%} of {available / 1e6:,.0f} MB available less "
+                f"{RUNTIME_OVERHEAD_BYTES / 1e6:,.0f} MB for the runtime")
+        if budget < minimum:
+            raise MemoryBudgetError(directory, minimum, budget,
+                                    f"this machine leaves {max(budget, 0) / 1e6:,.0f} MB for the run ({rule}), "
+                                    f"below the {minimum / 1e6:,.0f} MB it needs at least ({parts})",
+                                    "Free memory, or plan for fewer tokens (--max-new-tokens; max_tokens=).")
+    else:
+        budget, rule = parse_size(ram_budget), "given"
+        if budget < minimum:
+            raise MemoryBudgetError(directory, minimum, budget,
+                                    f"the RAM budget of {budget / 1e6:,.1f} MB is below the {minimum / 1e6:,.1f} MB "
+                                    f"this run needs at least ({parts})",
+                                    f"Give at least {-(-minimum // 10**6)}MB (--ram-budget; ram_budget=), or "
+                                    f"\"{MINIMUM_BUDGET}\" for the minimum.")
+    widen = dtype == torch.float32 and not kernels.available()  # the kernel reads 16-bit weights faster
+    widened = {unit: f.widened_size for unit, f in files.items()} if widen else None
+    residency = plan_residency(sizes, geometry.n_layer, budget, pieces=unit_pieces, reserve=kv + working_set,
+                               stream_buffers=readahead.STREAM_BUFFERS, widened_sizes=widened, kv_cache_bytes=kv,
+                               working_set_bytes=working_set, max_tokens=max_tokens, budget_rule=rule)
+    return Checkpoint(directory, manifest, config, geometry, files, _tokenizer(directory), residency, pieces)
+
+
+def _matrices(n_layer: int) -> dict[str, list[str]]:
+    """The matrices of each unit's file, in the order a forward pass multiplies by them."""
+    return {EMBEDDINGS_UNIT: [f"{PREFIX}{name}" for name in EMBEDDING_LINEARS], FINAL_UNIT: [],
+            **{block_unit(i): [f"{PREFIX}h.{i}.{name}" for name in BLOCK_LINEARS] for i in range(n_layer)}}
+
+
+def _quant_tags(directory: Path, manifest: Manifest, unit: str) -> dict[str, QuantType]:
+    """The storage type the manifest records for each tensor of the file holding `unit`."""
+    try:
+        entry = manifest.file(manifest.unit_file(unit))
+    except KeyError:
+        raise ManifestError(directory / MANIFEST_NAME, f"lists no {manifest.unit_file(unit)} (format version "
+                            f"{manifest.format_version})", "Copy manifest.json again from the source of this "
+                            "directory.") from None
+    return {tensor.name: tensor.quant for tensor in entry.tensors}
+
+
+def _raise_for_problems(directory: Path, mode: str, trusted_signer: dict) -> None:
+    from bloomconv.verification import verify
+    report = verify(directory, fast=mode == "fast", **trusted_signer)
+    # A file the manifest does not list (a README, notes) cannot change what the model computes;
+    # one added since signing is refused all the same (the signer did not vouch for it).
+    report.raise_for_problems(ignore_kinds=("extra",))
+
+
+def _tokenizer(directory: Path):
+    path = directory / TOKENIZER_NAMES[0]
+    if not path.exists():
+        return None  # forward() on token ids still works; text in or out needs one
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(path))
