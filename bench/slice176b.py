@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from bloomconv.atomic import fsync_dir
 from bloomconv.converters.example import _release_groups, write_tokenizer
 from bloomconv.format import CONFIG_NAME, PICKLE_INDEX_NAME, PICKLE_SHARD_TEMPLATE, TOKENIZER_NAMES
 from bloomconv.geometry import Geometry
@@ -160,7 +161,7 @@ def write_slice(dst: str | os.PathLike, n_blocks: int = 2, *, geometry: SliceGeo
         log(f"  {name}: {files[name] / 1e9:.2f} GB, {time.perf_counter() - start:.0f} s")
     index = {"metadata": {"total_size": needed_bytes(geometry, n_blocks)}, "weight_map": weight_map}
     (dst / PICKLE_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    _sync_folder(dst)
+    fsync_dir(dst)
     done = {**wanted, "bytes": sum(files.values()), "files": files, "seconds": time.perf_counter() - start}
     _atomic_write(dst / MARKER_NAME, json.dumps(done, indent=1) + "\n")
     return dst
@@ -338,15 +339,7 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _sync_folder(path.parent)
-
-
-def _sync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
