@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from typing import TYPE_CHECKING
+
+try:
+    import fcntl
+except ImportError:  # Windows: no O_DIRECT either
+    fcntl = None
 
 from .errors import HeaderError
 from .format import SAFETENSORS_DTYPES
@@ -34,6 +42,8 @@ if TYPE_CHECKING:  # the reader runs in `verify`, which should not pay for impor
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 WRITE_CHUNK_BYTES = 16 * 1024 * 1024
+WRITE_BUFFERS = 4          # in turn: up to three writes in flight while this thread fills one
+DIRECT_ALIGNMENT = 4096    # O_DIRECT writes: offsets and lengths a multiple of the logical block size
 DATA_ALIGNMENT = 64
 _TORCH_NAME_TO_ST = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
 
@@ -177,43 +187,128 @@ def write_safetensors(file, tensors: "list[tuple[str, torch.Tensor | StreamedTen
                       metadata: dict[str, str] | None = None) -> tuple[int, str]:
     """Write `tensors` in order to the open binary `file`; return (bytes written, sha256 hex).
 
-    Data goes through two anonymous bounce buffers: this thread copies and hashes one while a
-    writer thread writes the other (hashlib and write() both release the GIL). Writing straight
-    from a memory-mapped source is slower: its page faults are taken inside the write path.
+    The header and the data go through page-aligned bounce buffers (`_Sink`): this thread copies
+    and hashes one while writer threads write the others (hashlib and write() release the GIL).
+    Writing straight from a memory-mapped source is slower: its page faults are taken inside the
+    write path.
     """
-    digest = hashlib.sha256()
-    head = encode_header(tensors, metadata)
-    digest.update(head)
-    size = len(head)
-    buffers = [memoryview(bytearray(WRITE_CHUNK_BYTES)) for _ in range(2)]
-    in_flight: list[concurrent.futures.Future | None] = [None, None]
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-        file.write(head)
-        turn = 0
-        filled = 0  # bytes waiting in buffers[turn]: pieces smaller than a buffer are gathered
+    with _Sink(file) as sink:
+        sink.put(memoryview(encode_header(tensors, metadata)))
         for name, tensor in tensors:
-            written = 0
-            for data in _pieces(tensor):
-                start = 0
-                while start < len(data):
-                    if filled == 0 and in_flight[turn] is not None:
-                        in_flight[turn].result()  # that buffer's previous write is done (or raise)
-                    step = min(WRITE_CHUNK_BYTES - filled, len(data) - start)
-                    buffers[turn][filled:filled + step] = data[start:start + step]
-                    filled, start = filled + step, start + step
-                    if filled == WRITE_CHUNK_BYTES:
-                        in_flight[turn], filled, turn = _flush(writer, file, digest, buffers[turn]), 0, turn ^ 1
-                written += len(data)
+            written = sum(sink.put(data) for data in _pieces(tensor))
             expected = math.prod(tensor.shape) * _element_size(tensor.dtype)
             if written != expected:
                 raise ValueError(f"{name}: {written} bytes streamed, its shape and dtype take {expected}")
-            size += written
-        if filled:
-            in_flight[turn] = _flush(writer, file, digest, buffers[turn][:filled])
-        for future in in_flight:
+        return sink.finish()
+
+
+class _Sink:
+    """Bytes in, gathered into WRITE_BUFFERS bounce buffers in turn, each hashed and written at its
+    place in the file once full.
+
+    Where `file` has a descriptor the buffers are written with pwrite on two writer threads, and,
+    where the filesystem takes it (Linux, not tmpfs), with O_DIRECT: on the 2-core machine of
+    bench/, writing through the page cache cost 1.4 s of CPU per GB (copy, page allocation,
+    reclaim), direct writes 0.13 s, and the output does not fill the page cache (commit's fsync
+    still makes it durable). The file's last, partial page is written through the page cache.
+    A file object without a descriptor gets plain sequential writes on one thread.
+    """
+
+    def __init__(self, file):
+        self._file = file
+        try:
+            self._fd = file.fileno()
+            file.flush()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+            self._fd = None
+        self._direct = self._fd is not None and _set_direct(self._fd, True)
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1 if self._fd is None else 2, thread_name_prefix="write")
+        self._buffers = [memoryview(mmap.mmap(-1, WRITE_CHUNK_BYTES)) for _ in range(WRITE_BUFFERS)]
+        self._in_flight: list[concurrent.futures.Future | None] = [None] * WRITE_BUFFERS
+        self._turn = 0        # the buffer being filled
+        self._filled = 0      # bytes in it
+        self._offset = 0      # where it goes in the file
+        self._digest = hashlib.sha256()
+
+    def __enter__(self) -> "_Sink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self._wait(range(WRITE_BUFFERS))
+        finally:
+            self._pool.shutdown(wait=True)
+            if self._direct:
+                _set_direct(self._fd, False)
+
+    def put(self, data: memoryview) -> int:
+        """Copy `data` in (writing each buffer that fills); returns its length."""
+        start = 0
+        while start < len(data):
+            if self._filled == 0:
+                self._wait([self._turn])  # its previous write is done (or raise what it met)
+            step = min(WRITE_CHUNK_BYTES - self._filled, len(data) - start)
+            self._buffers[self._turn][self._filled:self._filled + step] = data[start:start + step]
+            self._filled, start = self._filled + step, start + step
+            if self._filled == WRITE_CHUNK_BYTES:
+                self._write()
+        return len(data)
+
+    def finish(self) -> tuple[int, str]:
+        """Write what is left; (bytes in the file, sha256 hex)."""
+        self._write()
+        return self._offset, self._digest.hexdigest()
+
+    def _wait(self, turns) -> None:
+        for turn in turns:
+            future, self._in_flight[turn] = self._in_flight[turn], None
             if future is not None:
                 future.result()
-    return size, digest.hexdigest()
+
+    def _write(self) -> None:
+        chunk = self._buffers[self._turn][:self._filled]
+        self._digest.update(chunk)
+        if len(chunk) % DIRECT_ALIGNMENT and self._direct:  # the file's tail: after every other write
+            self._wait(range(WRITE_BUFFERS))
+        self._in_flight[self._turn] = self._pool.submit(self._write_at, chunk, self._offset)
+        self._offset += len(chunk)
+        self._turn, self._filled = (self._turn + 1) % WRITE_BUFFERS, 0
+
+    def _write_at(self, chunk: memoryview, offset: int) -> None:
+        if self._fd is None:
+            self._file.write(chunk)
+            return
+        if len(chunk) % DIRECT_ALIGNMENT and self._direct:  # the last write: no other is in flight
+            self._stop_direct()
+        while chunk:
+            try:
+                written = os.pwrite(self._fd, chunk, offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self._direct:
+                    raise
+                self._stop_direct()  # the filesystem took the flag but not the write: through the page cache
+                continue
+            chunk, offset = chunk[written:], offset + written
+
+    def _stop_direct(self) -> None:
+        with self._lock:
+            if self._direct and not _set_direct(self._fd, False):
+                raise OSError(errno.EINVAL, "cannot turn O_DIRECT off", self._file.name)
+            self._direct = False
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for `fd`; whether that worked."""
+    if not hasattr(os, "O_DIRECT") or fcntl is None:
+        return False
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError:
+        return False
+    return True
 
 
 def _pieces(tensor: "torch.Tensor | StreamedTensor") -> Iterator[memoryview]:
@@ -224,9 +319,3 @@ def _pieces(tensor: "torch.Tensor | StreamedTensor") -> Iterator[memoryview]:
     for piece in tensor.pieces():
         piece = memoryview(piece)
         yield piece if piece.format == "B" and piece.ndim == 1 else piece.cast("B")
-
-
-def _flush(writer: concurrent.futures.Executor, file, digest, chunk: memoryview) -> concurrent.futures.Future:
-    """Hash a full buffer here and write it on the writer thread."""
-    digest.update(chunk)
-    return writer.submit(file.write, chunk)

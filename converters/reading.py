@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from bloomconv.errors import HeaderError, SourceError
+from bloomconv.hashing import sha256_file
 from bloomconv.safetensors_io import read_header, torch_dtype
 
 from .source import _is_pickle, _open_safetensors, load_pickle_shard
@@ -45,7 +46,7 @@ __all__ = ["HASH_CHUNK_BYTES", "READ_AHEAD_BYTES", "MappedShard", "SourceReading
 # How far the hashing thread reads ahead of the converter: enough to keep the disk busy while the
 # converter works on what was read, small next to the memory of any machine that converts.
 READ_AHEAD_BYTES = 256 * 1024 * 1024
-HASH_CHUNK_BYTES = 16 * 1024 * 1024  # hashed (and, ahead of it, asked of the disk) at a time
+HASH_CHUNK_BYTES = 16 * 1024 * 1024  # hashed at a time (the disk is asked for the whole lead at once)
 _PAGE = mmap.PAGESIZE
 
 
@@ -241,28 +242,24 @@ class SourceReading:
             self._failure = exc
 
     def _hash(self, item: MappedShard | str) -> str | None:
-        """SHA-256 of a shard, read from its mapping behind the converter's lead; or of a file no
+        """SHA-256 of a shard, read from its mapping within the converter's lead; or of a file no
         unit opened, read plainly."""
         if isinstance(item, str):
-            from bloomconv.hashing import sha256_file
             return sha256_file(self.root / item)
         digest = hashlib.sha256()
-        if not self._walk(item, lambda view: digest.update(view)):
+        if not self._walk(item, digest.update):
             return None
         return digest.hexdigest()
 
     def _read_ahead(self, item: MappedShard | str) -> None:
         """For a shard whose hash a resumed run knows: only ask the disk for it ahead of the converter."""
         if isinstance(item, MappedShard):
-            fd = item._file.fileno()
-            self._walk(item, lambda view: None,
-                       lambda start, length: _advise(fd, start, length, "POSIX_FADV_WILLNEED"))
+            self._walk(item, lambda view: None)
 
-    def _walk(self, shard: MappedShard, consume, prefetch=None) -> bool:
-        """Pass the shard's bytes to `consume` in order, each chunk once the lead rule allows it;
-        False when stopped."""
+    def _walk(self, shard: MappedShard, consume: Callable[[memoryview], None]) -> bool:
+        """Pass the shard's bytes to `consume` in order, each chunk once the lead rule allows it,
+        having asked the disk for all it may read; False when stopped."""
         fd = shard._file.fileno()
-        prefetch = prefetch or (lambda start, length: _advise(fd, start, length, "POSIX_FADV_WILLNEED"))
         position = requested = 0
         while position < shard.size:
             with shard._lock:
@@ -274,7 +271,7 @@ class SourceReading:
                         break
                     shard._lock.wait(0.1)
             if limit > requested:  # everything it may read is asked of the disk at once: a deep queue
-                prefetch(requested, limit - requested)
+                _advise(fd, requested, limit - requested, "POSIX_FADV_WILLNEED")
                 requested = limit
             end = min(limit, position + HASH_CHUNK_BYTES)
             consume(memoryview(shard._map)[position:end])

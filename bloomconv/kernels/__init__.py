@@ -1,15 +1,15 @@
 """bloomconv's compiled CPU kernels, shared by the converter and the runtime.
 
 `fourbit` multiplies and dequantizes bitsandbytes' NF4/FP4 matrices straight from their packed
-bytes and quantizes to them; `dense` multiplies by int8, bf16 and fp16 matrices as stored, in fp32.
-Both live in one C extension, `_kernels` (built from csrc/ by setup.py), so they share one thread
-pool: a decoding step alternates between them, and two pools would keep two sets of threads
-spinning on the same cores. This package imports nothing of bloomconv but `format` and `errors`,
-so any part of bloomconv can use it.
+bytes and quantizes to them; `dense` multiplies by int8, bf16 and fp16 matrices as stored, in fp32;
+`int8` quantizes to LLM.int8() rows. All live in one C extension, `_kernels` (built from csrc/ by
+setup.py), so they share one thread pool: a decoding step alternates between the products, and two
+pools would keep two sets of threads spinning on the same cores. This package imports nothing of
+bloomconv but `format` and `errors`, so any part of bloomconv can use it.
 
-What the two kernels share is here: whether the extension was built (`available()`; where no C
-compiler was found at install time, callers widen or dequantize weights and use torch instead),
-the instruction sets it can use on this CPU, and how many threads it runs.
+What the kernels share is here: whether the extension was built (`available()`; where no C
+compiler was found at install time, callers widen or dequantize weights and quantize with torch
+instead), the instruction sets it can use on this CPU, and how many threads it runs.
 
 >>> from bloomconv import kernels
 >>> kernels.available(), kernels.isas()                                  # doctest: +SKIP

@@ -214,37 +214,28 @@ def _block_runs(n: int, block_size: int, chunk_elements: int):
 
 
 def _quantized_block_runs(flat: torch.Tensor, quant_type: QuantType, block_size: int, chunk_elements: int,
-                          absmax: torch.Tensor, packed_for: Callable[[int, int], torch.Tensor],
+                          absmax: torch.Tensor, packed_for: Callable[[int, int], torch.Tensor] | None,
                           report: ReadReport = NO_REPORT):
     """Quantize `flat` a run of blocks at a time: elements [start, end) go to `packed_for(start,
-    end)` and their blocks' absmax into `absmax`; yields those codes when they are filled."""
+    end)` and their blocks' absmax into `absmax`; yields those codes when they are filled. With no
+    `packed_for`, only the absmax are computed (and None is yielded)."""
     bounds, order = _bucket_bounds(quant_type)
     compiled = _compiled_4bit_quantizer()
     for start, end in _block_runs(flat.numel(), block_size, chunk_elements):
-        packed, absmax_run = packed_for(start, end), absmax[start // block_size:-(-end // block_size)]
+        packed = None if packed_for is None else packed_for(start, end)
+        absmax_run = absmax[start // block_size:-(-end // block_size)]
         report.reading(start, end)
-        if compiled is not None and packed.is_contiguous():
-            compiled(flat[start:end], block_size, bounds, order, absmax=absmax_run, packed=packed)
+        if compiled is not None and (packed is None or packed.is_contiguous()):
+            compiled(flat[start:end], block_size, bounds, order, absmax=absmax_run, packed=packed,
+                     codes=packed is not None)
         else:
             run_absmax, run_packed = _quantize_4bit_chunk(flat[start:end], block_size, bounds, order)
             absmax_run.copy_(run_absmax)
-            packed.copy_(run_packed)
-        report.done(start, end)
+            if packed is not None:
+                packed.copy_(run_packed)
+        if packed is not None:
+            report.done(start, end)
         yield packed
-
-
-def _block_absmax(flat: torch.Tensor, quant_type: QuantType, block_size: int, absmax: torch.Tensor,
-                  report: ReadReport = NO_REPORT) -> None:
-    """Every block's absmax into `absmax`, as `_quantized_block_runs` computes them (no codes)."""
-    bounds, order = _bucket_bounds(quant_type)
-    compiled = _compiled_4bit_quantizer()
-    for start, end in _block_runs(flat.numel(), block_size, STREAM_PIECE_ELEMENTS):
-        absmax_run = absmax[start // block_size:-(-end // block_size)]
-        report.reading(start, end)
-        if compiled is not None:
-            compiled(flat[start:end], block_size, bounds, order, absmax=absmax_run, codes=False)
-        else:
-            absmax_run.copy_(_quantize_4bit_chunk(flat[start:end], block_size, bounds, order)[0])
 
 
 def _state_tensors(weight: torch.Tensor, quant_type: QuantType, block_size: int, double_quant: bool,
@@ -508,7 +499,8 @@ class FourBitStorage(Storage):
         if settings.double_quant:
             # the state (the file's header) needs the mean of every absmax before any code is written:
             # a first pass takes them (the converter keeps the source's pages until the second)
-            _block_absmax(flat, quant_type, block_size, absmax, report)
+            for _ in _quantized_block_runs(flat, quant_type, block_size, STREAM_PIECE_ELEMENTS, absmax, None, report):
+                pass
             _check_finite(absmax, name)
         state = _state_tensors(weight, quant_type, block_size, settings.double_quant, absmax)
         codes_written = []
