@@ -67,6 +67,7 @@ class MappedShard:
         self._released = False          # the converter reads nothing more
         self._hashed = 0                # the hashing thread has read [0, _hashed)
         self._dropped = 0               # pages below this offset are dropped
+        self._unmapped = 0              # pages below this offset are unmapped (still cached unless dropped)
 
     def tensor(self, key: str) -> torch.Tensor:
         return self._tensors[key]
@@ -82,6 +83,7 @@ class MappedShard:
             with self._lock:
                 if span[0] + end > self._touched:
                     self._touched = span[0] + end
+                    self._unmap_far_behind()
                     self._lock.notify_all()
 
     def _done(self, key: str, begin: int, end: int) -> None:
@@ -129,6 +131,19 @@ class MappedShard:
             length = min(end, len(self._map)) - start
             self._map.madvise(mmap.MADV_DONTNEED, start, length)  # unmapped first: mapped pages stay cached
             _advise(self._file.fileno(), start, length, "POSIX_FADV_DONTNEED")
+
+    def _unmap_far_behind(self) -> None:
+        """Unmap, but keep cached, the pages READ_AHEAD_BYTES and more behind the furthest read
+        that both sides have read (under the lock): what a second pass over a unit (4-bit double
+        quant takes every absmax first) has yet to read again stays out of this process's RSS;
+        that pass maps them again from the page cache."""
+        end = min(self._hashed, self._touched - READ_AHEAD_BYTES)
+        end -= end % _PAGE
+        if end <= self._unmapped or self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, self._unmapped = self._unmapped, end
+        with contextlib.suppress(OSError, ValueError):
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def _close_when_finished(self) -> None:
         """Once released and hashed: forget the mapping (it goes when the last tensor viewing it

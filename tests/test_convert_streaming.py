@@ -27,6 +27,7 @@ from bloomconv.manifest import read_manifest
 from bloomconv.safetensors_io import StreamedTensor, write_safetensors
 from bloomconv.settings import QuantSettings
 from bloomconv.storage import base as storage_base
+from bloomconv.storage import fourbit as fourbit_storage
 from bloomconv.storage import int8 as int8_storage
 from bloomconv.storage import storage_for
 
@@ -42,20 +43,13 @@ class Recorder:
     """A ReadReport that keeps what it heard."""
 
     def __init__(self):
-        self.reading, self.done = [], []
+        self.read, self.finished = [], []
 
-    def reading_(self, start, end):
-        self.reading.append((start, end))
+    def reading(self, start, end):
+        self.read.append((start, end))
 
-    def done_(self, start, end):
-        self.done.append((start, end))
-
-
-def recording():
-    recorder = Recorder()
-    report = type("Report", (), {"reading": lambda self, s, e: recorder.reading_(s, e),
-                                 "done": lambda self, s, e: recorder.done_(s, e)})()
-    return recorder, report
+    def done(self, start, end):
+        self.finished.append((start, end))
 
 
 def written_bytes(tensors) -> bytes:
@@ -70,31 +64,30 @@ def written_bytes(tensors) -> bytes:
 def test_encode_stream_writes_the_bytes_of_encode(settings_, dtype, piece, monkeypatch):
     """Whatever the piece size (1 element: one row or one block at a time), the file is the one
     `encode`'s tensors make, and every element is reported read, then done, once, in order."""
-    for module in (storage_base, int8_storage, storage_for(settings_.quant_type).__module__):
-        monkeypatch.setattr(module if not isinstance(module, str) else __import__(module, fromlist=["x"]),
-                            "STREAM_PIECE_ELEMENTS", piece, raising=False)
+    for module in (int8_storage, fourbit_storage):
+        monkeypatch.setattr(module, "STREAM_PIECE_ELEMENTS", piece)
     weight = (torch.randn(67, 99, generator=torch.Generator().manual_seed(piece)) * 0.02).to(dtype)
     weight[3] = 0
     storage = storage_for(settings_.quant_type)
-    recorder, report = recording()
-    streamed = storage.encode_stream(weight, settings_, report=report)
+    recorder = Recorder()
+    streamed = storage.encode_stream(weight, settings_, report=recorder)
     assert written_bytes(streamed) == written_bytes(storage.encode(weight, settings_))
-    assert recorder.done[0][0] == 0 and recorder.done[-1][1] == weight.numel()
-    assert all(a[1] == b[0] for a, b in zip(recorder.done, recorder.done[1:]))  # contiguous, in order
+    assert recorder.finished[0][0] == 0 and recorder.finished[-1][1] == weight.numel()
+    assert all(a[1] == b[0] for a, b in zip(recorder.finished, recorder.finished[1:]))  # contiguous, in order
     passes = 2 if settings_.quant_type.is_4bit and settings_.double_quant else 1  # absmax first
-    assert len(recorder.reading) == passes * len(recorder.done)
+    assert len(recorder.read) == passes * len(recorder.finished)
 
 
 def test_dense_tensors_stream_from_their_storage_in_pieces(monkeypatch):
     tensor = torch.arange(1000, dtype=torch.float32).view(10, 100)
-    recorder, report = recording()
-    stream = storage_base.stream_as_stored(tensor, report, piece_elements=300)
+    recorder = Recorder()
+    stream = storage_base.stream_as_stored(tensor, recorder, piece_elements=300)
     pieces = []
     for piece in stream.pieces():
-        assert len(recorder.done) == len(pieces)  # a piece is done once the writer asks for the next
+        assert len(recorder.finished) == len(pieces)  # a piece is done once the writer asks for the next
         pieces.append(bytes(piece))
     assert b"".join(pieces) == tensor.numpy().tobytes() and len(pieces) == 4
-    assert recorder.done == [(0, 300), (300, 600), (600, 900), (900, 1000)]
+    assert recorder.finished == [(0, 300), (300, 600), (600, 900), (900, 1000)]
 
 
 def test_companions_cannot_be_written_before_the_weight():
@@ -169,8 +162,8 @@ def test_a_shard_whose_layout_cannot_be_told_is_hashed_after_release(tmp_path):
 def test_output_does_not_depend_on_piece_chunk_or_read_ahead_sizes(checkpoints, settings_, layout, tmp_path,
                                                                    monkeypatch):
     convert(checkpoints[layout], tmp_path / "default", quantization=settings_)
-    for module in (storage_base, int8_storage, __import__("bloomconv.storage.fourbit", fromlist=["x"])):
-        monkeypatch.setattr(module, "STREAM_PIECE_ELEMENTS", 100, raising=False)
+    for module in (storage_base, int8_storage, fourbit_storage):
+        monkeypatch.setattr(module, "STREAM_PIECE_ELEMENTS", 100)
     monkeypatch.setattr("bloomconv.safetensors_io.WRITE_CHUNK_BYTES", 1000)
     monkeypatch.setattr(reading_module, "READ_AHEAD_BYTES", 3 * mmap.PAGESIZE)
     monkeypatch.setattr(reading_module, "HASH_CHUNK_BYTES", 1000)

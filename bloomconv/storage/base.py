@@ -75,13 +75,14 @@ NO_REPORT: ReadReport = _NoReport()
 
 
 def stream_as_stored(tensor: torch.Tensor, report: ReadReport = NO_REPORT,
-                     piece_elements: int = STREAM_PIECE_ELEMENTS) -> StreamedTensor:
-    """`tensor` as it is, to the writer in pieces straight from its (memory-mapped) storage; each
-    piece is reported done once the writer asks for the next."""
+                     piece_elements: int | None = None) -> StreamedTensor:
+    """`tensor` as it is, to the writer in pieces (STREAM_PIECE_ELEMENTS by default) straight from
+    its (memory-mapped) storage; each piece is reported done once the writer asks for the next."""
     def pieces() -> Iterator[memoryview]:
         flat = tensor.reshape(-1)
-        for start in range(0, flat.numel(), piece_elements):
-            end = min(start + piece_elements, flat.numel())
+        step = piece_elements or STREAM_PIECE_ELEMENTS
+        for start in range(0, flat.numel(), step):
+            end = min(start + step, flat.numel())
             report.reading(start, end)
             yield tensor_bytes(flat[start:end])
             report.done(start, end)
