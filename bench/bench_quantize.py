@@ -30,29 +30,41 @@ SCHEMES = {
 }
 
 
+def measure_schemes(src: Path, out: Path, repeats: int, schemes: dict[str, list[str]] = SCHEMES,
+                    series: str | None = None) -> dict:
+    """Every scheme of `schemes` (name: bloomconv arguments) on `src` and `cp -r` + `sync`, page
+    cache warm, `repeats` rounds; each run's seconds and peak RssAnon, each output's bytes. `series`:
+    the scheme whose first run also keeps its RssAnon over time (`series` of the result)."""
+    rows = {name: {"seconds": [], "rss_anon": []} for name in schemes}
+    rows["cp -r + sync"] = {"seconds": [], "rss_anon": []}
+    result = {"source_bytes": dir_bytes(src), "rows": rows}
+    for _ in range(repeats):
+        timed(["cat", *map(str, src.iterdir())], stdout=subprocess.DEVNULL)  # warm
+        shutil.rmtree(out, ignore_errors=True)
+        rows["cp -r + sync"]["seconds"].append(timed(["sh", "-c", f"cp -r {src} {out} && sync"]))
+        for name, command in schemes.items():
+            shutil.rmtree(out, ignore_errors=True)
+            keep = name == series and "series" not in result
+            run = run_sampled([*BLOOMCONV, *command, "--quiet", str(src), str(out)], series=keep)
+            if run["returncode"]:
+                raise SystemExit(f"{name} failed")
+            rows[name]["seconds"].append(run["seconds"])
+            rows[name]["rss_anon"].append(run["peak_rss_anon"])
+            rows[name]["bytes"] = dir_bytes(out)
+            if keep:
+                result["series"] = run["series"]
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "out")
     args = parser.parse_args()
     src = make_checkpoint(args.work / "bloom-560m-src", (1024, 24, 16, 250880))
-    source_bytes = dir_bytes(src)
-    out = args.work / "quantized"
-    rows = {name: {"seconds": [], "rss_anon": []} for name in SCHEMES}
-    rows["cp -r + sync"] = {"seconds": [], "rss_anon": []}
-    for _ in range(args.repeats):
-        timed(["cat", *map(str, src.iterdir())], stdout=subprocess.DEVNULL)  # warm
-        shutil.rmtree(out, ignore_errors=True)
-        rows["cp -r + sync"]["seconds"].append(timed(["sh", "-c", f"cp -r {src} {out} && sync"]))
-        for name, command in SCHEMES.items():
-            shutil.rmtree(out, ignore_errors=True)
-            run = run_sampled([*BLOOMCONV, *command, "--quiet", str(src), str(out)])
-            if run["returncode"]:
-                raise SystemExit(f"{name} failed")
-            rows[name]["seconds"].append(run["seconds"])
-            rows[name]["rss_anon"].append(run["peak_rss_anon"])
-            rows[name]["bytes"] = dir_bytes(out)
-    shutil.rmtree(out, ignore_errors=True)
+    measured = measure_schemes(src, args.work / "quantized", args.repeats)
+    source_bytes, rows = measured["source_bytes"], measured["rows"]
     report = {name: {"seconds": median(r["seconds"]), "peak_rss_anon": median(r["rss_anon"]) if r["rss_anon"] else None,
                      "bytes": r.get("bytes")} for name, r in rows.items()}
     (args.work / "quantize.json").write_text(json.dumps({"source_bytes": source_bytes, "rows": report}, indent=1))

@@ -22,7 +22,10 @@ in a fresh process (this script with --child), so start-up is real and nothing i
     BloomForCausalLM (bf16, fp32) vs bandwidth / weight bytes read per token (median step); the
     % of that bound is taken per run against the bandwidth measured next to it, then the median;
   - start-to-ready (process start to weights in RAM) vs transformers' from_pretrained;
-  - prefill tokens/s of a 512-token prompt vs transformers.
+  - prefill tokens/s of 128- and 512-token prompts (--prefill-tokens) vs transformers;
+  - --llama-cpp: llama.cpp (bench/llamacpp.py, when a build is found) in the same rounds, bf16,
+    Q8_0, Q4_0 and Q4_K_M GGUFs of the same checkpoint paired with unquantized, int8 and nf4:
+    per-round ratios of decode at batch 1 and of each prefill, medians and spread.
 --small shrinks every size for trying the script out. --repeats N runs the --in-memory
 configurations round robin N times and reports medians (the machine is shared and noisy).
 """
@@ -66,7 +69,7 @@ def child(spec: dict) -> dict:
     if spec["kind"] == "runtime":
         import bloomconv.runtime as runtime
         # the plan reserves KV cache and working set for the longest run this child makes
-        tokens = max(max(spec["batches"]) * (spec["prompt_tokens"] + spec["new_tokens"]), spec["prefill_tokens"] or 1)
+        tokens = max([max(spec["batches"]) * (spec["prompt_tokens"] + spec["new_tokens"]), *spec["prefill_tokens"]])
         model = runtime.load(spec["dir"], ram_budget=spec["ram_budget"], dtype=getattr(torch, spec["dtype"]),
                              max_tokens=tokens)
         model.checkpoint.wait_until_loaded()
@@ -116,9 +119,10 @@ def child(spec: dict) -> dict:
         out["kv_cache_bytes"] = max(out.get("kv_cache_bytes", 0), getattr(state[1], "nbytes", 0))
         return prefill, steps
 
-    if spec.get("prefill_tokens"):
-        prefill, _ = run(ids(1, spec["prefill_tokens"]), 1)
-        out["prefill_tokens_per_s"] = spec["prefill_tokens"] / prefill
+    out["prefill"] = {}
+    for length in spec["prefill_tokens"]:
+        prefill, _ = run(ids(1, length), 1)
+        out["prefill"][str(length)] = {"tokens_per_s": length / prefill}
     out["decode"] = {}
     for batch in spec["batches"]:
         _, steps = run(ids(batch, spec["prompt_tokens"]), spec["new_tokens"])
@@ -146,15 +150,17 @@ def child(spec: dict) -> dict:
     return out
 
 
-def run_child(spec: dict, work: Path, cgroup: Path | None = None) -> dict:
+def run_child(spec: dict, work: Path, cgroup: Path | None = None, series: bool = False) -> dict:
+    """`child(spec)` in a fresh process, its memory sampled (`series`: RssAnon over time too)."""
     result_path = work / "runtime-child.json"
     result_path.unlink(missing_ok=True)
     sampled = run_sampled([PYTHON, __file__, "--child", json.dumps(spec), "--child-out", str(result_path)],
-                          cgroup=cgroup, interval=0.01)
+                          cgroup=cgroup, interval=0.01, series=series)
     if sampled["returncode"]:
         raise SystemExit(f"child failed (exit {sampled['returncode']}): {spec}")
+    extra = {"series": sampled["series"]} if series else {}
     return {**json.loads(result_path.read_text()), "peak_rss_anon": sampled["peak_rss_anon"],
-            "peak_rss": sampled["peak_rss"], "wall_s": sampled["seconds"]}
+            "peak_rss": sampled["peak_rss"], "wall_s": sampled["seconds"], **extra}
 
 
 # ------------------------------------------------------------------------------ machine limits
@@ -222,7 +228,7 @@ def larger_than_memory(args, work: Path) -> dict:
     model_bytes = sum(p.stat().st_size for p in files)
     startup = startup_rss_anon()
     base = {"kind": "runtime", "dir": str(directory), "dtype": args.large_dtype, "threads": args.threads,
-            "vocab": geometry[3], "prompt_tokens": 8, "new_tokens": args.large_tokens, "prefill_tokens": 0}
+            "vocab": geometry[3], "prompt_tokens": 8, "new_tokens": args.large_tokens, "prefill_tokens": []}
     runs = []
     for budget, batches in [("min", [1]), (args.budgets[0], [1]), (args.budgets[1], args.large_batches)]:
         # this disk's speed drifts by 2x within minutes: measure it next to each run; the bound
@@ -230,7 +236,7 @@ def larger_than_memory(args, work: Path) -> dict:
         speeds = disk_read_speed(files)
         drop_caches()
         with memory_cgroup(limit, "bloomconv-bench-runtime") as group:
-            result = run_child({**base, "ram_budget": budget, "batches": batches}, work, group)
+            result = run_child({**base, "ram_budget": budget, "batches": batches}, work, group, series=True)
         r = result["residency"]
         speeds["runtime_read_pass"] = result.get("read_pass_bytes_per_s", 0)
         result["disk_speeds"] = speeds
@@ -254,22 +260,32 @@ def in_memory(args, work: Path) -> dict:
     if "none" in dirs:
         configs += [(f"transformers {dt}", {"kind": "transformers", "dir": str(dirs["none"]), "dtype": dt})
                     for dt in ("bfloat16", "float32")]
+    llama = getattr(args, "llama_cpp", None)
+    if llama is not None:
+        configs += [(f"llama.cpp {kind}", {"kind": "llama.cpp", "gguf": str(path)})
+                    for kind, path in llama_models(llama, src, work, tag, args.presets).items()]
     runs: dict[str, list[dict]] = {label: [] for label, _ in configs}
-    for _ in range(args.repeats):  # round robin: a burst of load from elsewhere hits every config alike
+    for round_ in range(args.repeats):  # round robin: a burst of load from elsewhere hits every config alike
         for label, spec in configs:
-            files = weight_files(Path(spec["dir"]))
+            files = [Path(spec["gguf"])] if "gguf" in spec else weight_files(Path(spec["dir"]))
             subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # page cache warm
             bandwidth = memory_bandwidth(args.threads)  # next to the run: it drifts
-            runs[label].append({**run_child({**common, **spec}, work), "memory_bytes_per_s": bandwidth})
+            if spec["kind"] == "llama.cpp":
+                run = llama_run(llama, Path(spec["gguf"]), common)
+            else:
+                run = run_child({**common, **spec}, work, series=round_ == 0)
+            runs[label].append({**run, "memory_bytes_per_s": bandwidth})
     rows = []
     for label, spec in configs:
         # bytes read per decode step: every weight once (the lm_head is the tied embeddings) in the
         # form multiplied: what the runtime holds in RAM (16-bit widened to fp32 when it fits),
-        # transformers' parameters in its dtype
-        stored = sum(p.stat().st_size for p in weight_files(Path(spec["dir"])))
+        # transformers' parameters in its dtype, llama.cpp's GGUF file
         if spec["kind"] == "runtime":
             read_per_token = runs[label][0]["residency"]["pinned_bytes"]
+        elif spec["kind"] == "llama.cpp":
+            read_per_token = Path(spec["gguf"]).stat().st_size
         else:
+            stored = sum(p.stat().st_size for p in weight_files(Path(spec["dir"])))
             read_per_token = stored * (2 if spec["dtype"] == "float32" else 1)
         row = _medians(runs[label])
         # tokens/s per sequence over the bound of the bandwidth measured just before that run
@@ -280,7 +296,58 @@ def in_memory(args, work: Path) -> dict:
         row.update(label=label, runs=runs[label], weight_bytes_per_token=read_per_token)
         rows.append(row)
     bandwidths = [r["memory_bytes_per_s"] for label in runs for r in runs[label]]
-    return {"geometry": geometry, "memory_bytes_per_s": bandwidths, "rows": rows}
+    return {"geometry": geometry, "memory_bytes_per_s": bandwidths, "rows": rows,
+            "pairs": llama_pairs(runs, args.presets) if llama is not None else []}
+
+
+# ------------------------------------------------------------------------------ llama.cpp, side by side
+
+# our format -> the llama.cpp formats it is measured against (nf4: the default 4-bit preset)
+LLAMA_PAIRS = {"none": ("bf16",), "int8": ("Q8_0",), "nf4": ("Q4_0", "Q4_K_M")}
+
+
+def llama_models(llama, src: Path, work: Path, tag: str, presets: list[str]) -> dict[str, Path]:
+    """The GGUF files of the llama.cpp formats paired with `presets`, made from the same checkpoint once."""
+    def made(kind: str, make) -> Path:  # under a temporary name first: an interrupted run leaves no GGUF
+        path = work / f"runtime-{tag}-{kind}.gguf"
+        if not path.exists():
+            partial = path.with_suffix(".partial")
+            make(partial)
+            partial.rename(path)
+        return path
+
+    bf16 = made("bf16", lambda out: llama.gguf(src, out, "bf16"))
+    return {kind: bf16 if kind == "bf16" else made(kind, lambda out: llama.quantize(bf16, out, kind))
+            for kind in (k for preset in presets for k in LLAMA_PAIRS.get(preset, ()))}
+
+
+def llama_run(llama, gguf: Path, common: dict) -> dict:
+    """llama-bench's decode (batch 1: llama-bench has no batched decode) and prefill tokens/s, in the
+    shape of `child`'s result."""
+    decode = llama.bench(gguf, 0, common["new_tokens"], threads=common["threads"], repeats=1)
+    return {"decode": {"1": {"tokens_per_s": decode}},
+            "prefill": {str(n): {"tokens_per_s": llama.bench(gguf, n, 0, threads=common["threads"], repeats=1)}
+                        for n in common["prefill_tokens"]}}
+
+
+def llama_pairs(runs: dict[str, list[dict]], presets: list[str]) -> list[dict]:
+    """Ours ÷ llama.cpp per metric and pair, round by round (the two ran in the same round, next to
+    each other), with the median and the spread of those ratios. Ours: fp32 compute."""
+    pairs = []
+    for preset in presets:
+        ours = runs.get(f"runtime {preset} float32")
+        for kind in LLAMA_PAIRS.get(preset, ()):
+            theirs = runs.get(f"llama.cpp {kind}")
+            if not ours or not theirs:
+                continue
+            metrics = [("decode", b) for b in theirs[0]["decode"]] + [("prefill", n) for n in theirs[0]["prefill"]]
+            for section, key in metrics:
+                ratios = [a[section][key]["tokens_per_s"] / b[section][key]["tokens_per_s"]
+                          for a, b in zip(ours, theirs) if key in a.get(section, {})]
+                if ratios:
+                    pairs.append({"ours": preset, "llama.cpp": kind, "metric": section, "tokens": int(key),
+                                  "ratios": ratios, "ratio": measure.spread(ratios)})
+    return pairs
 
 
 # ------------------------------------------------------------------------------ report
@@ -288,9 +355,10 @@ def in_memory(args, work: Path) -> dict:
 def _medians(runs: list[dict]) -> dict:
     """Per-metric medians over repeated child runs of one configuration."""
     row = {key: statistics.median(r[key] for r in runs)
-           for key in ("ready_s", "prefill_tokens_per_s", "peak_rss", "peak_rss_anon") if key in runs[0]}
-    row["decode"] = {batch: {key: statistics.median(r["decode"][batch][key] for r in runs)
-                             for key in runs[0]["decode"][batch]} for batch in runs[0]["decode"]}
+           for key in ("ready_s", "peak_rss", "peak_rss_anon") if key in runs[0]}
+    for section in ("decode", "prefill"):
+        row[section] = {k: {key: statistics.median(r[section][k][key] for r in runs)
+                            for key in runs[0][section][k]} for k in runs[0].get(section, {})}
     return row
 
 
@@ -325,12 +393,17 @@ def print_report(report: dict) -> None:
         print(f"  {'':22} {'ready s':>7} {'prefill tok/s':>13}{head} {'peak RSS':>9} {'RssAnon':>8}")
         for row in M["rows"]:
             cells = "".join(f" {row['decode'][b]['tokens_per_s']:>11.2f} "
-                            f"{row['percent_of_bound'][b]:>6.0f}%"
+                            f"{row['percent_of_bound'][b]:>6.0f}%" if b in row["decode"] else f" {'-':>11} {'-':>7}"
                             for b in batches)
-            print(f"  {row['label']:22} {row['ready_s']:>7.2f} {row.get('prefill_tokens_per_s', 0):>13.1f}{cells} "
-                  f"{gb(row['peak_rss']):>9} {gb(row['peak_rss_anon']):>8}")
+            prefill = max(row["prefill"].items(), key=lambda kv: int(kv[0]))[1]["tokens_per_s"] if row["prefill"] else 0
+            memory = f"{gb(row['peak_rss']):>9} {gb(row['peak_rss_anon']):>8}" if "peak_rss" in row else ""
+            print(f"  {row['label']:22} {row.get('ready_s', float('nan')):>7.2f} {prefill:>13.1f}{cells} {memory}")
         print("  % bound: tokens/s per sequence / (memory bandwidth / weight bytes read per token), per run "
               "against the bandwidth measured before it; medians")
+        for pair in M["pairs"]:
+            r = pair["ratio"]
+            print(f"  ours {pair['ours']} vs llama.cpp {pair['llama.cpp']}, {pair['metric']} {pair['tokens']}: "
+                  f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}, {r['runs']} rounds)")
 
 
 def parse_geometry(text: str) -> tuple[int, ...]:
@@ -357,7 +430,9 @@ def main() -> None:
     parser.add_argument("--presets", default="none,int8,nf4")
     parser.add_argument("--batches", default="1,16", help="decode batch sizes of --in-memory")
     parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--prefill-tokens", default="128,512", help="prompt lengths of the prefill runs")
+    parser.add_argument("--llama-cpp", action="store_true", help="--in-memory: also llama.cpp side by side, "
+                        "when bench/llamacpp.py finds a build (bf16, Q8_0, Q4_0, Q4_K_M)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each --in-memory configuration (medians)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -367,12 +442,18 @@ def main() -> None:
         return
     if args.small:
         args.large_geometry, args.cgroup_limit, args.budgets = (512, 16, 8, 4096), "1GB", "20MB,100MB"
-        args.memory_geometry, args.prefill_tokens, args.decode_tokens = (256, 4, 8, 4096), 64, 6
+        args.memory_geometry, args.prefill_tokens, args.decode_tokens = (256, 4, 8, 4096), "64", 6
     from bloomconv.runtime import parse_size
     args.budgets = [parse_size(b) for b in args.budgets.split(",")]
     args.cgroup_limit = parse_size(args.cgroup_limit)
     args.large_batches = [int(b) for b in args.large_batches.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.prefill_tokens = [int(n) for n in args.prefill_tokens.split(",")]
+    if args.llama_cpp:
+        import llamacpp
+        args.llama_cpp = llamacpp.find()
+        if args.llama_cpp is None:
+            print(f"no llama.cpp build found (bench/llamacpp.py build, or ${llamacpp.ENV_TREE}): its rows are left out")
     args.presets = args.presets.split(",")
     both = not args.large and not args.in_memory
     args.work.mkdir(parents=True, exist_ok=True)

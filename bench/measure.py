@@ -55,25 +55,30 @@ def cgroup_memory(group: Path) -> dict:
 
 
 def run_sampled(argv: list[str], cgroup: Path | None = None, interval: float = 0.005, env=None,
-                stdout=None, stderr=None) -> dict:
+                stdout=None, stderr=None, series: bool = False) -> dict:
     """Run `argv`, sampling its RssAnon every `interval` s. Returns wall seconds, peak RssAnon and
     peak RSS in bytes, and the exit code (negative: killed by that signal); from the kernel's
     accounting of the process and the children it waited for (wait4): bytes it had read from and
     written to block devices (page-cache hits not counted) and its exact peak RSS. In `cgroup`:
     also the peak anonymous memory of every process in the group (sampled), and `cgroup_memory`'s
-    peak usage, limit hits and OOM kills during the run."""
+    peak usage, limit hits and OOM kills during the run. `series`: also every sample, as
+    `series` = [[seconds since start, RssAnon bytes], ...]."""
     if cgroup is not None:
         argv = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *argv]
         before = cgroup_memory(cgroup)
         (cgroup / "memory.max_usage_in_bytes").write_text("0")
     peak_anon = peak_group_anon = 0
+    samples = []
     start = time.perf_counter()
     process = subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr)
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
-        peak_anon = max(peak_anon, status_kb(process.pid, "RssAnon") or 0)
+        anon = status_kb(process.pid, "RssAnon") or 0
+        peak_anon = max(peak_anon, anon)
+        if series:
+            samples.append([time.perf_counter() - start, anon * 1024])
         if cgroup is not None:
             peak_group_anon = max(peak_group_anon, cgroup_memory(cgroup)["rss"])
         time.sleep(interval)
@@ -82,6 +87,8 @@ def run_sampled(argv: list[str], cgroup: Path | None = None, interval: float = 0
     result = {"seconds": wall, "peak_rss_anon": peak_anon * 1024, "peak_rss": usage.ru_maxrss * 1024,
               "returncode": process.returncode, "read_bytes": usage.ru_inblock * 512,
               "write_bytes": usage.ru_oublock * 512}
+    if series:
+        result["series"] = samples
     if cgroup is not None:
         after = cgroup_memory(cgroup)
         result.update(peak_group_rss_anon=peak_group_anon, group_max_usage=after["max_usage"],
@@ -123,6 +130,12 @@ def timed(argv: list[str], **kwargs) -> float:
 
 def median(values) -> float:
     return statistics.median(values)
+
+
+def spread(values) -> dict:
+    """Median, min and max of repeated measurements, and how many there were."""
+    values = list(values)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def gb(n: float) -> str:

@@ -7,6 +7,7 @@
 >>> bloomconv.sign("bloom-560m-blocks", bloomconv.SigningKey("private.pem"))    # doctest: +SKIP
 >>> bloomconv.verify("bloom-560m-blocks", public_key="public.pem").signature     # doctest: +SKIP
 >>> bloomconv.inspect("bloom-560m-nf4")["quantization"]                          # doctest: +SKIP
+>>> bloomconv.evaluate("bloom-560m-nf4", Path("wiki.txt"), reference="bloom-560m")  # doctest: +SKIP
 >>> model = bloomconv.load("bloom-560m-blocks")                                  # doctest: +SKIP
 >>> model.generate("The capital of France is", max_new_tokens=8)                 # doctest: +SKIP
 
@@ -29,6 +30,7 @@ _EXPORTS = {
     "sign": ".signing",
     "SigningKey": ".signing",
     "inspect": ".inspection",
+    "evaluate": ".evaluation",
     "load": ".runtime",
     "QuantSettings": ".settings",
     "QuantType": ".format",

@@ -108,11 +108,18 @@ def _summary(manifest, started: float) -> str:
               help="int8: take row absmax from the fp16 cast (as transformers does; refuses values "
                    "beyond fp16 range) or from the source dtype  [default: float16]")
 @click.option("--recipe", help="Apply a preset from `bloomconv recipes`, e.g. bloom-176b-int8.")
+@click.option("--method", type=click.Choice(["rtn", "search", "gptq"]),
+              help="rtn: bitsandbytes' round to nearest; search: each block's scale searched for the least "
+                   "error; gptq: calibrated on --calibrate text  [default: rtn, gptq with --calibrate]")
+@click.option("--calibrate", type=click.Path(dir_okay=False),
+              help="GPTQ: calibration text file (UTF-8); use text the model will not be evaluated on.")
+@click.option("--calibration-tokens", type=int, help="GPTQ: use at most this many tokens of it  [default: 65536]")
+@click.option("--device", default="cpu", show_default=True, help="GPTQ: where to compute (cpu, cuda).")
 @sign_options
 @quiet_option
 @_errors_to_exit_codes
 def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, int8_scale_from, recipe,
-             sign_key, sign_certificate, sign_chain, quiet):
+             method, calibrate, calibration_tokens, device, sign_key, sign_certificate, sign_chain, quiet):
     """Convert SRC into DST with the block weights quantized (int8 or 4-bit), with a manifest.
 
     SRC is a released checkpoint (any layout `convert` reads) or an unquantized bloomconv
@@ -121,10 +128,25 @@ def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, i
     from .converters.convert import quantize as run
     started = time.monotonic()
     manifest = run(src, dst, bits, quant_type=quant_type, block_size=block_size, double_quant=double_quant,
-                   embeddings=embeddings, int8_scale_from=int8_scale_from, recipe=recipe,
+                   embeddings=embeddings, int8_scale_from=int8_scale_from, recipe=recipe, method=method,
+                   calibrate=calibrate, calibration_tokens=calibration_tokens, device=device,
                    signing=_signing_key(sign_key, sign_certificate, sign_chain),
                    progress=terminal_progress("quantize", disable=quiet), log=_say)
-    click.echo(f"{dst}: {manifest.quantization.quant_type.value}, {_summary(manifest, started)}")
+    click.echo(f"{dst}: {manifest.quantization.quant_type.value}, {_density(manifest)}, {_summary(manifest, started)}")
+    _warn_bitsandbytes_cpu(dst, manifest)
+
+
+def _density(manifest) -> str:
+    """Bits per weight and size against 16 bits (quantize's summary; `inspect` shows the same)."""
+    from .inspection import bits_per_weight, size_ratio_to_16bit
+    return f"{bits_per_weight(manifest):.2f} bits per weight, {size_ratio_to_16bit(manifest):.3f} of its 16-bit size"
+
+
+def _warn_bitsandbytes_cpu(directory, manifest) -> None:
+    from .inspection import bitsandbytes_cpu_warning
+    warning = bitsandbytes_cpu_warning(manifest)
+    if warning:
+        click.echo(f"bloomconv: warning: {directory}: {warning}", err=True)
 
 
 @main.command()
@@ -236,6 +258,10 @@ def inspect(directory, as_json):
     for f in info["files"]:
         click.echo(f"  {f['size']:>15,}  {f['name']}")
     click.echo(f"  {info['total_bytes']:>15,}  total ({info['weight_bytes']:,} in weights)")
+    click.echo(f"  density       {info['bits_per_weight']:.2f} bits per weight (every tensor's bytes x 8 / parameters), "
+               f"{info['size_ratio_to_16bit']:.3f} of its 16-bit size")
+    for warning in info["warnings"]:
+        click.echo(f"bloomconv: warning: {directory}: {warning}", err=True)
 
 
 def _one_line(value) -> str:
@@ -246,6 +272,45 @@ def _one_line(value) -> str:
     if isinstance(value, list):
         return ", ".join(map(str, value))
     return str(value)
+
+
+@main.command("eval")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
+              help="UTF-8 text to score (text the model was not trained on).")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=4),
+              help="Tokens per window; the second half of each is scored (llama-perplexity's protocol).")
+@click.option("--reference", type=click.Path(file_okay=False),
+              help="Another directory of the same model (e.g. the unquantized conversion): also report the KL "
+              "divergence from it, top-1 agreement and its perplexity.")
+@click.option("--threads", type=click.IntRange(min=1), help="Compute threads  [default: torch's]")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@quiet_option
+@_errors_to_exit_codes
+def evaluate(directory, text_file, ctx, reference, threads, as_json, quiet):
+    """Perplexity of the model in DIRECTORY on a text, computed by bloomconv's runtime.
+
+    As llama-perplexity: the text is cut into windows of --ctx tokens, each run from an empty
+    cache, and the second half of each is scored; ± is the standard error. With --reference, also
+    as llama-perplexity --kl-divergence: mean KL(reference || this) per token, and how often both
+    rank the same next token first."""
+    from pathlib import Path
+
+    from .evaluation import evaluate as run
+    result = run(directory, Path(text_file), ctx=ctx, reference=reference, threads=threads,
+                 log=None if as_json else _say, progress=terminal_progress("eval", disable=quiet or as_json))
+    if as_json:
+        click.echo(json.dumps({"directory": directory, "text": text_file, "reference": reference,
+                               **result.to_dict()}, indent=1))
+        return
+    ppl = getattr(result, "perplexity", result)
+    click.echo(f"{directory}: perplexity {ppl.value:.4f} ± {ppl.stderr:.4f} ({ppl.tokens_scored:,} tokens scored "
+               f"in {ppl.windows} windows of {ppl.ctx})")
+    if reference is not None:
+        base = result.reference_perplexity
+        click.echo(f"{reference}: perplexity {base.value:.4f} ± {base.stderr:.4f} (reference)")
+        click.echo(f"KL divergence from the reference: mean {result.kl_mean:.6f} ± {result.kl_stderr:.6f}, "
+                   f"max {result.kl_max:.6f}; same top token {result.top1_agreement:.3f} ± {result.top1_stderr:.3f} %")
 
 
 @main.command()
@@ -327,10 +392,16 @@ def example(dst, geometry, layout, dtype, seed):
               help="fast: sizes and headers; full: hash every file first.")
 @trusted_signer_options
 @click.option("--stats", is_flag=True, help="Print timings and peak memory to stderr.")
+@click.option("--pipeline", is_flag=True, help="One rank of several launched by torchrun: each holds a share of "
+              "the blocks (within its --ram-budget); rank 0 prints the text. See README, Across several machines.")
+@click.option("--pipeline-timeout", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="With --pipeline: seconds a rank waits for its neighbour before stopping every rank.")
+@click.option("--micro-batches", type=click.IntRange(min=1), help="With --pipeline: parts a batch is split into "
+              "to keep every rank busy  [default: one per rank when each keeps 32 prompts or more, else 1]")
 @_errors_to_exit_codes
 def generate(directory, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
              seed, device, ram_budget, threads, dtype, verify_mode, public_key, certificate_chain, identity, issuer,
-             stats):
+             stats, pipeline, pipeline_timeout, micro_batches):
     """Continue PROMPT with the model in DIRECTORY, printing tokens as they are produced.
 
     PROMPT - (or -f FILE) reads the prompt from stdin (or FILE); one trailing newline is dropped."""
@@ -350,10 +421,20 @@ def generate(directory, prompt, prompt_file, max_new_tokens, temperature, top_k,
     watch = PeakRssAnon() if stats else None
     # plan for this run: byte-level BPE gives at most one token per byte of the prompt
     max_tokens = len(prompt.encode("utf-8")) + max_new_tokens
-    with load(directory, device=device, verify=verify_mode, ram_budget=budget, threads=threads,
-              max_tokens=max(1, max_tokens), dtype=getattr(torch, dtype), public_key=public_key,
-              certificate_chain=certificate_chain,
-              identity=identity, issuer=issuer) as model:
+    if pipeline:
+        import signal
+
+        from .runtime.pipeline import PipelineOptions
+        # Ctrl-C ends this rank at once, even inside a wait for a peer; the others see it gone and stop
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # rank 0 sends passes without pause, so a serving rank waits no longer between them
+        pipeline = PipelineOptions(pipeline_timeout, pipeline_timeout, micro_batches)
+    model = load(directory, device=device, verify=verify_mode, ram_budget=budget, threads=threads,
+                 max_tokens=max(1, max_tokens), dtype=getattr(torch, dtype), public_key=public_key,
+                 certificate_chain=certificate_chain, identity=identity, issuer=issuer, pipeline=pipeline)
+    if model is None:
+        return  # a pipeline rank other than 0: it served its blocks until rank 0 was done
+    with model:
         if stats:
             model.checkpoint.wait_until_loaded()  # "ready": every weight that stays in RAM is there
             ready = seconds_since_start()

@@ -125,11 +125,18 @@ class MemoryBudgetError(BloomconvError):
         super().__init__(f"{self.path}: {problem}. {fix}")
 
 
+class PipelineError(BloomconvError):
+    """A run over several processes or machines (`runtime.pipeline`) failed: a rank refused to start
+    (its message names the rank and, for damaged files, the file), was lost, sent nothing within
+    the timeout, or sent what the model's geometry does not allow (exit 3)."""
+
+
 # Most specific class first: the first `isinstance` match decides.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (SignatureError, 1),      # the files are not what the trusted signer signed
     (VerificationError, 1),   # the files differ from what the converter wrote
     (KeyFileError, 2),        # a key or certificate that cannot be used
+    (PipelineError, 3),       # a rank of a pipeline refused to start, was lost or hung
     (BloomconvError, 2),      # bad input, an unusable manifest, anything else refused
 )
 

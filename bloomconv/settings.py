@@ -5,8 +5,8 @@ The defaults of each quantization type are the presets — the same for `bloomco
 is checked here, whatever the entry point.
 
 >>> QuantSettings(QuantType.NF4)            # doctest: +NORMALIZE_WHITESPACE
-QuantSettings(quant_type=<QuantType.NF4: 'nf4'>, block_size=128, double_quant=True, embeddings=False,
-              int8_scale_from=None)
+QuantSettings(quant_type=<QuantType.NF4: 'nf4'>, block_size=32, double_quant=True, embeddings=False,
+              int8_scale_from=None, method='rtn', calibration_sha256=None, calibration_tokens=None)
 >>> QuantSettings(QuantType.NF4, int8_scale_from="source")
 Traceback (most recent call last):
 bloomconv.errors.OptionsError: int8_scale_from applies to int8 only, not nf4. Drop it, or quantize with --bits 8.
@@ -19,17 +19,28 @@ import functools
 from .errors import OptionsError
 from .format import BLOCK_SIZES_4BIT, INT8_SCALE_FROM, QuantType
 
-__all__ = ["PRESETS", "QuantSettings", "settings_from_options"]
+__all__ = ["DEFAULT_CALIBRATION_TOKENS", "METHODS", "PRESETS", "QuantSettings", "settings_from_options"]
 
 # The presets: what each quantization type stores when an option is not given.
 PRESETS: dict[QuantType, dict] = {
     # int8 embeddings halve the tied lm_head's bytes; the row absmax of the fp16 cast is what
     # Linear8bitLt/transformers store, so the bytes equal their own save
     QuantType.INT8: {"block_size": None, "double_quant": False, "embeddings": True, "int8_scale_from": "float16"},
-    QuantType.NF4: {"block_size": 128, "double_quant": True, "embeddings": False, "int8_scale_from": None},
-    QuantType.FP4: {"block_size": 128, "double_quant": True, "embeddings": False, "int8_scale_from": None},
+    # 4-bit: the smallest round-to-nearest layout no worse than bitsandbytes' NF4 block 64 on every
+    # model of bench/bench_quality.py (worst case, not mean); block 32 divides every hidden size
+    # bitsandbytes' CPU decoder reads correctly (see inspection.py)
+    QuantType.NF4: {"block_size": 32, "double_quant": True, "embeddings": False, "int8_scale_from": None},
+    QuantType.FP4: {"block_size": 32, "double_quant": True, "embeddings": False, "int8_scale_from": None},
 }
 _FIELDS = ("quant_type", "block_size", "double_quant", "embeddings", "int8_scale_from")
+# How weights are rounded onto the stored grid; every method stores the same layout:
+#   rtn     round to nearest with the block (row) absmax: bitsandbytes' own quantizer, bit for bit
+#   search  per block (row), the scale with the least squared reconstruction error
+#   gptq    calibrated: columns rounded in order, each one's error compensated by the later
+#           columns through the layer inputs' Hessian (Frantar et al., ICLR 2023)
+METHODS = ("rtn", "search", "gptq")
+_METHOD_FIELDS = ("method", "calibration_sha256", "calibration_tokens")  # absent from records of rtn
+DEFAULT_CALIBRATION_TOKENS = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +53,9 @@ class QuantSettings:
     double_quant: bool | None = None       # 4-bit: absmax themselves quantized (bitsandbytes nested)
     embeddings: bool | None = None         # word embeddings (= the tied lm_head) quantized too
     int8_scale_from: str | None = None     # int8: dtype the row absmax is taken in ("float16" | "source")
+    method: str = "rtn"                    # one of METHODS
+    calibration_sha256: str | None = None  # gptq: sha256 of the calibration text
+    calibration_tokens: int | None = None  # gptq: at most this many calibration tokens are used
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)
@@ -73,16 +87,50 @@ class QuantSettings:
         for field in ("double_quant", "embeddings"):
             if not isinstance(getattr(self, field), bool):
                 raise OptionsError(f"{field} must be true or false, not {getattr(self, field)!r}.")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        if self.method is None:
+            object.__setattr__(self, "method", "rtn")
+        if self.method not in METHODS:
+            raise OptionsError(f"quantization method {self.method!r} is unknown. Use one of {', '.join(METHODS)}.")
+        if self.method != "gptq":
+            if self.calibration_sha256 is not None or self.calibration_tokens is not None:
+                raise OptionsError(f"calibration text applies to method gptq only, not {self.method}. "
+                                   "Drop --calibrate, or use --method gptq.")
+            return
+        digest = self.calibration_sha256
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")):
+            raise OptionsError("method gptq needs calibration text. Give --calibrate FILE.txt "
+                               "(bloomconv.quantize(..., calibrate='FILE.txt')).")
+        if self.calibration_tokens is None:
+            object.__setattr__(self, "calibration_tokens", DEFAULT_CALIBRATION_TOKENS)
+        if type(self.calibration_tokens) is not int or self.calibration_tokens < 1:
+            raise OptionsError(f"calibration tokens must be a positive integer, not {self.calibration_tokens!r}.")
+
+    @property
+    def weight_only_method(self) -> str:
+        """How a weight is rounded from itself alone: gptq needs the inputs of a block's linears, so
+        a weight it does not reach (the word embeddings) gets the scale search instead."""
+        return "search" if self.method == "gptq" else self.method
 
     def to_dict(self) -> dict:
-        return {"quant_type": self.quant_type.value, "block_size": self.block_size,
-                "double_quant": self.double_quant, "embeddings": self.embeddings,
-                "int8_scale_from": self.int8_scale_from}
+        """The record a manifest keeps. Round to nearest records no method, as before methods
+        existed, so its records (and the jobs of older runs) are unchanged."""
+        d = {"quant_type": self.quant_type.value, "block_size": self.block_size,
+             "double_quant": self.double_quant, "embeddings": self.embeddings,
+             "int8_scale_from": self.int8_scale_from}
+        if self.method != "rtn":
+            d["method"] = self.method
+        if self.method == "gptq":
+            d.update(calibration_sha256=self.calibration_sha256, calibration_tokens=self.calibration_tokens)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSettings":
-        """From a manifest record: every field present (a record states what was done)."""
-        if not isinstance(d, dict) or set(d) != set(_FIELDS):
+        """From a manifest record: every field present (a record states what was done); a record
+        without a method is round to nearest."""
+        if not isinstance(d, dict) or not set(_FIELDS) <= set(d) <= {*_FIELDS, *_METHOD_FIELDS}:
             raise ValueError("quantization record has unexpected keys")
         try:
             return cls(**d)
@@ -94,16 +142,17 @@ def settings_from_options(bits: int | str | None = None, *, quant_type: str | No
                           base: QuantSettings | None = None, **options) -> QuantSettings:
     """Settings from command-line style options: `bits` 8 or 4 (4-bit: `quant_type` nf4 by
     default), or a recipe's `base` settings, overridden by `options` (block_size, double_quant,
-    embeddings, int8_scale_from; None means "not given"). Contradictions raise OptionsError.
+    embeddings, int8_scale_from, method, calibration_sha256, calibration_tokens; None means "not
+    given"). Contradictions raise OptionsError.
 
     >>> settings_from_options(4, block_size=64).block_size
     64
     """
     options = {k: v for k, v in options.items() if v is not None}
-    unknown = set(options) - set(_FIELDS[1:])
+    unknown = set(options) - {*_FIELDS[1:], *_METHOD_FIELDS}
     if unknown:
         raise OptionsError(f"unknown quantization option(s) {', '.join(sorted(unknown))}. "
-                           f"Use {', '.join(_FIELDS[1:])}.")
+                           f"Use {', '.join((*_FIELDS[1:], *_METHOD_FIELDS))}.")
     if (bits is None) == (base is None):
         raise OptionsError("give either bits (8 or 4) or a recipe. E.g. `bloomconv quantize --bits 8 SRC DST`.")
     if base is not None:

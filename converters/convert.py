@@ -15,18 +15,19 @@ import hashlib
 import json
 import math
 import os
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from bloomconv import __version__
 from bloomconv.atomic import atomic_write_bytes, commit, discard, open_temporary
-from bloomconv.errors import DestinationError, SourceError
+from bloomconv.errors import DestinationError, OptionsError, SourceError
 from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, FORMAT_VERSION, HF_INDEX_NAME, JOB_SIGNATURE_KEY,
                               PREFIX, SIGNATURE_NAME, QuantType, all_units, unit_file, unit_tensor_names)
 from bloomconv.hashing import sha256_file
 from bloomconv.manifest import FileEntry, Manifest, TensorEntry, read_manifest, write_manifest
-from bloomconv.settings import QuantSettings
+from bloomconv.settings import DEFAULT_CALIBRATION_TOKENS, QuantSettings
 from bloomconv.progress import ProgressFactory, no_progress
 from bloomconv.signing import SigningKey, sign
 from bloomconv.verification import signature_pending
@@ -34,7 +35,7 @@ from bloomconv.safetensors_io import StreamedTensor, st_dtype, write_safetensors
 from bloomconv.storage.base import CHUNK_ELEMENTS, ReadReport
 
 from .destination import Destination, explain_os_error
-from .encode import stream_for_storage
+from .encode import stream_computed, stream_for_storage
 from .reading import SourceReading
 from .source import SourceCheckpoint, open_source, resolve_source
 
@@ -46,6 +47,7 @@ def _silent(message: str) -> None:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: QuantSettings | None = None,
+            calibrate: str | os.PathLike | None = None, device: str = "cpu",
             signing: SigningKey | None = None, progress: ProgressFactory = no_progress, log: Log = _silent) -> Manifest:
     """Convert the checkpoint in `src` into a bloomconv directory `dst`; return its manifest.
 
@@ -62,18 +64,29 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: Qua
     ...         log=print)                                       # doctest: +SKIP
     resuming: 12 of 26 weight files already written
     >>> convert("bloom-560m", "bloom-560m-blocks", signing=SigningKey("publisher.pem"))  # doctest: +SKIP
+
+    `calibrate`: the calibration text of `quantization.method == "gptq"` (its sha256 must be the
+    one the settings record); `device`: where GPTQ computes ("cpu", "cuda").
     """
     if signing is not None:
         signing.check()
+    calibration = None
+    if quantization is not None and quantization.method == "gptq":
+        from .calibration import CalibrationText
+        calibration = CalibrationText.open(calibrate, quantization, device)
+    elif calibrate is not None:
+        raise OptionsError("calibration text applies to method gptq only. Drop --calibrate, or use --method gptq.")
     source = open_source(src)
+    if calibration is not None:  # tokenized, and the memory checked, before anything is written
+        calibration = (calibration.device, calibration.checked_windows(source, quantization))
     job = _job_record(source, quantization, signing)
-    started_by = {"command": command_line(quantization, signing), "source": str(source.root.resolve())}
+    started_by = {"command": command_line(quantization, signing, calibrate), "source": str(source.root.resolve())}
     with Destination(dst) as destination:
         if destination.has_manifest():
             return _already_finished(destination, source, quantization, signing, job, log)
         try:
             resuming = destination.start_or_resume(job, started_by)
-            manifest = _run(source, destination, quantization, progress, log if resuming else None)
+            manifest = _run(source, destination, quantization, progress, log if resuming else None, calibration)
             write_manifest(destination.path, manifest)
             if signing is not None:  # the job record stays until the signature is written
                 sign(destination.path, signing)
@@ -86,6 +99,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: Qua
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = None, *,
              quant_type: str | None = None, block_size: int | None = None, double_quant: bool | None = None,
              embeddings: bool | None = None, int8_scale_from: str | None = None, recipe: str | None = None,
+             method: str | None = None, calibrate: str | os.PathLike | None = None,
+             calibration_tokens: int | None = None, device: str = "cpu",
              signing: SigningKey | None = None, progress: ProgressFactory = no_progress,
              log: Log = _silent) -> Manifest:
     """`convert` with the block weights quantized: `bits` 8 (LLM.int8()) or 4 (`quant_type` nf4 or
@@ -93,27 +108,45 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = 
     defaults as `bloomconv quantize`; every combination is validated before anything is read.
     `signing` signs the result as `convert`'s does.
 
+    `method` (bloomconv.settings.METHODS): "rtn" (default, bitsandbytes' own rounding), "search"
+    (each block's scale searched), "gptq" (calibrated on the text file `calibrate`, at most
+    `calibration_tokens` of it, computed on `device`); `calibrate` alone means gptq.
+
     >>> quantize("bloom-560m", "bloom-560m-int8", bits=8)                              # doctest: +SKIP
     >>> quantize("bloom-560m", "bloom-560m-nf4", bits=4, quant_type="nf4", block_size=64)  # doctest: +SKIP
     >>> quantize("bloom", "bloom-int8", recipe="bloom-176b-int8")                      # doctest: +SKIP
+    >>> quantize("bloom-560m", "bloom-560m-gptq", bits=4, calibrate="wiki.train.txt")  # doctest: +SKIP
     """
     from bloomconv.recipes import quantization_for
+    if calibrate is not None and method is None:
+        method = "gptq"
+    calibration_sha256 = None
+    if calibrate is not None and method == "gptq":
+        from .calibration import calibration_sha256 as text_sha256
+        calibration_sha256 = text_sha256(calibrate)
     src = resolve_source(src)  # a recipe checks the source's config.json
     settings = quantization_for(src, bits=bits, recipe=recipe, quant_type=quant_type, block_size=block_size,
-                                double_quant=double_quant, embeddings=embeddings, int8_scale_from=int8_scale_from)
-    return convert(src, dst, quantization=settings, signing=signing, progress=progress, log=log)
+                                double_quant=double_quant, embeddings=embeddings, int8_scale_from=int8_scale_from,
+                                method=method, calibration_sha256=calibration_sha256,
+                                calibration_tokens=calibration_tokens)
+    return convert(src, dst, quantization=settings, calibrate=calibrate, device=device, signing=signing,
+                   progress=progress, log=log)
 
 
-def command_line(quantization: QuantSettings | None, signing: SigningKey | None = None) -> str:
+def command_line(quantization: QuantSettings | None, signing: SigningKey | None = None,
+                 calibrate: str | os.PathLike | None = None) -> str:
     """The `bloomconv` command (options, no source or destination) that asks for `quantization`
-    and `signing` (whose files are named by absolute path, so that the command can be re-run).
+    and `signing` (whose files are named by absolute path, so that the command can be re-run), with
+    `calibrate` the calibration text of gptq.
 
     >>> command_line(QuantSettings(QuantType.INT8)), command_line(QuantSettings(QuantType.FP4, 64))
     ('quantize --bits 8', 'quantize --bits 4 --quant-type fp4 --block-size 64')
     >>> command_line(None, SigningKey("/keys/private.pem"))
     'convert --sign-key /keys/private.pem'
+    >>> command_line(QuantSettings(QuantType.NF4, method="gptq", calibration_sha256="0" * 64), None, "/t/c.txt")
+    'quantize --bits 4 --quant-type nf4 --calibrate /t/c.txt'
     """
-    words = ["convert"] if quantization is None else _quantize_words(quantization)
+    words = ["convert"] if quantization is None else _quantize_words(quantization, calibrate)
     if signing is not None:
         words += ["--sign-key", str(signing.private_key.absolute())]
         if signing.certificate is not None:
@@ -123,7 +156,7 @@ def command_line(quantization: QuantSettings | None, signing: SigningKey | None 
     return " ".join(words)
 
 
-def _quantize_words(quantization: QuantSettings) -> list[str]:
+def _quantize_words(quantization: QuantSettings, calibrate: str | os.PathLike | None) -> list[str]:
     q, preset = quantization, QuantSettings(quantization.quant_type)
     words = ["quantize", "--bits", "8"] if q.quant_type is QuantType.INT8 else \
         ["quantize", "--bits", "4", "--quant-type", q.quant_type.value]
@@ -135,6 +168,12 @@ def _quantize_words(quantization: QuantSettings) -> list[str]:
         words.append("--embeddings" if q.embeddings else "--no-embeddings")
     if q.int8_scale_from != preset.int8_scale_from:
         words += ["--int8-scale-from", q.int8_scale_from]
+    if q.method == "search":
+        words += ["--method", "search"]
+    if q.method == "gptq":
+        words += ["--calibrate", str(Path(calibrate).absolute()) if calibrate else f"<text of sha256 {q.calibration_sha256}>"]
+        if q.calibration_tokens != DEFAULT_CALIBRATION_TOKENS:
+            words += ["--calibration-tokens", str(q.calibration_tokens)]
     return words
 
 
@@ -175,8 +214,10 @@ def _already_finished(destination: Destination, source: SourceCheckpoint, quanti
 
 
 def _run(source: SourceCheckpoint, destination: Destination, quantization: QuantSettings | None,
-         progress: ProgressFactory, resume_log: Log | None) -> Manifest:
-    """Write every file and return the manifest; `resume_log` (a resumed run) hears how much was kept."""
+         progress: ProgressFactory, resume_log: Log | None,
+         calibration: tuple[torch.device, torch.Tensor] | None = None) -> Manifest:
+    """Write every file and return the manifest; `resume_log` (a resumed run) hears how much was kept.
+    `calibration`: GPTQ's device and calibration windows (calibration.py), for method gptq."""
     units = all_units(source.geometry.n_layer)
     total = sum(source.file_size(n) for n in source.weight_files)
     recorded = {name: entry for name in source.weight_files
@@ -194,6 +235,14 @@ def _run(source: SourceCheckpoint, destination: Destination, quantization: Quant
         bar.update(sum(_unit_bytes(source, unit) for unit in units if resumed[unit] is not None))
         last_use = {file: unit for unit in remaining for file in _unit_files(source, unit)}
         written = {}
+        calibrator = None
+        if calibration is not None:
+            from .calibration import BlockCalibration
+
+            def finished(unit: str) -> tuple[Path, dict[str, QuantType]]:
+                entry = (resumed[unit] or written[unit]).result()  # waits for the commit
+                return destination.path / entry.name, {t.name: QuantType(t.quant) for t in entry.tensors}
+            calibrator = BlockCalibration(*calibration, source, quantization, finished)
         # This thread computes each unit's tensors piece by piece as it writes them (nothing of a
         # unit is held whole); the reading thread hashes the source just ahead of it and the
         # committer fsyncs the previous file. Commits stay in order.
@@ -202,7 +251,10 @@ def _run(source: SourceCheckpoint, destination: Destination, quantization: Quant
                 for upcoming in remaining[position:position + 2]:  # read ahead into the next unit's shards
                     for file in _unit_files(source, upcoming):
                         reading.open(file)
-                written[unit] = _write_stored(destination, unit, _stored_streams(source, reading, unit, quantization),
+                calibrated = {} if calibrator is None or not unit.startswith("block_") else \
+                    calibrator.quantize_block(int(unit.removeprefix("block_")), reading)
+                written[unit] = _write_stored(destination, unit,
+                                              _stored_streams(source, reading, unit, quantization, calibrated),
                                               committer)
                 for file in _unit_files(source, unit):
                     if last_use[file] == unit:
@@ -244,12 +296,16 @@ def _source_entry(source: SourceCheckpoint, destination: Destination, name: str)
     return entry
 
 
-def _stored_streams(source: SourceCheckpoint, reading: SourceReading, unit: str,
-                    quantization: QuantSettings | None) -> list[tuple[str, StreamedTensor, QuantType]]:
+def _stored_streams(source: SourceCheckpoint, reading: SourceReading, unit: str, quantization: QuantSettings | None,
+                    calibrated: dict[str, dict[str, torch.Tensor]] | None = None
+                    ) -> list[tuple[str, StreamedTensor, QuantType]]:
     """The tensors one unit's file holds, each computed as it is written: source tensors, quantized
-    where asked."""
+    where asked; a weight in `calibrated` (by prefixed name: GPTQ's) is stored as computed there."""
     stored: list[tuple[str, StreamedTensor, QuantType]] = []
     for name in unit_tensor_names(unit):
+        if calibrated and PREFIX + name in calibrated:
+            stored.extend(stream_computed(PREFIX + name, calibrated[PREFIX + name], quantization))
+            continue
         meta = source.tensors[name]
         shard = reading.open(meta.file)
         tensor = shard.tensor(meta.stored_name)

@@ -31,7 +31,7 @@ from bloomconv.settings import QuantSettings
 from bloomconv.storage import storage_for
 from bloomconv.storage.base import NO_REPORT, ReadReport, stream_as_stored
 
-__all__ = ["config_with_quantization", "encode_for_storage", "stream_for_storage"]
+__all__ = ["config_with_quantization", "encode_for_storage", "stream_computed", "stream_for_storage"]
 
 _TIED_HEAD_MODULE = "lm_head"  # never stored (tied to the embeddings): transformers must not convert it
 RUNTIME_ONLY_NOTE = ("quantized word embeddings: transformers cannot load this directory. Run it with bloomconv "
@@ -67,6 +67,14 @@ def stream_for_storage(name: str, tensor: torch.Tensor, settings: QuantSettings 
     module = name.removesuffix(".weight")
     stored = storage_for(settings.quant_type).encode_stream(tensor, settings, name=name, report=report)
     return [(f"{module}.{key}", value, settings.quant_type) for key, value in stored.items()]
+
+
+def stream_computed(name: str, stored: dict[str, torch.Tensor],
+                    settings: QuantSettings) -> list[tuple[str, StreamedTensor, QuantType]]:
+    """`stream_for_storage` of a weight whose stored tensors were computed beforehand (GPTQ's, by
+    the storage type's own keys, in its order)."""
+    module = name.removesuffix(".weight")
+    return [(f"{module}.{key}", stream_as_stored(value), settings.quant_type) for key, value in stored.items()]
 
 
 def config_with_quantization(config_bytes: bytes, settings: QuantSettings) -> bytes:

@@ -27,7 +27,7 @@ import torch
 
 from bloomconv.format import CONFIG_NAME, PREFIX, SAFETENSORS_SINGLE_NAME, TOKENIZER_NAMES
 
-__all__ = ["GEOMETRY", "MODULES", "packaged_model", "training_text", "train"]
+__all__ = ["GEOMETRY", "MODULES", "packaged_model", "training_text", "train", "write_model"]
 
 GEOMETRY = (192, 4, 6, 4096)  # hidden, layers, heads, vocab: 2.6 M parameters, 5 MB in bf16
 # Modules whose documentation is the training text: pure documentation, no import side effects.
@@ -70,18 +70,26 @@ def _tokenizer(text: str, vocab_size: int):
     return tokenizer
 
 
-def train(out: Path, steps: int, batch: int = 16, seed: int = 0, lr: float = 3e-3) -> dict:
-    """Train the example model and write it to `out`; return its training record."""
-    from safetensors.torch import save_file
-    from transformers import BloomConfig, BloomForCausalLM
+def train(out: Path, steps: int, batch: int = 16, seed: int = 0, lr: float = 3e-3, *,
+          text: str | None = None, heldout: str | None = None, geometry: tuple[int, int, int, int] = GEOMETRY,
+          card=None) -> dict:
+    """Train a small BLOOM and write it to `out`; return its training record.
 
+    The defaults train the example model: `text` is `training_text()`, its last 5 % of tokens held
+    out. With `heldout` given, the tokenizer and the model see only `text`, and `heldout` is the
+    text the record's perplexity is measured on. `card(record)` writes the model card (README.md).
+    """
     torch.manual_seed(seed)
-    text = training_text()
-    hidden, n_layer, n_head, vocab = GEOMETRY
+    text = training_text() if text is None else text
+    hidden, n_layer, n_head, vocab = geometry
     tokenizer = _tokenizer(text, vocab)
     ids = torch.tensor(tokenizer.encode(text).ids, dtype=torch.long)
-    split = int(len(ids) * 0.95)
-    train_ids, heldout_ids = ids[:split], ids[split:]
+    if heldout is None:
+        split = int(len(ids) * 0.95)
+        train_ids, heldout_ids = ids[:split], ids[split:]
+    else:
+        train_ids, heldout_ids = ids, torch.tensor(tokenizer.encode(heldout).ids, dtype=torch.long)
+    from transformers import BloomConfig, BloomForCausalLM
     config = BloomConfig(hidden_size=hidden, n_layer=n_layer, n_head=n_head, vocab_size=vocab,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
     model = BloomForCausalLM(config)
@@ -112,18 +120,25 @@ def train(out: Path, steps: int, batch: int = 16, seed: int = 0, lr: float = 3e-
               "heldout_perplexity": round(math.exp(heldout_loss), 2),
               "seconds": round(time.monotonic() - started), "torch": torch.__version__}
 
+    write_model(out, model, tokenizer)
+    (out / "README.md").write_text((card or _model_card)(record))
+    return record
+
+
+def write_model(out: Path, model, tokenizer) -> None:
+    """Write a `BloomForCausalLM` as bf16 safetensors with its config and tokenizer into `out`."""
+    from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file({k if k.startswith(PREFIX) else PREFIX + k: v for k, v in state.items()},
               out / SAFETENSORS_SINGLE_NAME, metadata={"format": "pt"})
+    config = model.config
     config.dtype = "bfloat16"
     (out / CONFIG_NAME).write_text(config.to_json_string())
     tokenizer.save(str(out / TOKENIZER_NAMES[0]))
     (out / TOKENIZER_NAMES[1]).write_text(json.dumps(
         {"tokenizer_class": "BloomTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
          "unk_token": "<unk>", "pad_token": "<pad>", "padding_side": "left"}, indent=2) + "\n")
-    (out / "README.md").write_text(_model_card(record))
-    return record
 
 
 def _model_card(record: dict) -> str:

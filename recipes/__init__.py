@@ -81,8 +81,9 @@ def get_recipe(name: str) -> Recipe:
 def quantization_for(src: str | os.PathLike, *, bits: int | str | None = None, recipe: str | None = None,
                      quant_type: str | None = None, **options) -> QuantSettings:
     """The settings `quantize` uses for `src`: `bits` (8 or 4) or a `recipe` (checked against the
-    source's config), with `options` (block_size, double_quant, embeddings, int8_scale_from)
-    overriding the preset. Contradicting or inapplicable options raise OptionsError.
+    source's config), with `options` (block_size, double_quant, embeddings, int8_scale_from, and
+    the method: method, calibration_sha256, calibration_tokens) overriding the preset.
+    Contradicting or inapplicable options raise OptionsError.
 
     >>> quantization_for("bloom-560m", recipe="bloom-560m-nf4", block_size=64)  # doctest: +SKIP
     """

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ import torch
 from bloomconv import kernels
 from bloomconv.errors import ManifestError, MemoryBudgetError, SourceError
 from bloomconv.format import (CONFIG_NAME, EMBEDDINGS_UNIT, FINAL_UNIT, MANIFEST_NAME, PREFIX, QuantType,
-                              TOKENIZER_NAMES, block_unit)
+                              TOKENIZER_NAMES, all_units, block_unit)
 from bloomconv.geometry import Geometry
 from bloomconv.manifest import Manifest, read_manifest
 from bloomconv.process_stats import available_memory
@@ -136,12 +137,16 @@ class Checkpoint:
 
 def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_budget: str | int | None = None,
                     dtype: torch.dtype = torch.float32, max_tokens: int | None = None,
-                    **trusted_signer) -> Checkpoint:
+                    units: Collection[str] | None = None, **trusted_signer) -> Checkpoint:
     """Verify `directory` (`"fast"`: sizes and headers; `"full"`: every hash; and its signature
     when `trusted_signer` names one: `public_key`, `certificate_chain`, or `identity` and `issuer`,
     as `bloomconv.verify` takes them), plan residency within `ram_budget` (see `parse_size`; "min":
     the least that runs; None: `default_ram_budget`) for runs of up to `max_tokens` tokens in
-    compute `dtype`, and start reading the pinned files in the background."""
+    compute `dtype`, and start reading the pinned files in the background.
+
+    `units`: open only these (a pipeline rank's share, `pipeline`): only their files are verified,
+    planned for and opened; the others may be absent. The tokenizer is read only with the
+    embeddings, which turn text into the first hidden states. None: every unit."""
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
@@ -149,14 +154,19 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_b
         raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
     directory = Path(directory)
     manifest = read_manifest(directory)
-    _raise_for_problems(directory, verify, trusted_signer)
+    holds_text = units is None or EMBEDDINGS_UNIT in units
+    only = None if units is None else {CONFIG_NAME, *(manifest.unit_file(unit) for unit in units),
+                                       *(TOKENIZER_NAMES if holds_text else ())}
+    _raise_for_problems(directory, verify, trusted_signer, only)
     config_path = directory / CONFIG_NAME
     config = json.loads(config_path.read_text(encoding="utf-8"))
     geometry = Geometry.from_config(config, config_path)
     if config.get("apply_residual_connection_post_layernorm", False):
         raise SourceError(config_path, "apply_residual_connection_post_layernorm is true",
                           "The runtime runs BLOOM as released (false); use transformers for this variant.")
-    units = [EMBEDDINGS_UNIT, *(block_unit(i) for i in range(geometry.n_layer)), FINAL_UNIT]
+    every_unit = all_units(geometry.n_layer)
+    units = every_unit if units is None else [unit for unit in every_unit if unit in units]
+    held = dataclasses.replace(geometry, n_layer=sum(unit not in (EMBEDDINGS_UNIT, FINAL_UNIT) for unit in units))
     files = {unit: MappedFile(directory / manifest.unit_file(unit), _quant_tags(directory, manifest, unit))
              for unit in units}
     matrices = _matrices(geometry.n_layer)
@@ -164,7 +174,7 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_b
     unit_pieces = {unit: UnitPieces(len(p), max((piece.nbytes for piece in p), default=0))
                    for unit, p in pieces.items()}
     sizes = {unit: f.resident_size for unit, f in files.items()}
-    kv, working_set = kv_cache_bytes(geometry, dtype, max_tokens), working_set_bytes(geometry, dtype, max_tokens)
+    kv, working_set = kv_cache_bytes(held, dtype, max_tokens), working_set_bytes(held, dtype, max_tokens)
     minimum = minimum_budget(sizes, unit_pieces, kv + working_set, readahead.STREAM_BUFFERS)
     parts = (f"weights {(minimum - kv - working_set) / 1e6:,.1f} MB, KV cache {kv / 1e6:,.1f} MB and "
              f"working set {working_set / 1e6:,.1f} MB for {max_tokens} tokens")
@@ -193,7 +203,8 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_b
     residency = plan_residency(sizes, geometry.n_layer, budget, pieces=unit_pieces, reserve=kv + working_set,
                                stream_buffers=readahead.STREAM_BUFFERS, widened_sizes=widened, kv_cache_bytes=kv,
                                working_set_bytes=working_set, max_tokens=max_tokens, budget_rule=rule)
-    return Checkpoint(directory, manifest, config, geometry, files, _tokenizer(directory), residency, pieces)
+    tokenizer = _tokenizer(directory) if holds_text else None
+    return Checkpoint(directory, manifest, config, geometry, files, tokenizer, residency, pieces)
 
 
 def _matrices(n_layer: int) -> dict[str, list[str]]:
@@ -213,9 +224,9 @@ def _quant_tags(directory: Path, manifest: Manifest, unit: str) -> dict[str, Qua
     return {tensor.name: tensor.quant for tensor in entry.tensors}
 
 
-def _raise_for_problems(directory: Path, mode: str, trusted_signer: dict) -> None:
+def _raise_for_problems(directory: Path, mode: str, trusted_signer: dict, only: set[str] | None) -> None:
     from bloomconv.verification import verify
-    report = verify(directory, fast=mode == "fast", **trusted_signer)
+    report = verify(directory, fast=mode == "fast", only=only, **trusted_signer)
     # A file the manifest does not list (a README, notes) cannot change what the model computes;
     # one added since signing is refused all the same (the signer did not vouch for it).
     report.raise_for_problems(ignore_kinds=("extra",))

@@ -16,7 +16,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from bloomconv.settings import QuantSettings
 from .checkpoint import Checkpoint, open_checkpoint
 from .model import KVCache, Transformer
 
+if TYPE_CHECKING:
+    from .pipeline import PipelineOptions
+
 __all__ = ["Bloom", "Config", "GenerationOptions", "GenerationStats", "Tokenizer", "load", "next_tokens",
            "repetition_penalty", "top_k_mask", "top_p_mask"]
 
@@ -35,7 +38,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
          dtype: torch.dtype = torch.float32, ram_budget: str | int | None = None,
          threads: int | None = None, max_tokens: int | None = None, public_key: str | os.PathLike | None = None,
          certificate_chain: tuple[str | os.PathLike, ...] = (), identity: str | None = None,
-         issuer: str | None = None) -> "Bloom":
+         issuer: str | None = None, pipeline: "bool | PipelineOptions" = False) -> "Bloom | None":
     """Open a converted (optionally quantized) directory for inference.
 
     Returns once headers are checked; the weights that stay in RAM are read on a background
@@ -68,6 +71,9 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     before any weight is read; this hashes every byte once, whatever `verify` says. An unsigned
     directory, another signer's, or a file changed, added or removed since signing raise
     SignatureError naming the cause.
+    `pipeline`: True (or a `pipeline.PipelineOptions`) in a torchrun-launched process: this rank
+    holds a share of the blocks and the ranks run the model together (`pipeline`); rank 0 gets the
+    model, the other ranks serve until it is closed, then get None.
     Raises VerificationError naming each damaged file, OptionsError for a device torch lacks.
 
     >>> model = load("bloom-560m-int8", public_key="publisher.pub")         # doctest: +SKIP
@@ -80,6 +86,12 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionsError(f"device {str(device)!r} is not available: this torch ({torch.__version__}) sees no "
                            "CUDA GPU. Use device 'cpu', or install torch's CUDA build on a machine with one.")
+    if pipeline:
+        from .pipeline import PipelineOptions, load_pipeline
+        options = pipeline if isinstance(pipeline, PipelineOptions) else PipelineOptions()
+        return load_pipeline(directory, options, device=device, dtype=dtype, ram_budget=ram_budget, verify=verify,
+                             max_tokens=max_tokens, public_key=public_key, certificate_chain=certificate_chain,
+                             identity=identity, issuer=issuer)
     checkpoint = open_checkpoint(directory, verify=verify, ram_budget=ram_budget, dtype=dtype, max_tokens=max_tokens,
                                  public_key=public_key,
                                  certificate_chain=certificate_chain, identity=identity, issuer=issuer)

@@ -48,8 +48,9 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        """Tokens cached (all blocks agree once a forward pass has finished)."""
-        return self._lengths[-1]
+        """Tokens cached (the blocks used agree once a forward pass has finished; a pipeline stage
+        uses only its own)."""
+        return max(self._lengths)
 
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add (B, nh, T, hs) keys and values; return all of this block's, (B, nh, S, hs)."""
@@ -115,11 +116,17 @@ class Transformer:
 
         `attention_mask` (B, past + T) marks real tokens 1 and padding 0; pad on the left.
         """
-        g = self.geometry
         input_ids = input_ids.to(self.device)
         B, T = input_ids.shape
-        past = past if past is not None else KVCache(g.n_layer)
-        S = past.length + T
+        past = past if past is not None else KVCache(self.geometry.n_layer)
+        bias = self.attention_bias(attention_mask, B, T, past.length)
+        with self.threads_for(B * T):
+            x = self.embed(input_ids)
+            return self.run(x, range(self.geometry.n_layer), bias, past, head=True, last_only=last_only), past
+
+    def attention_bias(self, attention_mask: torch.Tensor | None, B: int, T: int, cached: int) -> torch.Tensor:
+        """ALiBi bias plus causal and padding mask, (B, nh, T, S), for T new tokens after `cached`."""
+        S = cached + T
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.long, device=self.device)
         attention_mask = attention_mask.to(self.device, torch.long)
@@ -129,27 +136,38 @@ class Transformer:
         # Query t sits at position past + t: it sees every earlier key that is not padding. A
         # finite minimum, not -inf: a padding query that sees nothing gets a harmless uniform
         # softmax rather than NaNs that its cached keys and values would carry to later tokens.
-        causal = torch.ones(T, S, dtype=torch.bool, device=self.device).tril(diagonal=past.length)
+        causal = torch.ones(T, S, dtype=torch.bool, device=self.device).tril(diagonal=cached)
         allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]         # (B, 1, T, S)
         blocked = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         blocked.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        bias = alibi_bias(attention_mask, g.n_head, self.dtype) + blocked               # (B, nh, T, S)
+        return alibi_bias(attention_mask, self.geometry.n_head, self.dtype) + blocked   # (B, nh, T, S)
 
-        decoding = self.device.type == "cpu" and B * T <= fourbit.SMALL_BATCH_ROWS
-        with kernels.kernels_own_the_cores() if decoding else contextlib.nullcontext():
-            return self._layers(input_ids, bias, past, last_only), past
+    def threads_for(self, rows: int) -> contextlib.AbstractContextManager:
+        """Where a pass over `rows` token rows runs: a decoding step on the CPU gives the cores to
+        bloomconv's kernels."""
+        decoding = self.device.type == "cpu" and rows <= fourbit.SMALL_BATCH_ROWS
+        return kernels.kernels_own_the_cores() if decoding else contextlib.nullcontext()
 
-    def _layers(self, input_ids: torch.Tensor, bias: torch.Tensor, past: KVCache, last_only: bool) -> torch.Tensor:
-        g = self.geometry
-        checkpoint = self.checkpoint
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H): embedding rows and word_embeddings_layernorm."""
         # the B*T embedding rows are looked up where the weights live, then moved (not the matrix)
-        embeddings = embedding_weights(checkpoint.peek(EMBEDDINGS_UNIT))
+        embeddings = embedding_weights(self.checkpoint.peek(EMBEDDINGS_UNIT))
         x = embeddings.word_embeddings.rows(input_ids.cpu(), self.dtype).to(self.device)  # (B, T, H)
-        x = self._layer_norm(x, embeddings.layernorm.to(self.device))
-        units = [*(block_unit(layer) for layer in range(g.n_layer)), FINAL_UNIT, EMBEDDINGS_UNIT]
+        return self._layer_norm(x, embeddings.layernorm.to(self.device))
+
+    def run(self, x: torch.Tensor, layers: range, bias: torch.Tensor, past: KVCache, *, head: bool,
+            last_only: bool = False) -> torch.Tensor:
+        """Hidden states (B, T, H) through the blocks `layers`; with `head`, then ln_f and the
+        lm_head: logits (B, T, vocab), or (B, 1, vocab) with `last_only`. A pipeline stage runs
+        its own blocks (`pipeline`); the whole model runs them all and the head."""
+        units = [*(block_unit(layer) for layer in layers), *((FINAL_UNIT, EMBEDDINGS_UNIT) if head else ())]
+        if not units:
+            return x
         with contextlib.closing(self._on_device(units)) as weights:  # closing releases a unit held on errors
-            for layer in range(g.n_layer):
+            for layer in layers:
                 x = self._block(x, block_weights(next(weights), layer), layer, bias, past)
+            if not head:
+                return x
             x = self._layer_norm(x, final_weights(next(weights)))
             if last_only:
                 # standard strides: with a size-1 dim strided otherwise, F.linear goes through bmm and

@@ -103,11 +103,12 @@ def plan_residency(sizes: dict[str, int], n_layer: int, budget: int, *, pieces: 
     are faster than its bf16 ones or converting on the fly. Otherwise files are pinned as stored,
     so that the budget saves the most disk reads. A budget below `minimum_budget` streams every
     file and still takes that much. `details` (kv_cache_bytes, working_set_bytes, max_tokens,
-    budget_rule) are recorded in the Residency.
+    budget_rule) are recorded in the Residency. `sizes` may hold only some of the `n_layer` blocks,
+    with or without the final and embedding files: a pipeline stage's share (`pipeline`).
     """
-    blocks = [block_unit(i) for i in range(n_layer)]
-    use_order = [*blocks, FINAL_UNIT, EMBEDDINGS_UNIT]
-    load_order = (EMBEDDINGS_UNIT, *blocks, FINAL_UNIT)
+    blocks = [block_unit(i) for i in range(n_layer) if block_unit(i) in sizes]
+    use_order = [u for u in (*blocks, FINAL_UNIT, EMBEDDINGS_UNIT) if u in sizes]
+    load_order = tuple(u for u in (EMBEDDINGS_UNIT, *blocks, FINAL_UNIT) if u in sizes)
     room = budget - reserve
     if widened_sizes is not None and sum(widened_sizes.values()) <= room:
         return Residency(budget, load_order, (), sum(widened_sizes.values()), widened=True, **details)
@@ -117,12 +118,12 @@ def plan_residency(sizes: dict[str, int], n_layer: int, budget: int, *, pieces: 
     room -= min(stream_buffers, sum(p.count for p in pieces.values())) * max(p.largest for p in pieces.values())
     pinned: set[str] = set()
     for unit in (FINAL_UNIT, EMBEDDINGS_UNIT):
-        if sizes[unit] <= room:
+        if unit in sizes and sizes[unit] <= room:
             pinned.add(unit)
             room -= sizes[unit]
     block_size = max(sizes[b] for b in blocks) if blocks else 1
-    n_streamed = n_layer - min(n_layer, max(0, room // block_size))
-    streamed_blocks = {blocks[j * n_layer // n_streamed] for j in range(n_streamed)}  # evenly spaced
+    n_streamed = len(blocks) - min(len(blocks), max(0, room // block_size))
+    streamed_blocks = {blocks[j * len(blocks) // n_streamed] for j in range(n_streamed)}  # evenly spaced
     pinned.update(b for b in blocks if b not in streamed_blocks)
     streamed = tuple(u for u in use_order if u not in pinned)
     count = sum(pieces[u].count for u in streamed)

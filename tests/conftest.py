@@ -35,9 +35,10 @@ def converted_copy(converted, tmp_path):
     return dst
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restores_threads():
-    """For tests that change torch's (process-wide) thread count."""
+    """Every test leaves torch's (process-wide) thread count as it found it: benchmarks and
+    `load(threads=...)` set it, and products may round differently at another count."""
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)

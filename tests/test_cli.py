@@ -161,7 +161,8 @@ def test_quantize_on_a_terminal_shows_a_quantize_bar_then_the_summary(release_ch
     drawn = b"".join(drawn)
     assert process.returncode == 0, drawn
     assert b"quantize:" in drawn and b"convert" not in drawn, drawn
-    assert re.search(r": int8, \d+ files, [\d,]+ bytes \(0\.\d{3} of the source's [\d,]+\) in \d+\.\d s$", stdout)
+    assert re.search(r": int8, \d+\.\d\d bits per weight, 0\.\d{3} of its 16-bit size, \d+ files, [\d,]+ bytes "
+                     r"\(0\.\d{3} of the source's [\d,]+\) in \d+\.\d s$", stdout)
 
 
 def _drain(fd, chunks: list) -> None:

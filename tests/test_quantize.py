@@ -60,7 +60,7 @@ def test_quantized_values_dequantize_close_to_the_source(int8_dir, release_check
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--bits", "4"], QuantSettings(QuantType.NF4, 128, True, False)),
+    (["--bits", "4"], QuantSettings(QuantType.NF4, 32, True, False)),
     (["--bits", "8", "--no-embeddings"], QuantSettings(QuantType.INT8, embeddings=False)),
     (["--bits", "4", "--quant-type", "fp4", "--block-size", "128", "--no-double-quant", "--embeddings"],
      QuantSettings(QuantType.FP4, 128, False, True)),
@@ -133,7 +133,8 @@ def test_recipes_command_lists_sizes():
     result = run("recipes", "--json")
     rows = {r["recipe"]: r for r in json.loads(result.output)}
     assert rows["bloom-176b-int8"]["output_bytes"] < 0.52 * rows["bloom-176b-int8"]["source_bytes"]
-    assert rows["bloom-176b-nf4"]["output_bytes"] < 0.28 * rows["bloom-176b-nf4"]["source_bytes"]
+    # blocks at ~4.3 bits per weight (block 32 + double quant), bf16 embeddings (2 % of the weights)
+    assert rows["bloom-176b-nf4"]["output_bytes"] < 0.29 * rows["bloom-176b-nf4"]["source_bytes"]
     assert "bloom-560m-nf4" in run("recipes").output
 
 

@@ -58,6 +58,10 @@ __all__ = ["DEQUANTIZE_TILE_BYTES", "SMALL_BATCH_ROWS", "FourBitMatrix", "Nested
 # wins once the multiply, not reading the weight, is the cost: around 32 rows the two cost the same.
 SMALL_BATCH_ROWS = 32
 DEQUANTIZE_TILE_BYTES = 8 * 1024 * 1024  # fp32 tile for the large-batch path
+# Rows per GEMM of the large-batch path, whatever the tile: a matrix multiplied whole and the same
+# matrix multiplied in row slices (the runtime streams multiples of 64 rows) then make the same
+# GEMM calls, and torch's GEMM, whose rounding may depend on the shape, gives the same bits.
+GEMM_ROWS = 64
 
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/fourbit.c's ROUND_*
 
@@ -142,12 +146,14 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
         _kernels.fourbit_matmul(flat.data_ptr(), batch, out.data_ptr(), kernel_threads(), isa_code,
                                 *matrix._arguments())
     else:
-        step = max(1, DEQUANTIZE_TILE_BYTES // (4 * cols))
+        step = max(1, DEQUANTIZE_TILE_BYTES // (4 * cols) // GEMM_ROWS) * GEMM_ROWS
         tile = torch.empty(min(step, rows), cols, dtype=torch.float32)                  # (step, in)
         for start in range(0, rows, step):
             ids = torch.arange(start, min(start + step, rows))
             _dequantize_into(matrix, ids, tile[:ids.numel()], isa_code)
-            out[:, start:start + ids.numel()] = F.linear(flat, tile[:ids.numel()])
+            for first in range(0, ids.numel(), GEMM_ROWS):
+                last = min(first + GEMM_ROWS, ids.numel())
+                out[:, start + first:start + last] = F.linear(flat, tile[first:last])
     return out.reshape(*x.shape[:-1], rows)
 
 

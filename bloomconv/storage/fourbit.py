@@ -51,8 +51,9 @@ from .base import (CHUNK_ELEMENTS, NO_REPORT, STREAM_PIECE_ELEMENTS, Lookup, Rea
                    register, slice_granularity)
 from .fallback import linear_in_pieces
 
-__all__ = ["FP4Storage", "FourBitState", "FourBitStorage", "FourBitWeight", "NF4Storage", "code_table",
-           "dequantize_4bit", "dynamic_map", "quantize_4bit"]
+__all__ = ["FP4Storage", "FourBitGrid", "FourBitState", "FourBitStorage", "FourBitWeight", "NF4Storage", "NestedScales",
+           "block_errors", "code_table", "dequantize_4bit", "dynamic_map", "pack_nibbles", "quantize_4bit",
+           "searched_scales"]
 
 _LUT_BINS = 65536  # bitsandbytes' CPU 8-bit blockwise quantizer rounds x/absmax to one of these
 _NESTED_NAMES = (f"weight.{NESTED_ABSMAX_SUFFIX}", f"weight.{NESTED_QUANT_MAP_SUFFIX}")
@@ -161,7 +162,7 @@ def _bucket_bounds(quant_type: QuantType) -> tuple[torch.Tensor, torch.Tensor | 
 
 
 def quantize_4bit(weight: torch.Tensor, quant_type: QuantType | str, block_size: int = 64,
-                  double_quant: bool = False, *, name: str = "weight",
+                  double_quant: bool = False, *, method: str = "rtn", name: str = "weight",
                   chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
     """Blockwise 4-bit quantization: packed data plus bitsandbytes' packed state, keyed like Linear4bit.
 
@@ -176,17 +177,39 @@ def quantize_4bit(weight: torch.Tensor, quant_type: QuantType | str, block_size:
     >>> stored = quantize_4bit(torch.ones(2, 32), "nf4", block_size=32)
     >>> stored["weight"].shape, stored["weight.absmax"].tolist()
     (torch.Size([32, 1]), [1.0, 1.0])
+
+    `method="search"` stores the same layout with each block's scale chosen for the least weighted
+    squared error (`searched_scales`) instead of bitsandbytes' absmax, each weight rounded to the
+    code nearest it at the scale as stored.
     """
     quant_type = _check_4bit_request(weight, quant_type, block_size, name)
     flat = weight.reshape(-1)
     n = flat.numel()
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
     absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
-    for _ in _quantized_block_runs(flat, quant_type, block_size, chunk_elements, absmax,
-                                   lambda start, end: packed[start // 2:(end + 1) // 2, 0]):
+    packed_for = lambda start, end: packed[start // 2:(end + 1) // 2, 0]  # noqa: E731
+    if method == "rtn":
+        for _ in _quantized_block_runs(flat, quant_type, block_size, chunk_elements, absmax, packed_for):
+            pass
+        _check_finite(absmax, name)
+        return {"weight": packed, **_state_tensors(weight, quant_type, block_size, double_quant, absmax)}
+    _check_method(method, name)
+    for _ in _searched_block_runs(flat, quant_type, block_size, chunk_elements, absmax,
+                                  None if double_quant else packed_for):
         pass
     _check_finite(absmax, name)
-    return {"weight": packed, **_state_tensors(weight, quant_type, block_size, double_quant, absmax)}
+    state = _state_tensors(weight, quant_type, block_size, double_quant, absmax)
+    if double_quant:  # codes for the scales as stored, each 8-bit code chosen among its neighbours
+        for _ in _searched_block_runs(flat, quant_type, block_size, chunk_elements, absmax, packed_for,
+                                      nested=NestedScales.of(state)):
+            pass
+    return {"weight": packed, **state}
+
+
+def _check_method(method: str, name: str) -> None:
+    if method not in ("rtn", "search"):
+        raise QuantizationError(name, f"4-bit method {method!r} is not a weight-only one",
+                                "Use rtn or search here; gptq runs through the converter with calibration text.")
 
 
 def _check_4bit_request(weight: torch.Tensor, quant_type: QuantType | str, block_size: int, name: str) -> QuantType:
@@ -234,6 +257,189 @@ def _quantized_block_runs(flat: torch.Tensor, quant_type: QuantType, block_size:
             if packed is not None:
                 packed.copy_(run_packed)
         if packed is not None:
+            report.done(start, end)
+        yield packed
+
+
+# Candidate scales of the search, as fractions of the block absmax. Smaller ones clip the block's
+# largest weights to resolve the rest more finely; each candidate is refined by least squares.
+SEARCH_FACTORS = tuple(0.7 + 0.02 * i for i in range(16))
+
+
+def searched_scales(blocks: torch.Tensor, quant_type: QuantType) -> torch.Tensor:
+    """Per block (row of `blocks`, fp32 (nb, bs)), the scale s whose reconstruction
+    `code[nearest(w / s)] * s` has the least weighted squared error (`_importance`) among absmax
+    (round to nearest's scale) and absmax × SEARCH_FACTORS, each followed by the weighted
+    least-squares scale for the codes it picked (llama.cpp's make_qx_quants / make_q4_K search the
+    same way). Zero blocks keep scale 0.
+
+    >>> blocks = torch.tensor([[1.0, 0.1, 0.2, -0.15]])
+    >>> s, importance = searched_scales(blocks, QuantType.NF4), _importance(blocks)
+    >>> absmax = blocks.abs().amax(1)
+    >>> bool(block_errors(blocks, s, QuantType.NF4, importance) <= block_errors(blocks, absmax, QuantType.NF4, importance))
+    True
+    """
+    absmax = blocks.abs().amax(dim=1)                                                   # (nb,)
+    importance = _importance(blocks)
+    best_scale, best_error = absmax, block_errors(blocks, absmax, quant_type, importance)
+    for factor in SEARCH_FACTORS:
+        scale = absmax * factor
+        values = code_table(quant_type).to(blocks.device)[_nearest_positions(blocks, scale, quant_type)]  # (nb, bs)
+        norm = (importance * values * values).sum(dim=1)
+        fitted = (importance * blocks * values).sum(dim=1) / norm.clamp(min=1e-30)      # least squares, same codes
+        for candidate in (scale, torch.where((norm > 0) & (fitted > 0), fitted, scale)):
+            error = block_errors(blocks, candidate, quant_type, importance)
+            better = error < best_error
+            best_scale = torch.where(better, candidate, best_scale)
+            best_error = torch.where(better, error, best_error)
+    return best_scale
+
+
+def block_errors(blocks: torch.Tensor, scales: torch.Tensor, quant_type: QuantType,
+                 importance: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Squared error per block of rounding each weight to its nearest code at `scales` (nb,),
+    each weight's weighted by `importance`."""
+    code = code_table(quant_type).to(blocks.device)
+    values = code[_nearest_positions(blocks, scales, quant_type)] * scales[:, None]
+    return ((blocks - values).square_() * importance).sum(dim=1)
+
+
+def _importance(blocks: torch.Tensor) -> torch.Tensor:
+    """How much each weight's squared error counts in the search: rms(block) + |w|, the weights of
+    llama.cpp's make_q4_K. Unweighted squared error clips a block's largest weights, which costs
+    the model's outputs more than their share of that error."""
+    return (blocks * blocks).mean(dim=1, keepdim=True).sqrt_() + blocks.abs()
+
+
+def _nearest_positions(blocks: torch.Tensor, scales: torch.Tensor, quant_type: QuantType) -> torch.Tensor:
+    """Index into `code_table` of the code nearest each w / scale (clamped to [-1, 1]); a zero scale
+    gives the code of 0. Any sign of scale works: the decoder multiplies code by it."""
+    inverse = torch.where(scales.abs() > 1e-38, 1.0 / scales, 0.0)
+    scaled = (blocks * inverse[:, None]).clamp_(-1, 1)
+    bounds, order = _bucket_bounds(quant_type)
+    positions = torch.bucketize(scaled, bounds.to(blocks.device))
+    return positions if order is None else order.to(blocks.device).long()[positions]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Flat 4-bit codes (any integer dtype) → bytes, element 2i in the high nibble (an odd count
+    gets a last low nibble of 0)."""
+    codes = codes.reshape(-1).to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+@dataclasses.dataclass(frozen=True)
+class NestedScales:
+    """The double-quantized absmax as stored: 8-bit codes (refined in place), the fp32 absmax of
+    each group of NESTED_BLOCK_SIZE codes, and the offset; a block's scale is
+    `dynamic_map[code] * nested_absmax + offset`, computed as `dequantize_4bit` does."""
+
+    codes: torch.Tensor          # (nblocks,) uint8
+    nested_absmax: torch.Tensor  # (ceil(nblocks / 256),) fp32
+    offset: float
+
+    @classmethod
+    def of(cls, state: Mapping[str, torch.Tensor]) -> "NestedScales":
+        blob = next(v for k, v in state.items() if k.startswith("weight.quant_state."))
+        return cls(state[f"weight.{QUANT_ABSMAX_SUFFIX}"], state[_NESTED_NAMES[0]], FourBitState.from_blob(blob).nested_offset)
+
+    def scales(self, indices: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Stored scales of the blocks `indices` if they had `codes` (same length, any int dtype)."""
+        nested_absmax = self.nested_absmax.to(codes.device)[indices // NESTED_BLOCK_SIZE]
+        scales = dynamic_map().to(codes.device)[codes.long()] * nested_absmax
+        return scales + torch.tensor(self.offset, dtype=torch.float32, device=codes.device)
+
+    def set_nearest(self, indices: torch.Tensor, scales: torch.Tensor) -> None:
+        """Store for the blocks `indices` the 8-bit codes nearest `scales` (bitsandbytes' rule)."""
+        nested_absmax = self.nested_absmax.to(scales.device)[indices // NESTED_BLOCK_SIZE]
+        normed = ((scales - self.offset) / nested_absmax.clamp(min=1e-38)).clamp_(-1, 1)
+        lut = _dynamic_lut().to(scales.device)
+        self.codes[indices.cpu()] = lut[((normed + 1.0) * 0.5 * (_LUT_BINS - 1) + 0.5).long()].cpu()
+
+    def refine(self, blocks: torch.Tensor, indices: torch.Tensor, quant_type: QuantType, reach: int = 2) -> torch.Tensor:
+        """For the blocks `indices` (rows of `blocks`), the 8-bit code within `reach` of the stored one
+        whose scale gives the least error (as `searched_scales` weighs it); stores those codes and
+        returns the scales they stand for."""
+        stored = self.codes[indices.cpu()].to(blocks.device).long()
+        importance = _importance(blocks)
+        best_codes = stored
+        best_error = block_errors(blocks, self.scales(indices, best_codes), quant_type, importance)
+        for step in (*range(-reach, 0), *range(1, reach + 1)):
+            candidate = (stored + step).clamp_(0, 255)
+            error = block_errors(blocks, self.scales(indices, candidate), quant_type, importance)
+            better = error < best_error
+            best_codes = torch.where(better, candidate, best_codes)
+            best_error = torch.where(better, error, best_error)
+        self.codes[indices.cpu()] = best_codes.to(torch.uint8).cpu()
+        return self.scales(indices, best_codes)
+
+
+class FourBitGrid:
+    """GPTQ's grid (bloomconv.storage.gptq) for a 4-bit weight (out, in) in bitsandbytes' layout: a
+    block is `block_size` consecutive columns of a row, its scale fixed when GPTQ reaches its first
+    column (searched on the weights as updated by then, and with double quant the 8-bit code of
+    the scale as stored). The nested offset and absmax are those of the scales searched on the
+    weight as given. `stored()` is what `quantize_4bit` returns, in the same layout."""
+
+    def __init__(self, weight: torch.Tensor, settings: QuantSettings, *, name: str = "weight"):
+        quant_type = _check_4bit_request(weight.cpu(), settings.quant_type, settings.block_size, name)
+        rows, cols = weight.shape
+        if cols % settings.block_size:
+            raise QuantizationError(name, f"rows of {cols} are not whole blocks of {settings.block_size}, "
+                                    "which GPTQ needs (a block must be columns of one row)",
+                                    "Use a block size that divides the row length, or --method search.")
+        self.quant_type, self.group_size, self.blocks_per_row = quant_type, settings.block_size, cols // settings.block_size
+        blocks = weight.float().reshape(-1, self.group_size)                           # (out * in / bs, bs)
+        absmax = searched_scales(blocks, quant_type).cpu()
+        _check_finite(absmax, name)
+        self.state = _state_tensors(weight.cpu(), quant_type, self.group_size, settings.double_quant, absmax)
+        self.absmax = self.state[f"weight.{QUANT_ABSMAX_SUFFIX}"]
+        self.nested = NestedScales.of(self.state) if settings.double_quant else None
+        self.codes = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
+        self.code = code_table(quant_type).to(weight.device)
+
+    def start_group(self, column: int, weights: torch.Tensor) -> None:
+        indices = torch.arange(weights.shape[0], device=weights.device) * self.blocks_per_row + column // self.group_size
+        scales = searched_scales(weights, self.quant_type)                            # (out,)
+        if self.nested is None:
+            self.absmax[indices.cpu()] = scales.cpu()
+            self.scales = scales
+        else:
+            self.nested.set_nearest(indices, scales)
+            self.scales = self.nested.refine(weights, indices, self.quant_type)
+
+    def round(self, column: int, weights: torch.Tensor) -> torch.Tensor:
+        positions = _nearest_positions(weights[:, None], self.scales, self.quant_type)[:, 0]   # (out,)
+        self.codes[:, column] = positions.to(torch.uint8)
+        return self.code[positions] * self.scales
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {"weight": pack_nibbles(self.codes.cpu()).view(-1, 1), **self.state}
+
+
+def _searched_block_runs(flat: torch.Tensor, quant_type: QuantType, block_size: int, chunk_elements: int,
+                         absmax: torch.Tensor, packed_for: Callable[[int, int], torch.Tensor] | None,
+                         report: ReadReport = NO_REPORT, nested: NestedScales | None = None):
+    """`_quantized_block_runs` with searched scales: without `nested`, each block's scale is
+    `searched_scales`' and goes into `absmax`; with it (double quant, second pass) the scale is the
+    stored one, refined by `NestedScales.refine`. Codes are the nearest at the scale stored."""
+    for start, end in _block_runs(flat.numel(), block_size, chunk_elements):
+        first = start // block_size
+        report.reading(start, end)
+        run = flat[start:end].float()
+        blocks = torch.nn.functional.pad(run, (0, -run.numel() % block_size)).view(-1, block_size)  # (nb, bs)
+        if nested is None:
+            scales = searched_scales(blocks, quant_type)
+            absmax[first:first + scales.numel()] = scales
+        else:
+            scales = nested.refine(blocks, torch.arange(first, first + blocks.shape[0]), quant_type)
+        packed = None
+        if packed_for is not None:
+            packed = packed_for(start, end)
+            codes = _nearest_positions(blocks, scales, quant_type).view(-1)
+            packed.copy_(pack_nibbles(codes[:(end - start + 1) // 2 * 2]))
             report.done(start, end)
         yield packed
 
@@ -486,7 +692,8 @@ class FourBitStorage(Storage):
     @classmethod
     def encode(cls, weight, settings: QuantSettings | None, *, name="weight"):
         settings = settings or QuantSettings(cls.quant_type)
-        return quantize_4bit(weight, cls.quant_type, settings.block_size, settings.double_quant, name=name)
+        return quantize_4bit(weight, cls.quant_type, settings.block_size, settings.double_quant,
+                             method=settings.weight_only_method, name=name)
 
     @classmethod
     def encode_stream(cls, weight, settings: QuantSettings | None, *, name="weight", report=NO_REPORT):
@@ -496,19 +703,23 @@ class FourBitStorage(Storage):
         flat = weight.reshape(-1)
         n = flat.numel()
         absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
+        search = settings.weight_only_method == "search"
+        runs = _searched_block_runs if search else _quantized_block_runs
         if settings.double_quant:
             # the state (the file's header) needs the mean of every absmax before any code is written:
             # a first pass takes them (the converter keeps the source's pages until the second)
-            for _ in _quantized_block_runs(flat, quant_type, block_size, STREAM_PIECE_ELEMENTS, absmax, None, report):
+            for _ in runs(flat, quant_type, block_size, STREAM_PIECE_ELEMENTS, absmax, None, report):
                 pass
             _check_finite(absmax, name)
         state = _state_tensors(weight, quant_type, block_size, settings.double_quant, absmax)
+        if search and settings.double_quant:
+            runs = functools.partial(_searched_block_runs, nested=NestedScales.of(state))
         codes_written = []
 
         def codes():
             buffer = torch.empty((STREAM_PIECE_ELEMENTS + block_size) // 2, dtype=torch.uint8)  # refilled per run
-            for packed in _quantized_block_runs(flat, quant_type, block_size, STREAM_PIECE_ELEMENTS, absmax,
-                                                lambda start, end: buffer[:(end - start + 1) // 2], report):
+            for packed in runs(flat, quant_type, block_size, STREAM_PIECE_ELEMENTS, absmax,
+                               lambda start, end: buffer[:(end - start + 1) // 2], report):
                 yield tensor_bytes(packed)
             _check_finite(absmax, name)
             codes_written.append(True)
@@ -521,6 +732,11 @@ class FourBitStorage(Storage):
             return StreamedTensor(tensor.dtype, tuple(tensor.shape), pieces)
         return {"weight": StreamedTensor(torch.uint8, ((n + 1) // 2, 1), codes),
                 **{key: after_codes(tensor) for key, tensor in state.items()}}
+
+    @classmethod
+    def gptq_grid(cls, weight: torch.Tensor, settings: QuantSettings, *, name: str = "weight") -> FourBitGrid:
+        """The grid GPTQ rounds `weight` (out, in) onto (bloomconv.storage.gptq)."""
+        return FourBitGrid(weight, dataclasses.replace(settings, quant_type=cls.quant_type), name=name)
 
     @classmethod
     def decode(cls, lookup: Lookup, *, name="weight") -> FourBitWeight:

@@ -36,8 +36,8 @@ from .base import (CHUNK_ELEMENTS, NO_REPORT, STREAM_PIECE_ELEMENTS, Lookup, Rea
                    register, slice_granularity)
 from .fallback import dense_kernel_takes, linear_in_pieces
 
-__all__ = ["Int8Storage", "Int8Weight", "check_int8_weight", "dequantize_int8", "quantize_int8",
-           "quantize_int8_rows"]
+__all__ = ["Int8Grid", "Int8Storage", "Int8Weight", "check_int8_weight", "dequantize_int8", "int8_codes", "quantize_int8",
+           "quantize_int8_rows", "searched_row_scales"]
 
 _INT8_DEQUANT_SCALE = 7.874015718698502e-3  # 1/127 exactly as bitsandbytes writes it
 # torch._weight_int8pack_mm (CPU) needs rows of a multiple of 16 bytes and a weight starting on a
@@ -45,7 +45,7 @@ _INT8_DEQUANT_SCALE = 7.874015718698502e-3  # 1/127 exactly as bitsandbytes writ
 _INT8PACK_ALIGN = 16
 
 
-def quantize_int8(weight: torch.Tensor, scale_from: str = "float16", *, name: str = "weight",
+def quantize_int8(weight: torch.Tensor, scale_from: str = "float16", *, method: str = "rtn", name: str = "weight",
                   chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """LLM.int8() vector-wise quantization of a 2-D weight: (CB int8 [out, in], SCB float32 [out]).
 
@@ -59,19 +59,28 @@ def quantize_int8(weight: torch.Tensor, scale_from: str = "float16", *, name: st
     >>> CB, SCB = quantize_int8(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))
     >>> CB.tolist(), SCB.tolist()
     ([[64, -127, 32], [0, 0, 0]], [2.0, 0.0])
+
+    `method="search"` stores the same layout with each row's SCB chosen for the least squared error
+    (`searched_row_scales`), the weights beyond it clipped to ±127.
     """
     check_int8_weight(weight, scale_from, name)
+    if method not in ("rtn", "search"):
+        raise QuantizationError(name, f"int8 method {method!r} is not a weight-only one",
+                                "Use rtn or search here; gptq runs through the converter with calibration text.")
     CB = torch.empty(weight.shape, dtype=torch.int8)
     SCB = torch.empty(weight.shape[0], dtype=torch.float32)
-    for _ in _quantized_row_blocks(weight, scale_from, name, chunk_elements, SCB, lambda start, end: CB[start:end]):
+    for _ in _quantized_row_blocks(weight, scale_from, name, chunk_elements, SCB, lambda start, end: CB[start:end],
+                                   search=method == "search"):
         pass
     return CB, SCB
 
 
 def _quantized_row_blocks(weight: torch.Tensor, scale_from: str, name: str, chunk_elements: int, SCB: torch.Tensor,
-                          codes_for: Callable[[int, int], torch.Tensor], report: ReadReport = NO_REPORT):
+                          codes_for: Callable[[int, int], torch.Tensor], report: ReadReport = NO_REPORT,
+                          search: bool = False):
     """Quantize `weight` about `chunk_elements` at a time, in whole rows: rows [start, end) go to
-    `codes_for(start, end)` and SCB[start:end]; yields that block of codes when it is filled."""
+    `codes_for(start, end)` and SCB[start:end]; yields that block of codes when it is filled.
+    `search`: each row's scale is `searched_row_scales`', not its absmax."""
     rows, cols = weight.shape
     step = max(1, chunk_elements // max(cols, 1))
     for start in range(0, rows, step):
@@ -79,8 +88,70 @@ def _quantized_row_blocks(weight: torch.Tensor, scale_from: str, name: str, chun
         codes = codes_for(start, end)
         report.reading(start * cols, end * cols)
         quantize_int8_rows(weight[start:end], codes, SCB[start:end], scale_from, name=name)
+        if search:
+            w = weight[start:end].to(torch.float16 if scale_from == "float16" else torch.float32).float()
+            SCB[start:end] = searched_row_scales(w, SCB[start:end])
+            codes.copy_(int8_codes(w, SCB[start:end]))
         report.done(start * cols, end * cols)
         yield codes
+
+
+# Candidate row scales of the search, as fractions of the row absmax (below it the largest
+# weights clip to ±127 and the others are resolved more finely).
+INT8_SEARCH_FACTORS = tuple(0.80 + 0.0125 * i for i in range(16))
+
+
+def searched_row_scales(rows: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Per row of `rows` (fp32 (r, in)), the SCB among `absmax` × (1, INT8_SEARCH_FACTORS) whose
+    codes `int8_codes` reconstruct the row with the least squared error.
+
+    >>> rows = torch.randn(4, 256)
+    >>> absmax = rows.abs().amax(1)
+    >>> bool((_row_errors(rows, searched_row_scales(rows, absmax)) <= _row_errors(rows, absmax)).all())
+    True
+    """
+    best_scale, best_error = absmax, _row_errors(rows, absmax)
+    for factor in INT8_SEARCH_FACTORS:
+        scale = absmax * factor
+        error = _row_errors(rows, scale)
+        better = error < best_error
+        best_scale = torch.where(better, scale, best_scale)
+        best_error = torch.where(better, error, best_error)
+    return best_scale
+
+
+def int8_codes(rows: torch.Tensor, SCB: torch.Tensor) -> torch.Tensor:
+    """round(w · 127 / SCB), clipped to ±127 (int8 (r, in)); a zero SCB gives 0."""
+    multiplier = torch.where(SCB > 0, 127.0 / SCB, 0.0)
+    return torch.mul(rows, multiplier.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
+
+
+class Int8Grid:
+    """GPTQ's grid (bloomconv.storage.gptq) for an int8 weight (out, in): every row's SCB fixed up
+    front (searched, on the fp16 cast as the preset takes it), columns rounded to ±127 steps of it.
+    `stored()` is what `Int8Storage.encode` returns, in the same layout."""
+
+    group_size = None
+
+    def __init__(self, weight: torch.Tensor, settings: QuantSettings, *, name: str = "weight"):
+        check_int8_weight(weight.cpu(), settings.int8_scale_from, name)
+        rows = weight.to(torch.float16 if settings.int8_scale_from == "float16" else torch.float32).float()
+        absmax = rows.abs().amax(dim=1)
+        if not torch.isfinite(absmax).all():
+            raise _non_finite_int8(name, weight.cpu(), settings.int8_scale_from)
+        self.SCB = searched_row_scales(rows, absmax)                                    # (out,)
+        self.CB = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)     # (out, in)
+
+    def round(self, column: int, weights: torch.Tensor) -> torch.Tensor:
+        self.CB[:, column] = int8_codes(weights[:, None], self.SCB)[:, 0]
+        return self.CB[:, column] * self.SCB * _INT8_DEQUANT_SCALE
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.CB.cpu(), INT8_SCALE_SUFFIX: self.SCB.cpu()}
+
+
+def _row_errors(rows: torch.Tensor, SCB: torch.Tensor) -> torch.Tensor:
+    return (rows - int8_codes(rows, SCB) * (SCB * _INT8_DEQUANT_SCALE).unsqueeze(-1)).square_().sum(dim=1)
 
 
 def check_int8_weight(weight: torch.Tensor, scale_from: str, name: str) -> None:
@@ -215,7 +286,7 @@ class Int8Storage(Storage):
     @classmethod
     def encode(cls, weight, settings=None, *, name="weight"):
         settings = settings or QuantSettings(cls.quant_type)
-        CB, SCB = quantize_int8(weight, settings.int8_scale_from, name=name)
+        CB, SCB = quantize_int8(weight, settings.int8_scale_from, method=settings.weight_only_method, name=name)
         return {"weight": CB, INT8_SCALE_SUFFIX: SCB}
 
     @classmethod
@@ -230,7 +301,8 @@ class Int8Storage(Storage):
         def codes():
             buffer = torch.empty((min(step, rows), cols), dtype=torch.int8)  # (step, in), refilled per piece
             for block in _quantized_row_blocks(weight, settings.int8_scale_from, name, STREAM_PIECE_ELEMENTS, SCB,
-                                               lambda start, end: buffer[:end - start], report):
+                                               lambda start, end: buffer[:end - start], report,
+                                               search=settings.weight_only_method == "search"):
                 yield tensor_bytes(block)
             codes_written.append(True)
 
@@ -240,6 +312,11 @@ class Int8Storage(Storage):
             yield tensor_bytes(SCB)
         return {"weight": StreamedTensor(torch.int8, (rows, cols), codes),
                 INT8_SCALE_SUFFIX: StreamedTensor(torch.float32, (rows,), scales)}
+
+    @classmethod
+    def gptq_grid(cls, weight: torch.Tensor, settings: QuantSettings, *, name: str = "weight") -> Int8Grid:
+        """The grid GPTQ rounds `weight` (out, in) onto (bloomconv.storage.gptq)."""
+        return Int8Grid(weight, settings, name=name)
 
     @classmethod
     def decode(cls, lookup: Lookup, *, name="weight") -> Int8Weight:
