@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -38,11 +39,13 @@ import torch
 import bloomconv
 from bloomconv.errors import BloomconvError
 from bloomconv.evaluation import compare, perplexity, tokens_of
-from bloomconv.settings import QuantSettings
+from bloomconv.format import QuantType
+from bloomconv.settings import PRESETS, QuantSettings
 from bloomconv.storage import dequantize_directory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_models import HELDOUT_TEXT, RECORD, TRAIN_TEXT, evaluation_models  # noqa: E402
+import llamacpp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "nf4-b64"   # bitsandbytes' NF4 as its users run it: block 64, no double quant, bf16 embeddings
@@ -50,6 +53,9 @@ UNQUANTIZED = "bf16"
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8}
 INT8_PPL_LIMIT_PCT = 0.05   # issue 12: int8 stays within +0.05 % perplexity
 CALIBRATION_TOKENS = 16384
+LLAMA_CPP_KINDS = ("Q8_0", "Q4_0", "Q4_K_M")
+GGUF_BLOCK_MATRICES = r"blk\.\d+\.(attn_qkv|attn_output|ffn_up|ffn_down)\.weight"  # the blocks' 4 linears
+LLAMA_CPP = "llama.cpp "  # prefix of llama.cpp's rows: compared, never candidates for a preset
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,9 @@ def schemes(full: bool, methods: tuple[str, ...]) -> list[Scheme]:
     """The main schemes (presets and the bitsandbytes baseline) or, with `full`, every combination
     (the searched and calibrated ones with bf16 embeddings only)."""
     if not full:  # a few minutes: the presets and the baseline, rounded to nearest
-        return [scheme(8, embeddings=True), scheme(4, "nf4", 64, False, False), scheme(4, "nf4", 128, True, False),
-                scheme(4, "fp4", 128, True, False)]
+        return [scheme(8, embeddings=True), scheme(4, "nf4", 64, False, False),
+                *(scheme(4, kind.value, PRESETS[kind]["block_size"], PRESETS[kind]["double_quant"], False)
+                  for kind in (QuantType.NF4, QuantType.FP4))]
     out = [scheme(8, embeddings=embeddings) for embeddings in (True, False)]
     out += [scheme(4, quant_type, block, dq, embeddings)
             for quant_type in ("nf4", "fp4") for block in (32, 64, 128) for dq in (False, True)
@@ -220,6 +227,33 @@ def _measure(name, directory, schemes_, work, ctx, text, threads, calibration_to
     _remove(reference_dir)
 
 
+def measure_llama_cpp(llama: "llamacpp.LlamaCpp", directory: Path, model: dict, work: Path, ctx: int,
+                      chars: int | None, threads: int, log=print) -> dict[str, dict]:
+    """llama.cpp's quantizations of one model, scored by llama-perplexity on the text and windows
+    bloomconv's rows use; bits per weight from the GGUF's tensor bytes (metadata left out)."""
+    work.mkdir(parents=True, exist_ok=True)
+    text = work / "text.txt"
+    text.write_text((directory / HELDOUT_TEXT).read_text(encoding="utf-8")[:chars], encoding="utf-8")
+    base = llama.gguf(directory, work / "bf16.gguf")
+    reference = llama.perplexity(base, text, ctx, threads, save_logits=work / "bf16.kld")["perplexity"][0]
+    rows = {}
+    for kind in LLAMA_CPP_KINDS:
+        quantized = llama.quantize(base, work / f"{kind}.gguf", kind, threads)
+        figures = llama.perplexity(quantized, text, ctx, threads, kl_base=work / "bf16.kld")
+        sizes = llama.tensor_sizes(quantized)
+        blocks = [size for name, size in sizes.items() if re.fullmatch(GGUF_BLOCK_MATRICES, name)]
+        row = {"bits_per_weight": 8 * sum(nbytes for _, nbytes in sizes.values()) / model["parameters"],
+               "quantized_bits_per_weight": 8 * sum(b for _, b in blocks) / sum(n for n, _ in blocks),
+               "perplexity": figures["perplexity"][0], "perplexity_stderr": figures["perplexity"][1],
+               "perplexity_delta_pct": 100 * (figures["perplexity"][0] / reference - 1),
+               "kl_mean": figures["kl_mean"][0], "kl_stderr": figures["kl_mean"][1],
+               "top1_agreement": figures["top1_agreement"][0], "top1_stderr": figures["top1_agreement"][1]}
+        rows[LLAMA_CPP + kind] = row
+        log(f"{directory.name:14} {LLAMA_CPP + kind:24} bpw {row['bits_per_weight']:6.3f}  ppl {row['perplexity']:9.3f} "
+            f"({row['perplexity_delta_pct']:+7.3f} %)  KL {row['kl_mean']:.5f}  top1 {row['top1_agreement']:6.2f} %")
+    return rows
+
+
 def _save(known: dict, cache: Path | None) -> None:
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +317,7 @@ def choose_defaults(models: dict[str, dict], aggregated: dict[str, dict],
 
     candidates = []
     for name, agg in aggregated.items():
-        if name.startswith("int8") or BASELINE not in aggregated:
+        if name.startswith(("int8", LLAMA_CPP)) or BASELINE not in aggregated:
             continue
         failing = [m for m, model in models.items() if not no_worse(name, model)]
         ratio = max(m["schemes"][name].get("kl_mean", math.inf) / m["schemes"][BASELINE]["kl_mean"]
@@ -320,7 +354,7 @@ def markdown(report: dict) -> str:
                      f"| {_f(a.get('perplexity_delta_pct_mean'), '+.3f')} "
                      f"| {_f(a.get('perplexity_delta_pct_worst'), '+.3f')} | {a['kl_mean_mean']:.5f} "
                      f"| {a['kl_mean_worst']:.5f} | {a['top1_agreement_mean']:.2f} | {a['top1_agreement_worst']:.2f} "
-                     f"| {a['rel_rms_max_worst']:.4f} |")
+                     f"| {_f(a.get('rel_rms_max_worst'), '.4f')} |")
     d = report["defaults"]
     lines += ["", f"## 4-bit schemes no worse than {d['baseline']} on every model (mean KL divergence)", "",
               "| scheme | bits/weight mean | KL ÷ baseline KL, worst model | passes | fails on |",
@@ -352,9 +386,11 @@ def markdown(report: dict) -> str:
 def run(models_dir: Path, full: bool = False, ctx: int = 128, chars: int | None = None,
         only: list[str] | None = None, threads: int = 1, command: str = "", log=print,
         chosen: list[Scheme] | None = None, calibration_tokens: int | None = None,
-        cache: Path | None = None) -> dict:
+        cache: Path | None = None, llama: "llamacpp.LlamaCpp | None" = None) -> dict:
     """Measure every scheme (`chosen`, by default `schemes(full, ...)`) on every model under
-    `models_dir`; the report as a dict. `cache`: a folder of measurements to reuse and extend."""
+    `models_dir`; the report as a dict. `cache`: a folder of measurements to reuse and extend.
+    `llama`: a llama.cpp build whose Q8_0/Q4_0/Q4_K_M rows join each model's (same text and ctx;
+    KL against llama.cpp's own bf16 GGUF of the same weights)."""
     torch.set_grad_enabled(False)
     methods = available_methods()
     chosen = schemes(full, methods) if chosen is None else chosen
@@ -367,12 +403,23 @@ def run(models_dir: Path, full: bool = False, ctx: int = 128, chars: int | None 
                 continue
             models[name] = measure_model(name, directory, record["kind"], chosen, Path(tmp), ctx, chars, threads,
                                          calibration_tokens, cache and cache / f"{name}.json", log)
+            if llama is not None:
+                models[name]["schemes"].update(measure_llama_cpp(llama, directory, models[name], Path(tmp) / name,
+                                                                 ctx, chars, threads, log))
     if not models:
         raise SystemExit(f"no evaluation model under {models_dir}: run bench/quality_models.py --out {models_dir}")
     aggregated = aggregate(models)
     return {"command": command, "ctx": ctx, "methods": list(methods), "torch": torch.__version__,
             "presets": [s.name for s in chosen if is_preset(s)], "models": models, "aggregate": aggregated,
             "defaults": choose_defaults(models, aggregated, frozenset(s.name for s in chosen if s.calibrated))}
+
+
+def _llama_cpp() -> "llamacpp.LlamaCpp":
+    found = llamacpp.find()
+    if found is None:
+        raise SystemExit(f"--llama-cpp: no llama.cpp build; run `python bench/llamacpp.py build` or set "
+                         f"${llamacpp.ENV_TREE}")
+    return found
 
 
 def main() -> None:
@@ -391,6 +438,8 @@ def main() -> None:
                         help=f"gptq: calibration tokens (default {CALIBRATION_TOKENS:,}: a quarter of the library's, "
                         "to fit a CPU run)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="add llama.cpp's Q8_0, Q4_0 and Q4_K_M (bench/llamacpp.py; a build must be found)")
     parser.add_argument("--cache", type=Path, help="folder of per-model measurements to reuse and extend "
                         "(runs on different --only models may share it; keyed on model, text, ctx and options, "
                         "not on bloomconv's code: use a new folder after changing a quantizer; default: none)")
@@ -406,7 +455,7 @@ def main() -> None:
         chosen = [s for s in chosen if s.name in args.schemes or s.name == BASELINE]
     report = run(args.models, args.full, args.ctx, chars, args.only, args.threads,
                  command=" ".join(["python", *sys.argv]), chosen=chosen, calibration_tokens=args.calibration_tokens,
-                 cache=args.cache)
+                 cache=args.cache, llama=_llama_cpp() if args.llama_cpp else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     text = markdown(report)

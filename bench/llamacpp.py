@@ -29,6 +29,7 @@ SDIST = "llama-cpp-python==0.3.36"
 CACHE = Path(os.environ.get("BLOOMCONV_BENCH_CACHE", Path.home() / ".cache" / "bloomconv-bench"))
 ENV_TREE = "BLOOMCONV_LLAMA_CPP"  # a llama.cpp tree with build/bin, to use instead of CACHE's
 TOOLS = ("llama-quantize", "llama-bench", "llama-perplexity")
+RUNS_FOR_COMPLETE_OUTPUT = 5
 # Weight repacking puts Q4_0/Q8_0 matrices in the AMX buffer on CPUs with AMX, and the AMX
 # matmul of the vendored tree crashes (SIGSEGV) on this machine's Xeon; repacking off = the
 # AVX-512 kernels, which is also what CPUs without AMX run.
@@ -61,10 +62,11 @@ class LlamaCpp:
         return str(self.tree / "build" / "bin" / name)
 
     def gguf(self, checkpoint: Path, out: Path, outtype: str = "bf16") -> Path:
-        """`checkpoint` (a transformers BLOOM folder, or a folder bloomconv converts from: release
-        pickle shards without the `transformer.` prefix are re-saved by transformers first) as GGUF."""
+        """`checkpoint` (a folder transformers loads as BloomForCausalLM: a Hub-style folder or the
+        release's pickle shards) as GGUF; re-saved by transformers first, so that the converter
+        finds the key spelling and config entries it expects."""
         with tempfile.TemporaryDirectory() as scratch:
-            source = checkpoint if _has_transformers_layout(checkpoint) else _resaved(checkpoint, Path(scratch))
+            source = _resaved(checkpoint, Path(scratch))
             _run([sys.executable, "-c", _CONVERTER, str(self.tree), str(source), "--outtype", outtype,
                   "--outfile", str(out)])
         return out
@@ -88,7 +90,24 @@ class LlamaCpp:
         if kl_base:
             command = [c for c in command if c not in ("-f", str(text))]
             command += ["--kl-divergence-base", str(kl_base), "--kl-divergence"]
-        return parse_perplexity(_run(command))
+        # llama.cpp logs from a thread of its own and may exit before the last lines are written
+        # (seen here: the summary, or even the final estimate, missing from a run that exited 0)
+        for _ in range(RUNS_FOR_COMPLETE_OUTPUT):
+            figures = parse_perplexity(_run(command))
+            if ("kl_mean" if kl_base else "perplexity") in figures:
+                return figures
+        raise RuntimeError(f"llama-perplexity's output lacked its summary {RUNS_FOR_COMPLETE_OUTPUT} times: "
+                           + " ".join(command))
+
+    def tensor_sizes(self, path: Path) -> dict[str, tuple[int, int]]:
+        """{tensor name: (elements, bytes)} of a GGUF (its metadata, e.g. the vocabulary, left
+        out), read with the tree's own gguf-py (this project does not depend on it)."""
+        sys.path.insert(0, str(self.tree / "gguf-py"))
+        try:
+            import gguf
+            return {t.name: (int(t.n_elements), int(t.n_bytes)) for t in gguf.GGUFReader(str(path)).tensors}
+        finally:
+            sys.path.remove(str(self.tree / "gguf-py"))
 
     def bench(self, gguf: Path, prompt_tokens: int, new_tokens: int, threads: int = 2, repeats: int = 3) -> float:
         """Tokens/s from llama-bench (`-p prompt_tokens -n new_tokens`, one of them 0)."""
@@ -105,27 +124,16 @@ _FIGURES = {
     "kl_max": r"Maximum KLD: *([\d.]+)()",
     "top1_agreement": r"Same top p: *([\d.]+) ± *([\d.]+) %",
 }
-# KL mode prints its summary only past 100 chunks; below that, the running figures of the last
-# chunk's row: chunk, PPL(Q), ln(PPL(Q)/PPL(base)), KLD, Δp RMS, same top p (each ± error).
-_LAST_ROW = re.compile(r"^ *\d+ +([\d.]+) ± +([\d.]+) +-?[\d.]+ ± +[\d.]+ +([\d.]+) ± +([\d.]+) +[\d.]+ ± +[\d.]+ % +"
-                       r"([\d.]+) ± +([\d.]+) %$", re.MULTILINE)
 
 
 def parse_perplexity(output: str) -> dict:
     """The figures llama-perplexity printed: {name: (value, standard error)}; top-1 agreement in
-    % as printed. Raises if it printed none."""
+    % as printed; empty when it printed none."""
     found = {}
     for name, pattern in _FIGURES.items():
         match = re.search(pattern, output)
         if match:
             found[name] = (float(match.group(1)), float(match.group(2)) if match.group(2) else None)
-    rows = _LAST_ROW.findall(output)
-    if rows and "kl_mean" not in found:
-        figures = [float(x) for x in rows[-1]]
-        found.update(perplexity_q=(figures[0], figures[1]), kl_mean=(figures[2], figures[3]),
-                     top1_agreement=(figures[4], figures[5]))
-    if not found:
-        raise RuntimeError("llama-perplexity printed no figure; its output ends:\n" + output[-2000:])
     if "perplexity_q" in found:
         found["perplexity"] = found.pop("perplexity_q")
     return found
@@ -159,10 +167,6 @@ def build(jobs: int = 2) -> LlamaCpp:
 def _cached_tree() -> Path | None:
     trees = sorted(CACHE.glob("llama_cpp_python-*/vendor/llama.cpp"))
     return trees[-1] if trees else None
-
-
-def _has_transformers_layout(checkpoint: Path) -> bool:
-    return (checkpoint / "model.safetensors").exists() or (checkpoint / "model.safetensors.index.json").exists()
 
 
 def _resaved(checkpoint: Path, scratch: Path) -> Path:

@@ -33,23 +33,25 @@ def test_a_plain_run_gives_perplexity_and_its_error():
     assert llamacpp.parse_perplexity(PLAIN_RUN) == {"perplexity": (64.1384, 3.26842)}
 
 
-def test_a_short_kl_run_is_read_from_its_last_row():
-    figures = llamacpp.parse_perplexity(KL_RUN_SHORT)
-    assert figures["perplexity"] == (64.2341, 3.2708)
-    assert figures["kl_mean"] == (0.00093, 0.00001)
-    assert figures["top1_agreement"] == (97.698, 0.299)
-
-
-def test_a_kl_summary_wins_over_the_rows():
-    figures = llamacpp.parse_perplexity(KL_RUN_SHORT.replace("0.00093 ±", "0.5 ±") + KL_SUMMARY)
+def test_a_kl_run_is_read_from_its_summary_not_its_running_rows():
+    figures = llamacpp.parse_perplexity(KL_RUN_SHORT + KL_SUMMARY)
     assert figures["kl_mean"] == (0.000932, 0.000015)
     assert figures["perplexity"] == (64.234126, 3.270829) and figures["perplexity_base"] == (64.138433, 3.268423)
     assert figures["kl_max"] == (0.010803, None)
 
 
-def test_output_without_figures_is_an_error():
-    with pytest.raises(RuntimeError, match="printed no figure"):
-        llamacpp.parse_perplexity("llama_model_load: error loading model\n")
+def test_a_run_whose_log_lost_its_summary_is_run_again(monkeypatch, tmp_path):
+    outputs = iter([KL_RUN_SHORT, "system_info: n_threads = 1\n", KL_RUN_SHORT + KL_SUMMARY])
+    monkeypatch.setattr(llamacpp, "_run", lambda command: next(outputs))
+    llama = llamacpp.LlamaCpp(tmp_path)
+    figures = llama.perplexity(tmp_path / "q.gguf", tmp_path / "t.txt", kl_base=tmp_path / "b.kld")
+    assert figures["kl_mean"] == (0.000932, 0.000015)
+
+
+def test_a_run_that_never_prints_its_summary_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(llamacpp, "_run", lambda command: KL_RUN_SHORT)
+    with pytest.raises(RuntimeError, match="lacked its summary"):
+        llamacpp.LlamaCpp(tmp_path).perplexity(tmp_path / "q.gguf", tmp_path / "t.txt")
 
 
 def test_find_ignores_a_tree_without_the_tools(tmp_path, monkeypatch):
