@@ -24,6 +24,7 @@ from bloomconv.converters.example import write_example_checkpoint
 from bloomconv.errors import OptionsError, PipelineError
 from bloomconv.format import CHECKSUMS_NAME, CONFIG_NAME, MANIFEST_NAME, TOKENIZER_NAMES
 from bloomconv.manifest import read_manifest
+from bloomconv.runtime import pipeline
 from bloomconv.runtime.pipeline import PipelineOptions, Stage, plan_stages
 
 PROMPTS = ["def add(a, b):", "import os", "The list"]  # of different lengths: left padding
@@ -243,3 +244,33 @@ def test_pipeline_without_torchrun_says_how_to_launch(directories, monkeypatch):
     with pytest.raises(OptionsError):
         PipelineOptions(timeout=0)
     assert issubclass(PipelineError, bloomconv.errors.BloomconvError)
+
+
+class _Done:
+    """A finished torch.distributed request."""
+
+    def wait(self, timeout=None):
+        return True
+
+
+@pytest.mark.parametrize("header,refusal", [
+    ([0, 1, 0, 0, 1, 1, 0, 8, 0, -1], "a header that is not bloomconv's pipeline's"),   # not our magic
+    ([pipeline.MAGIC, 9, 0, 0, 1, 1, 0, 8, 0, -1], "a header that is not bloomconv's pipeline's"),  # no such kind
+    ([pipeline.MAGIC, pipeline.WORK, 0, 0, 1, 9, 0, 8, 0, -1], "a pass the model cannot run"),  # beyond capacity
+    ([pipeline.MAGIC, pipeline.WORK, 0, -1, 1, 1, 0, 8, 0, -1], "a pass the model cannot run"),  # no such slot
+    ([pipeline.MAGIC, pipeline.WORK, 0, 0, 0, 1, 0, 8, 0, -1], "a pass the model cannot run"),  # empty batch
+])
+def test_a_header_a_peer_should_not_send_is_refused_before_anything_is_allocated(monkeypatch, header, refusal):
+    """What a hostile or mismatched peer sends is refused naming it, and the next rank is told."""
+    sent = []
+
+    def irecv(into, source):
+        into.copy_(torch.tensor(header, dtype=torch.int64))
+        return _Done()
+
+    monkeypatch.setattr(pipeline.dist, "irecv", irecv)
+    monkeypatch.setattr(pipeline.dist, "isend", lambda tensor, dst: sent.append((tensor.tolist(), dst)) or _Done())
+    ring = pipeline._Ring(1, 3, torch.device("cpu"), lambda rank: f"rank {rank}", PipelineOptions())
+    with pytest.raises(PipelineError, match=f"rank 0 sent {refusal}.*refused"):
+        ring.check(ring.receive_header(timeout=1.0))
+    assert ring.broken and sent and sent[0][1] == 2 and sent[0][0][1] == pipeline.ABORT
