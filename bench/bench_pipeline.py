@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_runtime import memory_bandwidth
+
 PROMPT = "def fibonacci(n):\n    "
 BATCH_PROMPTS = ["import os", "class Tree:", "def add(a, b):", "for i in range(10):", "The list of",
                  "while True:", "print(", "return"]
@@ -82,7 +84,7 @@ def main() -> None:
             run[f"ranks{ranks}"] = run_ranks(directory, args.work, ranks, tokens,
                                              args.threads or max(1, cores // ranks))
         run["hop"] = run_ranks(None, args.work, 2, HOP_ROUND_TRIPS, 1, kind="hop")
-        run["bandwidth_gbs"] = memory_bandwidth()
+        run["bandwidth_gbs"] = memory_bandwidth(cores) / 1e9
         runs.append(run)
     results = {"geometry": geometry, "cores": cores, "new_tokens": tokens, "repeats": args.repeats,
                "model_bytes": sum(f.stat().st_size for f in directory.glob("*.safetensors")), **median_of(runs)}
@@ -216,17 +218,6 @@ def hop(round_trips: int) -> dict:
                                                       "bytes": x.numel() * x.element_size()}
     dist.destroy_process_group()
     return figures
-
-
-def memory_bandwidth() -> float:
-    import torch
-    data = torch.ones(2**28)  # 1 GB of fp32
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    return data.numel() * 4 / statistics.median(times) / 1e9
 
 
 def projection(results: dict, rates: dict[str, float]) -> list[dict]:

@@ -44,6 +44,7 @@ from bloomconv.settings import PRESETS, QuantSettings
 from bloomconv.storage import dequantize_directory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import jsonable  # noqa: E402
 from quality_models import HELDOUT_TEXT, RECORD, TRAIN_TEXT, evaluation_models  # noqa: E402
 import llamacpp  # noqa: E402
 
@@ -63,10 +64,6 @@ class Scheme:
     """One way of storing a model: keyword arguments of `bloomconv.quantize` (none: plain convert)."""
     name: str
     options: dict = field(default_factory=dict)
-
-    @property
-    def four_bit(self) -> bool:
-        return self.options.get("bits") == 4
 
     @property
     def calibrated(self) -> bool:
@@ -171,7 +168,7 @@ def measure_model(name: str, directory: Path, kind: str, schemes_: list[Scheme],
     known = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
     if known.get("setup") != setup:
         known = {"setup": setup, "schemes": {}, "model": None}
-    todo = [s for s in schemes_ if known["schemes"].get(s.name, {}).get("options") != _jsonable(s.options)]
+    todo = [s for s in schemes_ if known["schemes"].get(s.name, {}).get("options") != jsonable(s.options)]
     if todo:
         _measure(name, directory, todo, work, ctx, text, threads, calibration_tokens, known, cache, log)
     return {"kind": kind, **known["model"],
@@ -203,7 +200,7 @@ def _measure(name, directory, schemes_, work, ctx, text, threads, calibration_to
             try:
                 manifest = bloomconv.quantize(directory, target, **options)
             except BloomconvError as exc:  # a scheme this geometry cannot take: recorded, not fatal
-                known["schemes"][s.name] = {"options": _jsonable(s.options), "row": {"refused": str(exc)}}
+                known["schemes"][s.name] = {"options": jsonable(s.options), "row": {"refused": str(exc)}}
                 log(f"{name:14} {s.name:24} refused: {exc}")
                 _save(known, cache)
                 continue
@@ -217,7 +214,7 @@ def _measure(name, directory, schemes_, work, ctx, text, threads, calibration_to
                    "kl_mean": c.kl_mean, "kl_stderr": c.kl_stderr, "kl_max": c.kl_max,
                    "top1_agreement": c.top1_agreement, "top1_stderr": c.top1_stderr,
                    **reconstruction(reference_weights, target, manifest), "quantize_seconds": round(seconds, 2)}
-            known["schemes"][s.name] = {"options": _jsonable(s.options), "row": row}
+            known["schemes"][s.name] = {"options": jsonable(s.options), "row": row}
             _save(known, cache)
             log(f"{name:14} {s.name:24} bpw {row['bits_per_weight']:6.3f}  ppl {row['perplexity']:9.3f} "
                 f"({row['perplexity_delta_pct']:+7.3f} %)  KL {row['kl_mean']:.5f}  "
@@ -263,10 +260,6 @@ def _save(known: dict, cache: Path | None) -> None:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _jsonable(options: dict) -> dict:
-    return json.loads(json.dumps(options, default=str))
 
 
 def _remove(directory: Path) -> None:

@@ -4,6 +4,7 @@ sequential speed, take medians."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
 import subprocess
@@ -140,3 +141,8 @@ def spread(values) -> dict:
 
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+def jsonable(value):
+    """`value` as JSON gives it back (paths and other objects as their str)."""
+    return json.loads(json.dumps(value, default=str))

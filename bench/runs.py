@@ -182,7 +182,7 @@ def measure_all(sizes: Sizes, work: Path, sections=SECTIONS, command: str = "", 
     import bench_176b
     work.mkdir(parents=True, exist_ok=True)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "commit": bench_176b.git_state(), "command": command, "sizes": _jsonable(vars(sizes)),
+               "commit": bench_176b.git_state(), "command": command, "sizes": measure.jsonable(vars(sizes)),
                "load_before": os.getloadavg()[0]}
     measured = {"conversion": conversion, "runtime": runtime, "larger": larger, "quality": quality,
                 "slice176b": slice176b}
@@ -198,10 +198,6 @@ def measure_all(sizes: Sizes, work: Path, sections=SECTIONS, command: str = "", 
     results["load_after"] = os.getloadavg()[0]
     results["summary"] = summarize(results)
     return results
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=str))
 
 
 # ------------------------------------------------------------------------------ summary

@@ -11,7 +11,6 @@ from .errors import ManifestError
 from .geometry import Geometry
 from .manifest import Manifest, read_manifest
 
-FOURBIT_TYPES = (QuantType.NF4, QuantType.FP4)
 
 
 def inspect(directory: str | os.PathLike) -> dict:
@@ -91,13 +90,13 @@ def bitsandbytes_cpu_misdecodes(shape: tuple[int, int], block_size: int) -> bool
 def bitsandbytes_cpu_warning(manifest: Manifest) -> str | None:
     """One line naming the 4-bit weights `bitsandbytes_cpu_misdecodes`, or None."""
     quantization = manifest.quantization
-    if quantization is None or quantization.quant_type not in FOURBIT_TYPES:
+    if quantization is None or not quantization.quant_type.is_4bit:
         return None
     # one block's shapes stand for every block's (a manifest may claim any number of blocks)
     shapes = {name.removeprefix("h.0."): shape
               for name, shape in dataclasses.replace(_geometry(manifest), n_layer=1).expected_shapes().items()}
     quantized = {_local_name(t.name) for f in manifest.files for t in f.tensors
-                 if t.quant in FOURBIT_TYPES and t.name.endswith(".weight")}
+                 if t.quant.is_4bit and t.name.endswith(".weight")}
     block = quantization.block_size
     affected = sorted((name, shapes[name]) for name in quantized
                       if name in shapes and bitsandbytes_cpu_misdecodes(shapes[name], block))

@@ -33,7 +33,7 @@ from bloomconv.settings import QuantSettings
 from bloomconv.storage import decode_module, storage_for
 from bloomconv.storage.base import CHUNK_ELEMENTS
 from bloomconv.storage.gptq import gptq_quantize
-from bloomconv.runtime.model import KVCache, Transformer, alibi_bias
+from bloomconv.runtime.model import KVCache, Transformer
 from bloomconv.runtime.records import BLOCK_LINEARS, BlockWeights, LayerNormWeights, LinearWeights
 
 from .reading import SourceReading
@@ -168,17 +168,15 @@ class _BlockRunner(Transformer):
 
     def __init__(self, geometry: Geometry, device: torch.device):
         self.geometry, self.dtype, self.device = geometry, torch.float32, device
+        self._biases: dict[tuple[int, int], torch.Tensor] = {}  # windows all alike: built once per shape
 
     def run(self, x: torch.Tensor, weights: BlockWeights) -> torch.Tensor:
         """x (B, T, H) through one block, with a full causal mask."""
         B, T, _ = x.shape
-        mask = torch.ones(B, T, dtype=torch.long, device=x.device)
-        blocked = torch.zeros(B, 1, T, T, dtype=self.dtype, device=x.device)
-        blocked.masked_fill_(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None],
-                             torch.finfo(self.dtype).min)
-        bias = alibi_bias(mask, self.geometry.n_head, self.dtype) + blocked                 # (B, nh, T, T)
+        if (B, T) not in self._biases:
+            self._biases[B, T] = self.attention_bias(None, B, T, 0)                        # (B, nh, T, T)
         with torch.inference_mode():
-            return self._block(x, weights, 0, bias, KVCache(1))
+            return self._block(x, weights, 0, self._biases[B, T], KVCache(1))
 
 
 @dataclasses.dataclass
