@@ -22,8 +22,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import os
+import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
@@ -64,21 +66,45 @@ class Checkpoint:
         self.directory, self.manifest, self.config, self.geometry = directory, manifest, config, geometry
         self.files, self.tokenizer, self.residency = files, tokenizer, residency
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bloomconv-read")
+        self.pinned_read_seconds: float | None = None  # first pinned read to last, once all are done
+        self._read_times: list[float] = []
         self._pinned: dict[str, concurrent.futures.Future] = {
-            unit: self._reader.submit(self._read_pinned, unit) for unit in residency.pinned}
-        cycle = [piece for unit in residency.streamed for piece in pieces[unit]]
+            unit: self._reader.submit(self._timed, self._read_pinned, unit) for unit in residency.pinned}
+        every_piece = [piece for unit in residency.streamed for piece in pieces[unit]]
+        kept = {index: self._reader.submit(self._timed, self._read_pinned_piece, every_piece[index])
+                for index in residency.pinned_pieces}
+        self._pending_reads = [*self._pinned.values(), *kept.values()]
+        cycle = [piece for index, piece in enumerate(every_piece) if index not in kept]
         self._stream = ReadAhead(self._reader, files, cycle, residency.buffer_bytes, residency.stream_buffers)
-        places: dict[str, dict[str, list[int]]] = {unit: {} for unit in residency.streamed}
-        for index, piece in enumerate(cycle):  # unit -> matrix -> its pieces' places in the cycle
-            places[piece.unit].setdefault(piece.module, []).append(index)
-        self._streamed = {unit: StreamedUnit(files[unit], self._stream, {m: tuple(p) for m, p in modules.items()})
-                          for unit, modules in places.items()}
+        parts: dict[str, dict[str, list]] = {unit: {} for unit in residency.streamed}
+        place = 0  # in the read-ahead's cycle
+        for index, piece in enumerate(every_piece):  # unit -> matrix -> its pieces' rows and takers
+            if index in kept:
+                take = functools.partial(_pinned_piece, kept[index])
+            else:
+                take, place = functools.partial(self._stream.take, place), place + 1
+            parts[piece.unit].setdefault(piece.module, []).append((piece.rows, take))
+        self._streamed = {unit: StreamedUnit(files[unit], {m: tuple(p) for m, p in modules.items()})
+                          for unit, modules in parts.items()}
+
+    def _timed(self, read, *args):
+        if not self._read_times:
+            self._read_times.append(time.perf_counter())
+        try:
+            return read(*args)
+        finally:
+            if len(self._read_times) > 1:
+                self._read_times.pop()
+            self._read_times.append(time.perf_counter())
 
     def _read_pinned(self, unit: str) -> UnitBytes:
         if self.residency.widened:
             source, _ = self.files[unit].widened()
             return source
         return self.files[unit].read_into(AnonymousBuffer(self.files[unit].padded_size), streaming=False)
+
+    def _read_pinned_piece(self, piece: Piece):
+        return piece.read_into(self.files[piece.unit], AnonymousBuffer(piece.nbytes), streaming=False)
 
     @contextlib.contextmanager
     def use(self, unit: str) -> Iterator[UnitBytes]:
@@ -100,9 +126,12 @@ class Checkpoint:
         return self._stream.pieces
 
     def wait_until_loaded(self) -> None:
-        """Block until every pinned file is in RAM (start-up measurements; never needed to run)."""
-        for pending in self._pinned.values():
+        """Block until every pinned file and piece is in RAM (start-up measurements; never needed to
+        run); then `pinned_read_seconds` is how long reading them took."""
+        for pending in self._pending_reads:
             pending.result()
+        if len(self._read_times) > 1:
+            self.pinned_read_seconds = self._read_times[-1] - self._read_times[0]
 
     def embeddings(self) -> EmbeddingWeights:
         return embedding_weights(self.peek(EMBEDDINGS_UNIT))
@@ -171,8 +200,7 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_b
              for unit in units}
     matrices = _matrices(geometry.n_layer)
     pieces = {unit: plan_pieces(files[unit], unit, matrices[unit], readahead.STREAM_PIECE_BYTES) for unit in units}
-    unit_pieces = {unit: UnitPieces(len(p), max((piece.nbytes for piece in p), default=0))
-                   for unit, p in pieces.items()}
+    unit_pieces = {unit: UnitPieces(tuple(piece.nbytes for piece in p)) for unit, p in pieces.items()}
     sizes = {unit: f.resident_size for unit, f in files.items()}
     kv, working_set = kv_cache_bytes(held, dtype, max_tokens), working_set_bytes(held, dtype, max_tokens)
     minimum = minimum_budget(sizes, unit_pieces, kv + working_set, readahead.STREAM_BUFFERS)
@@ -203,8 +231,19 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_b
     residency = plan_residency(sizes, geometry.n_layer, budget, pieces=unit_pieces, reserve=kv + working_set,
                                stream_buffers=readahead.STREAM_BUFFERS, widened_sizes=widened, kv_cache_bytes=kv,
                                working_set_bytes=working_set, max_tokens=max_tokens, budget_rule=rule)
-    tokenizer = _tokenizer(directory) if holds_text else None
-    return Checkpoint(directory, manifest, config, geometry, files, tokenizer, residency, pieces)
+    checkpoint = Checkpoint(directory, manifest, config, geometry, files, None, residency, pieces)
+    try:  # while the pinned files are being read
+        checkpoint.tokenizer = _tokenizer(directory) if holds_text else None
+    except BaseException:
+        checkpoint.close()
+        raise
+    return checkpoint
+
+
+@contextlib.contextmanager
+def _pinned_piece(read: concurrent.futures.Future) -> Iterator:
+    """A pinned piece's weight (`Taker`), waiting for its start-up read."""
+    yield read.result()
 
 
 def _matrices(n_layer: int) -> dict[str, list[str]]:

@@ -7,7 +7,8 @@ STREAM_PIECE_BYTES, cut at whole 4-bit blocks and at multiples of ROW_MULTIPLE r
 (`StoredWeight.row_slice`). A matrix no larger than that is one piece. The pieces of all streamed
 files form one cycle in the order a forward pass multiplies by them (blocks, then the embedding
 matrix as the tied lm_head). A `StreamedWeight` computes its product piece by piece (the output
-features are the concatenation over its row ranges), bit for bit the product of the whole matrix.
+features are the concatenation over its row ranges), bit for bit the product of the whole matrix;
+pieces the residency plan pins (`residency`) are read once like a pinned file and leave the cycle.
 Layer norms and biases of a streamed file, and the few embedding rows a step looks up, are read
 through the file mapping: a few pages, not the file.
 
@@ -26,7 +27,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -37,13 +38,16 @@ from .files import PAGE, AnonymousBuffer, MappedFile, Span
 from .records import UnitBytes, aligned
 
 __all__ = ["Piece", "ReadAhead", "STREAM_BUFFERS", "STREAM_PIECE_BYTES", "StreamedUnit", "StreamedWeight",
-           "plan_pieces"]
+           "Taker", "plan_pieces"]
 
 # 64 MiB pieces, 3 buffers: one being multiplied, one being read, one read ahead to absorb the
 # jitter of either; 192 MiB of buffers whatever the model. A piece takes ~0.1 s to read from a
 # 1 GB/s disk, long enough that the per-piece work (a read call, a kernel launch) is negligible.
 STREAM_PIECE_BYTES = 64 << 20
 STREAM_BUFFERS = 3
+
+# gives one piece's weight for the duration of a `with` (`ReadAhead.take`, or a pinned piece's)
+Taker = Callable[[], contextlib.AbstractContextManager[StoredWeight]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,11 @@ class Piece:
     nbytes: int
     weight: StoredWeight = dataclasses.field(repr=False, compare=False)
     copies: tuple[tuple[int, int, int], ...] = ()
+
+    def read_into(self, file: MappedFile, buffer: AnonymousBuffer, *, streaming: bool) -> StoredWeight:
+        """Read the piece from `file` into `buffer` (of at least `nbytes`); its rows there."""
+        file.read_spans(buffer.memoryview(), self.spans, streaming=streaming)
+        return self.placed(file, buffer.tensor)
 
     def placed(self, file: MappedFile, memory: torch.Tensor) -> StoredWeight:
         """The rows as views of `memory` (uint8), once `spans` have been read into it; a tensor of
@@ -157,9 +166,7 @@ class ReadAhead:
 
     def _read(self, index: int, buffer: AnonymousBuffer) -> StoredWeight:
         piece = self.pieces[index]
-        file = self._files[piece.unit]
-        file.read_spans(buffer.memoryview(), piece.spans, streaming=True)
-        return piece.placed(file, buffer.tensor)
+        return piece.read_into(self._files[piece.unit], buffer, streaming=True)
 
     def _fill(self) -> None:
         """Queue the next pieces of the cycle into every free buffer."""
@@ -194,20 +201,19 @@ class ReadAhead:
 
 
 class StreamedWeight:
-    """A matrix of a streamed file, multiplied piece by piece as the read-ahead delivers them
-    (`pieces`: their places in its cycle, in row order). `rows` and `dequantize` read the file
-    mapping (`whole`, decoded when first needed)."""
+    """A matrix of a streamed file, multiplied piece by piece (`parts`: each piece's rows and how to
+    take its weight — `ReadAhead.take` of its place in the cycle, or its pinned copy — in row order).
+    `rows` and `dequantize` read the file mapping (`whole`, decoded when first needed)."""
 
-    def __init__(self, shape: tuple[int, int], pieces: tuple[int, ...], stream: ReadAhead, whole):
-        self.shape, self.pieces, self.stream, self._whole = shape, pieces, stream, whole
+    def __init__(self, shape: tuple[int, int], parts: tuple[tuple[tuple[int, int], Taker], ...], whole):
+        self.shape, self.parts, self._whole = shape, parts, whole
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         out = None
-        for index in self.pieces:
-            start, end = self.stream.pieces[index].rows
-            with self.stream.take(index) as weight:
+        for (start, end), take in self.parts:
+            with take() as weight:
                 part = weight.matmul(x)                                                  # (..., end - start)
-            if len(self.pieces) == 1:
+            if len(self.parts) == 1:
                 return part
             if out is None:
                 out = part.new_empty(*x.shape[:-1], self.shape[0])                       # (..., out)
@@ -223,12 +229,11 @@ class StreamedWeight:
 
 class StreamedUnit(UnitBytes):
     """A streamed file's tensors for a forward pass: small ones (layer norms, biases) from the file
-    mapping, its matrices as StreamedWeights (`pieces`: module -> places of its pieces in the
-    read-ahead cycle)."""
+    mapping, its matrices as StreamedWeights (`parts`: module -> its pieces' rows and takers)."""
 
-    def __init__(self, file: MappedFile, stream: ReadAhead, pieces: dict[str, tuple[int, ...]]):
+    def __init__(self, file: MappedFile, parts: dict[str, tuple[tuple[tuple[int, int], Taker], ...]]):
         super().__init__({}, file.quant)
-        self._file, self._stream, self._pieces = file, stream, pieces
+        self._file, self._parts = file, parts
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -238,7 +243,7 @@ class StreamedUnit(UnitBytes):
         return self._file.view().get(name)
 
     def weight(self, module: str) -> StoredWeight:
-        if module not in self._pieces:
+        if module not in self._parts:
             return self._file.view().weight(module)
         shape = self._file.layout().weight(module).shape
-        return StreamedWeight(shape, self._pieces[module], self._stream, lambda: self._file.view().weight(module))
+        return StreamedWeight(shape, self._parts[module], lambda: self._file.view().weight(module))

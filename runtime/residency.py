@@ -10,7 +10,10 @@
 The budget covers the pinned files, the stream buffers, the KV cache and the working set the run
 is planned for (`memory`). What is left after the reserve and the stream buffers pins the ln_f and
 embedding files first (used every token, the embeddings twice), then as many blocks as fit,
-chosen evenly spaced, so that while a streamed block is read the pinned blocks before it compute.
+chosen evenly spaced, so that while a streamed block is read the pinned blocks before it compute;
+what is still left, less than a block, pins pieces of the streamed files (read once at start-up
+like a pinned file), evenly spaced in the cycle for the same reason: every byte of the budget is a
+byte a token does not read from disk.
 16-bit weights stay 16-bit in RAM: the dense kernel multiplies them in fp32 at the speed it reads
 them. Only where it was not built, and the whole model fits even in float32 and computes in
 float32, are they widened once at load for torch's fp32 GEMM.
@@ -30,10 +33,17 @@ __all__ = ["Residency", "UnitPieces", "minimum_budget", "plan_residency"]
 
 @dataclasses.dataclass(frozen=True)
 class UnitPieces:
-    """How one file streams: its number of pieces and the buffer bytes its largest one needs."""
+    """How one file streams: the buffer bytes each of its pieces needs, in use order."""
 
-    count: int
-    largest: int
+    sizes: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def largest(self) -> int:
+        return max(self.sizes, default=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +61,8 @@ class Residency:
     working_set_bytes: int = 0     # one forward pass over `max_tokens` tokens (`memory.working_set_bytes`)
     max_tokens: int = 0            # tokens (prompt + new, over the batch) the reserve is for
     streamed_pieces: int = 0       # pieces read per forward pass
+    pinned_pieces: tuple[int, ...] = ()  # places in the streamed files' cycle of the pieces kept in RAM
+    pinned_piece_bytes: int = 0    # their bytes
     widened: bool = False          # pinned 16-bit float tensors are held as float32
     budget_rule: str = "given"     # where the budget came from
 
@@ -60,8 +72,8 @@ class Residency:
 
     @property
     def resident_bytes(self) -> int:
-        """Weight bytes held in RAM: pinned files plus the stream buffers."""
-        return self.pinned_bytes + self.stream_bytes
+        """Weight bytes held in RAM: pinned files and pieces plus the stream buffers."""
+        return self.pinned_bytes + self.pinned_piece_bytes + self.stream_bytes
 
     @property
     def reserve_bytes(self) -> int:
@@ -79,7 +91,9 @@ class Residency:
             f"  pinned {len(self.pinned)} files, {mb(self.pinned_bytes)}"
             + (" (16-bit weights widened to float32)" if self.widened else ""),
             f"  streamed {len(self.streamed)} files in {self.streamed_pieces} pieces per pass through "
-            f"{self.stream_buffers} buffers of {mb(self.buffer_bytes)} = {mb(self.stream_bytes)}",
+            f"{self.stream_buffers} buffers of {mb(self.buffer_bytes)} = {mb(self.stream_bytes)}"
+            + (f"; {len(self.pinned_pieces)} more pieces of them pinned, {mb(self.pinned_piece_bytes)}"
+               if self.pinned_pieces else ""),
             f"  KV cache {mb(self.kv_cache_bytes)} and working set {mb(self.working_set_bytes)} for "
             f"{self.max_tokens} tokens",
         ])
@@ -126,7 +140,23 @@ def plan_residency(sizes: dict[str, int], n_layer: int, budget: int, *, pieces: 
     streamed_blocks = {blocks[j * len(blocks) // n_streamed] for j in range(n_streamed)}  # evenly spaced
     pinned.update(b for b in blocks if b not in streamed_blocks)
     streamed = tuple(u for u in use_order if u not in pinned)
-    count = sum(pieces[u].count for u in streamed)
+    room -= sum(sizes[b] for b in blocks if b in pinned)
+    cycle = [size for u in streamed for size in pieces[u].sizes]
+    kept = _pinned_pieces(cycle, room)
+    count = len(cycle) - len(kept)
     return Residency(budget, tuple(u for u in load_order if u in pinned), streamed, sum(sizes[u] for u in pinned),
-                     buffer_bytes=max(pieces[u].largest for u in streamed), stream_buffers=min(stream_buffers, count),
-                     streamed_pieces=count, **details)
+                     buffer_bytes=max((size for i, size in enumerate(cycle) if i not in kept), default=0),
+                     stream_buffers=min(stream_buffers, count), streamed_pieces=count, pinned_pieces=kept,
+                     pinned_piece_bytes=sum(cycle[i] for i in kept), **details)
+
+
+def _pinned_pieces(cycle: list[int], room: int) -> tuple[int, ...]:
+    """Places in `cycle` (bytes of each piece) of as many evenly spaced pieces as fit in `room`
+    (a bisection on their number); at least one piece always streams."""
+    def spaced(n: int) -> tuple[int, ...]:
+        return tuple(sorted({j * len(cycle) // n for j in range(n)})) if n else ()
+    fits, too_many = 0, min(len(cycle) - 1, room // max(min(cycle, default=1), 1)) + 1
+    while fits + 1 < too_many:
+        n = (fits + too_many) // 2
+        fits, too_many = (n, too_many) if sum(cycle[i] for i in spaced(n)) <= room else (fits, n)
+    return spaced(fits)

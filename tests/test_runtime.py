@@ -383,8 +383,8 @@ def sizes_for(n_layer, block=100, embeddings=50, final=1):
 
 def pieces_for(sizes, piece=10):
     """Every matrix file in pieces of `piece` pages (final: none)."""
-    return {unit: residency.UnitPieces(0, 0) if unit == FINAL_UNIT else
-            residency.UnitPieces(-(-size // (piece * PAGE)), min(size, piece * PAGE)) for unit, size in sizes.items()}
+    return {unit: residency.UnitPieces(()) if unit == FINAL_UNIT else
+            residency.UnitPieces((min(size, piece * PAGE),) * -(-size // (piece * PAGE))) for unit, size in sizes.items()}
 
 
 def test_residency_pins_what_fits_and_spreads_the_streamed_blocks():
@@ -407,6 +407,28 @@ def test_residency_pins_what_fits_and_spreads_the_streamed_blocks():
     big = sizes_for(4, embeddings=100_000)
     big_plan = residency.plan_residency(big, 4, 1000 * PAGE, pieces=pieces_for(big))
     assert EMBEDDINGS_UNIT in big_plan.streamed and big_plan.stream_bytes == 30 * PAGE
+    # what is left after whole files (1000 - 30 buffers - final - 4 blocks = 569 pages) pins pieces
+    assert big_plan.pinned_piece_bytes == 56 * 10 * PAGE and len(big_plan.pinned_pieces) == 56
+    assert big_plan.planned_bytes <= 1000 * PAGE and big_plan.streamed_pieces == 10_000 - 56
+    gaps = {b - a for a, b in zip(big_plan.pinned_pieces, big_plan.pinned_pieces[1:])}
+    assert max(gaps) - min(gaps) <= 1  # evenly spaced through the cycle
+
+
+def test_residency_pins_pieces_of_streamed_files_with_what_is_left():
+    sizes = sizes_for(10)
+    pieces = pieces_for(sizes)  # 10 pieces of 10 pages per block, 5 per embeddings
+    # room for final + embeddings + buffers (81) + 4 blocks (400) + 35 pages: 3 more pieces pinned
+    plan = residency.plan_residency(sizes, 10, 516 * PAGE, pieces=pieces)
+    assert len(plan.pinned) == 6 and len(plan.streamed) == 6
+    assert plan.pinned_pieces == (0, 20, 40) and plan.pinned_piece_bytes == 30 * PAGE
+    assert plan.streamed_pieces == 60 - 3 and plan.planned_bytes <= 516 * PAGE
+    assert "3 more pieces of them pinned" in plan.describe()
+    # unequal pieces: never more than the room, and at least one piece streams
+    uneven = {unit: residency.UnitPieces(tuple((1 + i % 3) * PAGE for i in range(12))) for unit in sizes}
+    uneven[FINAL_UNIT] = residency.UnitPieces(())
+    for budget in range(200, 300, 7):
+        plan = residency.plan_residency(sizes, 10, budget * PAGE, pieces=uneven)
+        assert plan.planned_bytes <= budget * PAGE and plan.streamed_pieces >= 1
 
 
 def test_default_budget_is_a_share_of_available_memory_less_the_runtime():
@@ -464,6 +486,33 @@ def test_streaming_gives_the_same_tokens_and_reads_in_use_order(deep, monkeypatc
     assert [module.split(".")[-1] for _, module, _ in cycle[:6]] == [
         "query_key_value", "query_key_value", "dense", "dense_h_to_4h", "dense_h_to_4h", "dense_4h_to_h"]
     assert streamed[:4 * 18] == [unit for unit, _, _ in cycle] * 4 and len(streamed) <= 4 * 18 + 3
+
+
+def test_pieces_pinned_with_what_is_left_give_the_same_tokens_and_leave_the_cycle(deep, monkeypatch):
+    ids, mask = padded_batch(256, lengths=(5, 3))
+    with runtime.load(deep) as pinned:
+        expected = pinned.generate_ids(ids, mask, max_new_tokens=4)
+        expected_logits, _ = pinned.forward(ids, mask)
+    budget = budget_streaming(deep, 3, monkeypatch)
+    half_a_block = (deep / "block_000.safetensors").stat().st_size // 2
+    reads = []
+    original = files.MappedFile.read_spans
+    monkeypatch.setattr(files.MappedFile, "read_spans", lambda self, memory, spans, streaming:
+                        reads.append((self.path.stem, streaming)) or original(self, memory, spans, streaming=streaming))
+    with runtime.load(deep, ram_budget=budget + half_a_block) as model:
+        plan = model.checkpoint.residency
+        assert plan.streamed == ("block_000", "block_002", "block_004")
+        assert len(plan.pinned_pieces) >= 2 and plan.streamed_pieces == 3 * 6 - len(plan.pinned_pieces)
+        assert len(model.checkpoint.pieces) == plan.streamed_pieces
+        model.checkpoint.wait_until_loaded()
+        assert model.checkpoint.pinned_read_seconds > 0
+        assert torch.equal(model.forward(ids, mask)[0], expected_logits)
+        assert torch.equal(model.generate_ids(ids, mask, max_new_tokens=4), expected)
+    at_start = len(plan.pinned) + len(plan.pinned_pieces)
+    assert all(not streaming for _, streaming in reads[:at_start])  # files and pieces read once, at start-up
+    assert all(streaming for _, streaming in reads[at_start:])
+    # a forward, then a prefill and 3 steps: each streamed piece once a pass, plus the reads ahead
+    assert 5 * plan.streamed_pieces <= len(reads) - at_start <= 5 * plan.streamed_pieces + plan.stream_buffers
 
 
 def test_a_pass_that_stops_part_way_does_not_desynchronise_read_ahead(deep, monkeypatch):
