@@ -37,7 +37,7 @@ measurement runs in a fresh process (this script with --child-*), in a memory cg
    embeddings + ln_f; P the bytes pinned: what fits in the budget the runtime chose inside the M
    cgroup once its working set, its stream buffers and the KV cache of 70 layers (the runtime's
    default context at batch 1, --big-batch-context tokens per sequence at the big batch) are
-   taken out, filled as the runtime does (ln_f, the embeddings if they fit, whole blocks); D the
+   taken out, filled as the runtime does (ln_f, the embeddings if they fit, whole blocks, then 64 MiB pieces); D the
    slower of the disk speeds measured under the slice and under the outputs (a host cache under
    a VM's disk may still hold files just written); c_b the compute seconds per weight byte at
    batch b, measured on the slice with every file pinned. Streamed bytes cost whichever is slower,
@@ -450,7 +450,7 @@ def extrapolate(report: dict) -> dict:
                     out["check"].append({"scheme": scheme, "limit": r["limit"], "mode": r["mode"], "batch": batch,
                                          "measured_s": b["s_per_step"], "predicted_s": predicted,
                                          "measured_over_predicted": b["s_per_step"] / predicted})
-        buffers = max(((r0.get("residency") or {}).get("resident_bytes", 0) - (r0.get("residency") or {}).get("pinned_bytes", 0)
+        buffers = max(((r0.get("residency") or {}).get("stream_bytes", 0)
                        for r0 in (run["child"] for runs in report["generation"].values() for run in runs
                                   if run["child"].get("spec", {}).get("dir", "").endswith(f"out-{scheme}"))), default=0)
         for r in rows:
@@ -488,14 +488,19 @@ def extrapolate(report: dict) -> dict:
 
 
 def fill(room: float, sizes: dict) -> int:
-    """Bytes pinned in `room`, in the runtime's order: ln_f, the embeddings if they fit, whole blocks."""
+    """Bytes pinned in `room`, in the runtime's order: ln_f, the embeddings if they fit, whole blocks,
+    then pieces of the streamed files (taken as STREAM_PIECE_BYTES each) with what is left."""
+    from bloomconv.runtime.readahead import STREAM_PIECE_BYTES
     pinned = 0
     for size in (sizes["final"], sizes["embeddings"]):
         if size <= room - pinned:
             pinned += size
     if sizes["block"]:
         pinned += min(FULL_BLOCKS, int((room - pinned) // sizes["block"])) * sizes["block"]
-    return pinned
+    total = sizes["final"] + sizes["embeddings"] + FULL_BLOCKS * sizes["block"]
+    if pinned < total:
+        pinned += min(total - pinned - STREAM_PIECE_BYTES, (room - pinned) // STREAM_PIECE_BYTES * STREAM_PIECE_BYTES)
+    return int(pinned)
 
 
 # ------------------------------------------------------------------------------ report
@@ -594,7 +599,7 @@ def print_report(report: dict) -> str:
                   "runtime's default budget for that machine (as it chose it in a memory cgroup of that size) after "
                   "its working set, the stream buffers and the KV cache (fp32 keys and values of 70 layers for "
                   "every token of every sequence), filled as the runtime does (ln_f, the embeddings if they fit, "
-                  "whole blocks); D: the disk's sequential speed; c_b: compute seconds per weight byte at batch b, "
+                  "whole blocks, then 64 MiB pieces of the streamed files); D: the disk's sequential speed; c_b: compute seconds per weight byte at batch b, "
                   "measured on the slice with every file pinned. Streamed bytes cost the slower of reading and "
                   f"computing them (read-ahead overlaps the two). Conversion: the slice's time + {FULL_BLOCKS - report['blocks']} × "
                   "the time between two finished block files; output scaled the same way; RAM as measured on the slice "
