@@ -12,9 +12,11 @@ Where that is refused (tmpfs, other systems) reads are buffered, in order, leavi
 read-ahead to keep the disk busy; a streamed file's chunks are then dropped behind with
 `posix_fadvise(DONTNEED)` where the system has it.
 
-Memory is plain private anonymous memory: no transparent huge pages asked for (MADV_HUGEPAGE made
-the kernel compact memory while faulting in gigabytes of pinned weights, reading them at a fifth
-of the disk's speed) and no mlock (see `AnonymousBuffer`).
+Memory is plain private anonymous memory, and no mlock (see `AnonymousBuffer`). Pinned files get
+no transparent huge pages (MADV_HUGEPAGE made the kernel compact memory while faulting in
+gigabytes of pinned weights, reading them at a fifth of the disk's speed); the few stream buffers
+do. A pinned file's buffer is faulted in by a thread of its own running alongside the reads
+(`AnonymousBuffer.fault_in_background`).
 
 >>> file = MappedFile(Path("bloom/block_000.safetensors"), quant={})        # doctest: +SKIP
 >>> buffer = AnonymousBuffer(file.padded_size)                              # doctest: +SKIP
@@ -23,11 +25,14 @@ of the disk's speed) and no mlock (see `AnonymousBuffer`).
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import functools
 import io
 import math
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -144,8 +149,14 @@ class MappedFile:
             _advise(self._mapping, "MADV_DONTNEED")
 
     def read_into(self, buffer: "AnonymousBuffer", streaming: bool) -> UnitBytes:
-        """Read the whole file into `buffer` (of at least `padded_size` bytes); its tensors."""
-        self.read_spans(buffer.memoryview(), [(0, self.padded_size, 0)], streaming=streaming)
+        """Read the whole file into `buffer` (of at least `padded_size` bytes, fresh: its pages are
+        faulted in alongside the reads); its tensors."""
+        faulting = buffer.fault_in_background()
+        try:
+            self.read_spans(buffer.memoryview(), [(0, self.padded_size, 0)], streaming=streaming)
+        finally:
+            if faulting is not None:
+                faulting.join()
         return UnitBytes.parse(self.header, buffer.tensor[:self.size], self.quant)
 
     def read_spans(self, memory: memoryview, spans: Sequence[Span], *, streaming: bool) -> None:
@@ -255,17 +266,59 @@ def _advise(mapping: mmap.mmap, advice: str) -> None:
 
 
 class AnonymousBuffer:
-    """Page-aligned anonymous memory that weights are read into.
+    """Page-aligned anonymous memory that weights are read into. `huge_pages` for the stream
+    buffers (`readahead`): a few, reused every pass, so faulting them in as huge pages happens once,
+    and each read into them then reaches the disk in requests of up to the device's largest
+    (a request holds a bounded number of memory segments, and a 4 KB page is one segment).
 
     Not mlock'ed: where it is permitted at all (RLIMIT_MEMLOCK is 8 MB for ordinary users on most
     Linux systems), locked pages cannot be reclaimed, so a budget set too high ends in the OOM
     killer instead of swapping; and what the plan keeps in RAM is already sized to fit.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, *, huge_pages: bool = False):
         self._map = _anonymous_memory(max(size, 1))
+        if huge_pages:  # advice only: the pages stay 4 KB where the system has no huge pages
+            _advise(self._map, "MADV_HUGEPAGE")
         self.size = size
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
 
     def memoryview(self) -> memoryview:
         return memoryview(self._map)
+
+    def fault_in_background(self) -> threading.Thread | None:
+        """Start faulting the buffer's pages in, in order, on a thread of its own (Linux ≥ 5.14:
+        madvise(MADV_POPULATE_WRITE), which leaves a page already written as it is, so it may race
+        with reads into the buffer). A fresh page is otherwise faulted in, and zeroed, inside the
+        read that first lands on it, one read at a time; on its own thread that work overlaps the
+        disk's. None where the system cannot."""
+        madvise = _libc_madvise()
+        if madvise is None:
+            return None
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+
+        def fault_in() -> None:
+            for offset in range(0, self.size, FAULT_IN_STEP):
+                if madvise(base + offset, min(FAULT_IN_STEP, self.size - offset), MADV_POPULATE_WRITE):
+                    return  # refused (an older kernel): the reads fault the pages in themselves
+        thread = threading.Thread(target=fault_in, name="bloomconv-fault-in", daemon=True)
+        thread.start()
+        return thread
+
+
+MADV_POPULATE_WRITE = 23  # <linux/mman.h>, Linux 5.14
+FAULT_IN_STEP = 64 << 20
+
+
+@functools.cache
+def _libc_madvise():
+    """libc's madvise through ctypes, which releases the GIL while it runs (Python's
+    mmap.madvise does not); None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return madvise

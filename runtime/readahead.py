@@ -158,7 +158,7 @@ class ReadAhead:
                  buffer_bytes: int, buffers: int):
         self.pieces = tuple(pieces)
         self._reader, self._files = reader, files
-        self._buffers = [AnonymousBuffer(buffer_bytes) for _ in range(buffers if self.pieces else 0)]
+        self._buffers = [AnonymousBuffer(buffer_bytes, huge_pages=True) for _ in range(buffers if self.pieces else 0)]
         self._free = list(self._buffers)
         self._reads: dict[int, tuple[concurrent.futures.Future, AnonymousBuffer]] = {}
         self._next = 0  # the next piece of the cycle to read

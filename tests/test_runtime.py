@@ -536,9 +536,9 @@ def test_weight_memory_stays_within_the_budget(deep, monkeypatch):
     allocated = []
     original = files.AnonymousBuffer.__init__
 
-    def counting(self, size):
+    def counting(self, size, **options):
         allocated.append(size)
-        original(self, size)
+        original(self, size, **options)
     monkeypatch.setattr(files.AnonymousBuffer, "__init__", counting)
     budget = budget_streaming(deep, 3, monkeypatch)
     allocated.clear()
@@ -641,3 +641,16 @@ def test_an_error_mid_pass_releases_the_streamed_buffer(tiny, monkeypatch):
             streamed.forward(ids, mask)
         monkeypatch.setattr(streamed.transformer, "_block", real_block)
         assert torch.equal(streamed.forward(ids, mask)[0], expected)
+
+
+def test_faulting_a_buffer_in_keeps_what_reads_already_wrote(monkeypatch):
+    monkeypatch.setattr(files, "FAULT_IN_STEP", 3 * PAGE)  # many steps, so reads and faulting interleave
+    buffer = files.AnonymousBuffer(64 * PAGE + 5)
+    buffer.tensor[10 * PAGE:20 * PAGE] = 7  # a read that landed before the thread got there
+    thread = buffer.fault_in_background()
+    buffer.tensor[40 * PAGE:41 * PAGE] = 9  # and one racing it
+    if thread is not None:  # Linux: the thread ran; elsewhere the reads fault pages in themselves
+        thread.join()
+    assert (buffer.tensor[10 * PAGE:20 * PAGE] == 7).all() and (buffer.tensor[40 * PAGE:41 * PAGE] == 9).all()
+    assert int(buffer.tensor[:10 * PAGE].sum()) == 0 and int(buffer.tensor[41 * PAGE:].sum()) == 0
+    assert (thread is not None) == sys.platform.startswith("linux")
