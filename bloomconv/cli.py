@@ -5,10 +5,12 @@ the one place that turns exceptions into messages and exit codes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 import time
+import warnings
 
 import click
 
@@ -127,13 +129,14 @@ def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, i
     command after an interruption to resume."""
     from .converters.convert import quantize as run
     started = time.monotonic()
-    manifest = run(src, dst, bits, quant_type=quant_type, block_size=block_size, double_quant=double_quant,
-                   embeddings=embeddings, int8_scale_from=int8_scale_from, recipe=recipe, method=method,
-                   calibrate=calibrate, calibration_tokens=calibration_tokens, device=device,
-                   signing=_signing_key(sign_key, sign_certificate, sign_chain),
-                   progress=terminal_progress("quantize", disable=quiet), log=_say)
+    with _warnings_as_lines() as said:
+        manifest = run(src, dst, bits, quant_type=quant_type, block_size=block_size, double_quant=double_quant,
+                       embeddings=embeddings, int8_scale_from=int8_scale_from, recipe=recipe, method=method,
+                       calibrate=calibrate, calibration_tokens=calibration_tokens, device=device,
+                       signing=_signing_key(sign_key, sign_certificate, sign_chain),
+                       progress=terminal_progress("quantize", disable=quiet), log=_say)
     click.echo(f"{dst}: {manifest.quantization.quant_type.value}, {_density(manifest)}, {_summary(manifest, started)}")
-    _warn_bitsandbytes_cpu(dst, manifest)
+    said()
 
 
 def _density(manifest) -> str:
@@ -142,11 +145,20 @@ def _density(manifest) -> str:
     return f"{bits_per_weight(manifest):.2f} bits per weight, {size_ratio_to_16bit(manifest):.3f} of its 16-bit size"
 
 
-def _warn_bitsandbytes_cpu(directory, manifest) -> None:
-    from .inspection import bitsandbytes_cpu_warning
-    warning = bitsandbytes_cpu_warning(manifest)
-    if warning:
-        click.echo(f"bloomconv: warning: {directory}: {warning}", err=True)
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Collect the BloomconvWarnings of the block; the function it gives prints each as one line
+    (`bloomconv: warning: …`) on stderr, after the command's own output."""
+    from .errors import BloomconvWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BloomconvWarning)
+        lines: list[str] = []
+        yield lambda: [click.echo(f"bloomconv: warning: {line}", err=True) for line in lines]
+    for warning in caught:
+        if issubclass(warning.category, BloomconvWarning):
+            lines.append(str(warning.message))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 @main.command()

@@ -132,6 +132,11 @@ class PipelineError(BloomconvError):
 
 
 # Most specific class first: the first `isinstance` match decides.
+class BloomconvWarning(UserWarning):
+    """Something a user should know about a finished job that is not an error (e.g. 4-bit weights
+    that bitsandbytes' CPU decoder gets wrong). The CLI prints these as one line."""
+
+
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (SignatureError, 1),      # the files are not what the trusted signer signed
     (VerificationError, 1),   # the files differ from what the converter wrote

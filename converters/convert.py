@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +23,7 @@ import torch
 
 from bloomconv import __version__
 from bloomconv.atomic import atomic_write_bytes, commit, discard, open_temporary
-from bloomconv.errors import DestinationError, OptionsError, SourceError
+from bloomconv.errors import BloomconvWarning, DestinationError, OptionsError, SourceError
 from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, FORMAT_VERSION, HF_INDEX_NAME, JOB_SIGNATURE_KEY,
                               PREFIX, SIGNATURE_NAME, QuantType, all_units, unit_file, unit_tensor_names)
 from bloomconv.hashing import sha256_file
@@ -83,17 +84,25 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, quantization: Qua
     started_by = {"command": command_line(quantization, signing, calibrate), "source": str(source.root.resolve())}
     with Destination(dst) as destination:
         if destination.has_manifest():
-            return _already_finished(destination, source, quantization, signing, job, log)
-        try:
-            resuming = destination.start_or_resume(job, started_by)
-            manifest = _run(source, destination, quantization, progress, log if resuming else None, calibration)
-            write_manifest(destination.path, manifest)
-            if signing is not None:  # the job record stays until the signature is written
-                sign(destination.path, signing)
-            destination.finish()
-        except OSError as exc:
-            raise explain_os_error(destination.path, exc) from exc
-        return manifest
+            manifest = _already_finished(destination, source, quantization, signing, job, log)
+        else:
+            try:
+                resuming = destination.start_or_resume(job, started_by)
+                manifest = _run(source, destination, quantization, progress, log if resuming else None, calibration)
+                write_manifest(destination.path, manifest)
+                if signing is not None:  # the job record stays until the signature is written
+                    sign(destination.path, signing)
+                destination.finish()
+            except OSError as exc:
+                raise explain_os_error(destination.path, exc) from exc
+    _warn_where_bitsandbytes_misdecodes(dst, manifest)
+    return manifest
+
+
+def _warn_where_bitsandbytes_misdecodes(dst: str | os.PathLike, manifest: Manifest) -> None:
+    from bloomconv.inspection import bitsandbytes_cpu_warning
+    if (warning := bitsandbytes_cpu_warning(manifest)) is not None:
+        warnings.warn(f"{dst}: {warning}", BloomconvWarning, stacklevel=3)
 
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = None, *,

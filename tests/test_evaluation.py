@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 import bloomconv
 from bloomconv.cli import main
 from bloomconv.converters.example import TRAINED, write_example_checkpoint
-from bloomconv.errors import OptionsError
+from bloomconv.errors import BloomconvWarning, OptionsError
 from bloomconv.evaluation import compare, mean_and_stderr, perplexity, tokens_of, windows_for
 from bloomconv.format import SAFETENSORS_DTYPES
 from bloomconv.inspection import bitsandbytes_cpu_misdecodes, bits_per_weight, inspect
@@ -294,3 +295,15 @@ def test_quantize_and_inspect_warn_where_bitsandbytes_would_misdecode(trained, t
                                 "--block-size", "64", "-q"])
     assert good.exit_code == 0 and "warning" not in good.output
     assert inspect(tmp_path / "b64")["warnings"] == []
+
+
+def test_the_library_warns_where_bitsandbytes_would_misdecode(trained, tmp_path):
+    root, _ = trained
+    with pytest.warns(BloomconvWarning, match=r"576x192.*--block-size 64") as caught:
+        bloomconv.quantize(root / "dst", tmp_path / "b128", bits=4, block_size=128)
+    assert len(caught) == 1 and str(tmp_path / "b128") in str(caught[0].message)
+    with pytest.warns(BloomconvWarning):  # and again for a finished directory
+        bloomconv.quantize(root / "dst", tmp_path / "b128", bits=4, block_size=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bloomconv.quantize(root / "dst", tmp_path / "b64", bits=4, block_size=64)
