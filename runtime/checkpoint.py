@@ -40,7 +40,7 @@ from bloomconv.manifest import Manifest, read_manifest
 from bloomconv.process_stats import available_memory
 
 from . import readahead
-from .files import AnonymousBuffer, MappedFile
+from .files import AnonymousBuffer, MappedFile, fault_in_background
 from .memory import (DEFAULT_BUDGET_SHARE, DEFAULT_MAX_TOKENS, RUNTIME_OVERHEAD_BYTES, default_ram_budget,
                      kv_cache_bytes, parse_size, working_set_bytes)
 from .readahead import Piece, ReadAhead, StreamedUnit, plan_pieces
@@ -68,11 +68,18 @@ class Checkpoint:
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bloomconv-read")
         self.pinned_read_seconds: float | None = None  # first pinned read to last, once all are done
         self._read_times: list[float] = []
-        self._pinned: dict[str, concurrent.futures.Future] = {
-            unit: self._reader.submit(self._timed, self._read_pinned, unit) for unit in residency.pinned}
         every_piece = [piece for unit in residency.streamed for piece in pieces[unit]]
-        kept = {index: self._reader.submit(self._timed, self._read_pinned_piece, every_piece[index])
-                for index in residency.pinned_pieces}
+        # every pinned buffer up front, faulted in, in read order, by a thread of its own
+        buffers = {} if residency.widened else {unit: AnonymousBuffer(files[unit].padded_size)
+                                                for unit in residency.pinned}
+        piece_buffers = {index: AnonymousBuffer(every_piece[index].nbytes) for index in residency.pinned_pieces}
+        fault_in_background([*buffers.values(), *piece_buffers.values()])
+        self._pinned: dict[str, concurrent.futures.Future] = {
+            unit: self._reader.submit(self._timed, self._read_pinned, unit, buffers.get(unit))
+            for unit in residency.pinned}
+        kept = {index: self._reader.submit(self._timed, every_piece[index].read_into, files[every_piece[index].unit],
+                                           buffer, streaming=False)
+                for index, buffer in piece_buffers.items()}
         self._pending_reads = [*self._pinned.values(), *kept.values()]
         cycle = [piece for index, piece in enumerate(every_piece) if index not in kept]
         self._stream = ReadAhead(self._reader, files, cycle, residency.buffer_bytes, residency.stream_buffers)
@@ -87,24 +94,21 @@ class Checkpoint:
         self._streamed = {unit: StreamedUnit(files[unit], {m: tuple(p) for m, p in modules.items()})
                           for unit, modules in parts.items()}
 
-    def _timed(self, read, *args):
+    def _timed(self, read, *args, **options):
         if not self._read_times:
             self._read_times.append(time.perf_counter())
         try:
-            return read(*args)
+            return read(*args, **options)
         finally:
             if len(self._read_times) > 1:
                 self._read_times.pop()
             self._read_times.append(time.perf_counter())
 
-    def _read_pinned(self, unit: str) -> UnitBytes:
-        if self.residency.widened:
+    def _read_pinned(self, unit: str, buffer: AnonymousBuffer | None) -> UnitBytes:
+        if buffer is None:  # widened to float32 on the way in
             source, _ = self.files[unit].widened()
             return source
-        return self.files[unit].read_into(AnonymousBuffer(self.files[unit].padded_size), streaming=False)
-
-    def _read_pinned_piece(self, piece: Piece):
-        return piece.read_into(self.files[piece.unit], AnonymousBuffer(piece.nbytes), streaming=False)
+        return self.files[unit].read_into(buffer, streaming=False)
 
     @contextlib.contextmanager
     def use(self, unit: str) -> Iterator[UnitBytes]:

@@ -15,8 +15,8 @@ read-ahead to keep the disk busy; a streamed file's chunks are then dropped behi
 Memory is plain private anonymous memory, and no mlock (see `AnonymousBuffer`). Pinned files get
 no transparent huge pages (MADV_HUGEPAGE made the kernel compact memory while faulting in
 gigabytes of pinned weights, reading them at a fifth of the disk's speed); the few stream buffers
-do. A pinned file's buffer is faulted in by a thread of its own running alongside the reads
-(`AnonymousBuffer.fault_in_background`).
+do. The pinned buffers are faulted in by a thread of their own running alongside the reads
+(`fault_in_background`).
 
 >>> file = MappedFile(Path("bloom/block_000.safetensors"), quant={})        # doctest: +SKIP
 >>> buffer = AnonymousBuffer(file.padded_size)                              # doctest: +SKIP
@@ -49,7 +49,7 @@ from bloomconv.safetensors_io import SafetensorsHeader, read_header, torch_dtype
 
 from .records import UnitBytes, aligned
 
-__all__ = ["AnonymousBuffer", "MappedFile", "PAGE", "READ_CHUNK_BYTES", "Span", "whole_pages"]
+__all__ = ["AnonymousBuffer", "MappedFile", "fault_in_background", "PAGE", "READ_CHUNK_BYTES", "Span", "whole_pages"]
 
 READ_CHUNK_BYTES = 16 << 20  # per preadv call; a buffered streamed read drops the page cache per chunk
 READS_IN_FLIGHT = 4
@@ -149,14 +149,8 @@ class MappedFile:
             _advise(self._mapping, "MADV_DONTNEED")
 
     def read_into(self, buffer: "AnonymousBuffer", streaming: bool) -> UnitBytes:
-        """Read the whole file into `buffer` (of at least `padded_size` bytes, fresh: its pages are
-        faulted in alongside the reads); its tensors."""
-        faulting = buffer.fault_in_background()
-        try:
-            self.read_spans(buffer.memoryview(), [(0, self.padded_size, 0)], streaming=streaming)
-        finally:
-            if faulting is not None:
-                faulting.join()
+        """Read the whole file into `buffer` (of at least `padded_size` bytes); its tensors."""
+        self.read_spans(buffer.memoryview(), [(0, self.padded_size, 0)], streaming=streaming)
         return UnitBytes.parse(self.header, buffer.tensor[:self.size], self.quant)
 
     def read_spans(self, memory: memoryview, spans: Sequence[Span], *, streaming: bool) -> None:
@@ -286,24 +280,30 @@ class AnonymousBuffer:
     def memoryview(self) -> memoryview:
         return memoryview(self._map)
 
-    def fault_in_background(self) -> threading.Thread | None:
-        """Start faulting the buffer's pages in, in order, on a thread of its own (Linux ≥ 5.14:
-        madvise(MADV_POPULATE_WRITE), which leaves a page already written as it is, so it may race
-        with reads into the buffer). A fresh page is otherwise faulted in, and zeroed, inside the
-        read that first lands on it, one read at a time; on its own thread that work overlaps the
-        disk's. None where the system cannot."""
-        madvise = _libc_madvise()
-        if madvise is None:
-            return None
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
-        def fault_in() -> None:
-            for offset in range(0, self.size, FAULT_IN_STEP):
-                if madvise(base + offset, min(FAULT_IN_STEP, self.size - offset), MADV_POPULATE_WRITE):
+
+def fault_in_background(buffers: Sequence[AnonymousBuffer]) -> threading.Thread | None:
+    """Start faulting the pages of `buffers` in, in order, on a thread of its own (Linux ≥ 5.14:
+    madvise(MADV_POPULATE_WRITE), which leaves a page already written as it is, so it may race
+    with reads into the buffers). A fresh page is otherwise faulted in, and zeroed, inside the
+    read that first lands on it, one read at a time; on its own thread that work overlaps the
+    disk's. None where the system cannot."""
+    madvise = _libc_madvise()
+    if madvise is None or not buffers:
+        return None
+    regions = [(buffer.address, buffer.size) for buffer in buffers]
+
+    def fault_in() -> None:
+        for base, size in regions:
+            for offset in range(0, size, FAULT_IN_STEP):
+                if madvise(base + offset, min(FAULT_IN_STEP, size - offset), MADV_POPULATE_WRITE):
                     return  # refused (an older kernel): the reads fault the pages in themselves
-        thread = threading.Thread(target=fault_in, name="bloomconv-fault-in", daemon=True)
-        thread.start()
-        return thread
+    thread = threading.Thread(target=fault_in, name="bloomconv-fault-in", daemon=True)
+    thread.start()
+    return thread
 
 
 MADV_POPULATE_WRITE = 23  # <linux/mman.h>, Linux 5.14
