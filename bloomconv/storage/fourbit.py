@@ -262,16 +262,19 @@ def _quantized_block_runs(flat: torch.Tensor, quant_type: QuantType, block_size:
 
 
 # Candidate scales of the search, as fractions of the block absmax. Smaller ones clip the block's
-# largest weights to resolve the rest more finely; each candidate is refined by least squares.
+# largest weights to resolve the rest more finely; each candidate is refined by least squares,
+# SEARCH_REFITS times (each refit may move weights to other codes, so the next fit differs).
 SEARCH_FACTORS = tuple(0.7 + 0.02 * i for i in range(16))
+SEARCH_REFITS = 4
 
 
 def searched_scales(blocks: torch.Tensor, quant_type: QuantType) -> torch.Tensor:
     """Per block (row of `blocks`, fp32 (nb, bs)), the scale s whose reconstruction
     `code[nearest(w / s)] * s` has the least weighted squared error (`_importance`) among absmax
-    (round to nearest's scale) and absmax × SEARCH_FACTORS, each followed by the weighted
-    least-squares scale for the codes it picked (llama.cpp's make_qx_quants / make_q4_K search the
-    same way). Zero blocks keep scale 0.
+    (round to nearest's scale) and, from each of absmax × SEARCH_FACTORS, the scales reached by
+    alternating "round each weight to its nearest code" and "the weighted least-squares scale for
+    those codes" SEARCH_REFITS times (llama.cpp's make_qx_quants / make_q4_K search the same way).
+    Zero blocks keep scale 0.
 
     >>> blocks = torch.tensor([[1.0, 0.1, 0.2, -0.15]])
     >>> s, importance = searched_scales(blocks, QuantType.NF4), _importance(blocks)
@@ -279,19 +282,22 @@ def searched_scales(blocks: torch.Tensor, quant_type: QuantType) -> torch.Tensor
     >>> bool(block_errors(blocks, s, QuantType.NF4, importance) <= block_errors(blocks, absmax, QuantType.NF4, importance))
     True
     """
+    code = code_table(quant_type).to(blocks.device)
     absmax = blocks.abs().amax(dim=1)                                                   # (nb,)
     importance = _importance(blocks)
     best_scale, best_error = absmax, block_errors(blocks, absmax, quant_type, importance)
     for factor in SEARCH_FACTORS:
         scale = absmax * factor
-        values = code_table(quant_type).to(blocks.device)[_nearest_positions(blocks, scale, quant_type)]  # (nb, bs)
-        norm = (importance * values * values).sum(dim=1)
-        fitted = (importance * blocks * values).sum(dim=1) / norm.clamp(min=1e-30)      # least squares, same codes
-        for candidate in (scale, torch.where((norm > 0) & (fitted > 0), fitted, scale)):
-            error = block_errors(blocks, candidate, quant_type, importance)
+        for refit in range(SEARCH_REFITS + 1):
+            values = code[_nearest_positions(blocks, scale, quant_type)]                # (nb, bs)
+            error = ((blocks - values * scale[:, None]).square_() * importance).sum(dim=1)
             better = error < best_error
-            best_scale = torch.where(better, candidate, best_scale)
+            best_scale = torch.where(better, scale, best_scale)
             best_error = torch.where(better, error, best_error)
+            if refit < SEARCH_REFITS:
+                norm = (importance * values * values).sum(dim=1)
+                fitted = (importance * blocks * values).sum(dim=1) / norm.clamp(min=1e-30)  # least squares, same codes
+                scale = torch.where((norm > 0) & (fitted > 0), fitted, scale)
     return best_scale
 
 
