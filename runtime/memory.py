@@ -16,7 +16,8 @@ dequantized copy of a matrix:
     sampling      8 · V · 4           the last position's logits, a sorted copy and its indices
     small tensors L · (13 H · c + 9 H · 4)   layer norms and biases converted to the compute dtype
                                       once, int8 row scales
-    scratch       DEQUANTIZE_TILE_BYTES for more than SMALL_BATCH_ROWS tokens (4-bit prefill);
+    scratch       the 4-bit fp32 tile of the widest rows (4 H: `fourbit.tile_rows`) for more than
+                  SMALL_BATCH_ROWS tokens (4-bit prefill);
                   3 × CONVERT_CHUNK_BYTES without the compiled kernels (torch converts pieces)
 
 for T tokens (a prompt computed in one pass, or the cache's length), H hidden, nh heads, V vocab,
@@ -86,7 +87,8 @@ def working_set_bytes(geometry: Geometry, dtype: torch.dtype, tokens: int) -> in
     if not kernels.available():
         scratch = 3 * CONVERT_CHUNK_BYTES
     else:  # a prefill over more rows than the 4-bit kernel takes dequantizes a tile at a time
-        scratch = fourbit.DEQUANTIZE_TILE_BYTES if tokens > fourbit.SMALL_BATCH_ROWS else 0
+        widest = 4 * h  # dense_4h_to_h's rows
+        scratch = fourbit.tile_rows(widest) * widest * 4 if tokens > fourbit.SMALL_BATCH_ROWS else 0
     return activations + attention + sampling + small_tensors + scratch
 
 

@@ -52,16 +52,17 @@ from bloomconv.format import BLOCK_SIZES_4BIT, NESTED_BLOCK_SIZE
 from . import _isa_code, _kernels, kernel_threads
 
 __all__ = ["DEQUANTIZE_TILE_BYTES", "SMALL_BATCH_ROWS", "FourBitMatrix", "NestedAbsmax", "fourbit_dequantize",
-           "fourbit_matmul", "fourbit_quantize_blocks"]
+           "fourbit_matmul", "fourbit_quantize_blocks", "tile_rows"]
 
 # Rows of x multiplied by the fused kernel; a larger batch dequantizes tiles for torch's GEMM, which
 # wins once the multiply, not reading the weight, is the cost: around 32 rows the two cost the same.
 SMALL_BATCH_ROWS = 32
 DEQUANTIZE_TILE_BYTES = 8 * 1024 * 1024  # fp32 tile for the large-batch path
 # Rows per GEMM of the large-batch path, whatever the tile: a matrix multiplied whole and the same
-# matrix multiplied in row slices (the runtime streams multiples of 64 rows) then make the same
-# GEMM calls, and torch's GEMM, whose rounding may depend on the shape, gives the same bits.
-GEMM_ROWS = 64
+# matrix multiplied in row slices (a 4-bit weight's `row_multiple` is a multiple of this) then
+# make the same GEMM calls, and torch's GEMM, whose rounding may depend on the shape, gives the
+# same bits. Fewer, larger calls are faster; a tile holds at least this many rows.
+GEMM_ROWS = 256
 
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/fourbit.c's ROUND_*
 
@@ -126,6 +127,12 @@ class FourBitMatrix:
                 _ROUNDING[self.weight_dtype])
 
 
+def tile_rows(cols: int) -> int:
+    """Rows of the fp32 tile the large-batch path dequantizes at a time for rows of `cols`: about
+    DEQUANTIZE_TILE_BYTES, in whole GEMM_ROWS (at least one)."""
+    return max(1, DEQUANTIZE_TILE_BYTES // (4 * cols) // GEMM_ROWS) * GEMM_ROWS
+
+
 def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = None) -> torch.Tensor:
     """x @ W.T in fp32 for the 4-bit matrix W: x (..., in) of any float dtype -> (..., out) fp32.
 
@@ -146,7 +153,7 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
         _kernels.fourbit_matmul(flat.data_ptr(), batch, out.data_ptr(), kernel_threads(), isa_code,
                                 *matrix._arguments())
     else:
-        step = max(1, DEQUANTIZE_TILE_BYTES // (4 * cols) // GEMM_ROWS) * GEMM_ROWS
+        step = tile_rows(cols)
         tile = torch.empty(min(step, rows), cols, dtype=torch.float32)                  # (step, in)
         for start in range(0, rows, step):
             ids = torch.arange(start, min(start + step, rows))

@@ -112,11 +112,13 @@ class StoredWeight(Protocol):
         a multiple of `row_multiple`. Its products are bit for bit those rows of this one's."""
 
 
-def slice_granularity(rows: int, cols: int, elements: int = 1) -> int:
-    """The smallest multiple of ROW_MULTIPLE rows of `cols` elements that also holds a whole
-    number of `elements`-element groups (a 4-bit weight's blocks); `rows` when that is more."""
+def slice_granularity(rows: int, cols: int, elements: int = 1, multiple: int = ROW_MULTIPLE) -> int:
+    """The smallest multiple of `multiple` rows (a multiple of ROW_MULTIPLE) of `cols` elements
+    that also holds a whole number of `elements`-element groups (a 4-bit weight's blocks); `rows`
+    when that is more."""
+    assert multiple % ROW_MULTIPLE == 0, multiple
     per_group = elements // math.gcd(cols, elements) if cols else 1
-    return min(max(rows, 1), math.lcm(ROW_MULTIPLE, per_group))
+    return min(max(rows, 1), math.lcm(multiple, per_group))
 
 
 def weight_tensors(weight: StoredWeight) -> list[torch.Tensor]:

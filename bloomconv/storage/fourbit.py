@@ -651,7 +651,8 @@ class FourBitWeight:
     @property
     def row_multiple(self) -> int:
         unit = self.state.block_size * (NESTED_BLOCK_SIZE if self.state.nested else 1)
-        return slice_granularity(*self.shape, unit)  # whole blocks, and whole nested blocks of absmax
+        # whole blocks, whole nested blocks of absmax, and the large-batch product's whole GEMM calls
+        return slice_granularity(*self.shape, unit, multiple=fourbit_kernel.GEMM_ROWS)
 
     def row_slice(self, start: int, end: int) -> "FourBitWeight":
         rows, cols = self.shape
