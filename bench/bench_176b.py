@@ -20,14 +20,15 @@ measurement runs in a fresh process (this script with --child-*), in a memory cg
    not counted), and when each output file was finished (the progress callback).
 3. Generation from the int8 and the nf4 outputs (made by the last round), for each cgroup memory
    limit of --limits, --gen-repeats times: the disk's sequential speed over the model's files just
-   before (cat, and O_DIRECT 64 MB reads; page cache dropped), then, page cache dropped, a process
+   before (cat, and O_DIRECT reads of the runtime's read size into touched huge pages; page cache
+   dropped), then, page cache dropped, a process
    in the cgroup loads the model (`bloomconv.load`, --ram-budget: `default`, the runtime's own
    choice; `fit`, the limit less FIT_MARGIN; or a size), waits until ready, runs a prompt of
    --prompt-tokens random ids and greedy steps at batch 1 (and --big-batch in the first repeat),
    counting the bytes its threads read from disk during each step (/proc/self/io read_bytes).
    Reported: whether it completed (exit status; OOM kills from memory.oom_control; a one-line
    refusal), start-to-ready (`import bloomconv` to weights in RAM) and the speed pinned weights
-   came in at, s/token and its ratio to the disk bound (bytes read per token ÷ the faster of the
+   came in at (pinned bytes ÷ the runtime's own time from the first pinned read to the last), s/token and its ratio to the disk bound (bytes read per token ÷ the faster of the
    two disk speeds), peak RssAnon against the budget + 300 MB, what was pinned.
 4. The extrapolation to all 70 blocks (printed, and as Markdown in WORK/bench176-readme.md):
    conversion time = the slice's wall time + (70 − blocks) × the median time between two
