@@ -40,7 +40,7 @@ from bloomconv.manifest import Manifest, read_manifest
 from bloomconv.process_stats import available_memory
 
 from . import readahead
-from .files import AnonymousBuffer, MappedFile, fault_in_background
+from .files import AnonymousBuffer, FaultingIn, MappedFile
 from .memory import (DEFAULT_BUDGET_SHARE, DEFAULT_MAX_TOKENS, RUNTIME_OVERHEAD_BYTES, default_ram_budget,
                      kv_cache_bytes, parse_size, working_set_bytes)
 from .readahead import Piece, ReadAhead, StreamedUnit, plan_pieces
@@ -73,7 +73,7 @@ class Checkpoint:
         buffers = {} if residency.widened else {unit: AnonymousBuffer(files[unit].padded_size)
                                                 for unit in residency.pinned}
         piece_buffers = {index: AnonymousBuffer(every_piece[index].nbytes) for index in residency.pinned_pieces}
-        fault_in_background([*buffers.values(), *piece_buffers.values()])
+        self._faulting_in = FaultingIn([*buffers.values(), *piece_buffers.values()])
         self._pinned: dict[str, concurrent.futures.Future] = {
             unit: self._reader.submit(self._timed, self._read_pinned, unit, buffers.get(unit))
             for unit in residency.pinned}
@@ -163,6 +163,7 @@ class Checkpoint:
                 f"Generate fewer tokens, or load with max_tokens={tokens} (it then plans for them within the budget).")
 
     def close(self) -> None:
+        self._faulting_in.stop()
         self._reader.shutdown(wait=True, cancel_futures=True)
         for file in self.files.values():
             file.close()

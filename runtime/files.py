@@ -16,7 +16,7 @@ Memory is plain private anonymous memory, and no mlock (see `AnonymousBuffer`). 
 no transparent huge pages (MADV_HUGEPAGE made the kernel compact memory while faulting in
 gigabytes of pinned weights, reading them at a fifth of the disk's speed); the few stream buffers
 do. The pinned buffers are faulted in by a thread of their own running alongside the reads
-(`fault_in_background`).
+(`FaultingIn`).
 
 >>> file = MappedFile(Path("bloom/block_000.safetensors"), quant={})        # doctest: +SKIP
 >>> buffer = AnonymousBuffer(file.padded_size)                              # doctest: +SKIP
@@ -49,7 +49,7 @@ from bloomconv.safetensors_io import SafetensorsHeader, read_header, torch_dtype
 
 from .records import UnitBytes, aligned
 
-__all__ = ["AnonymousBuffer", "MappedFile", "fault_in_background", "PAGE", "READ_CHUNK_BYTES", "Span", "whole_pages"]
+__all__ = ["AnonymousBuffer", "FaultingIn", "MappedFile", "PAGE", "READ_CHUNK_BYTES", "Span", "whole_pages"]
 
 READ_CHUNK_BYTES = 16 << 20  # per preadv call; a buffered streamed read drops the page cache per chunk
 READS_IN_FLIGHT = 4
@@ -285,25 +285,51 @@ class AnonymousBuffer:
         return ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
 
-def fault_in_background(buffers: Sequence[AnonymousBuffer]) -> threading.Thread | None:
-    """Start faulting the pages of `buffers` in, in order, on a thread of its own (Linux ≥ 5.14:
+class FaultingIn:
+    """Faults the pages of `buffers` in, in order, on a thread of its own (Linux ≥ 5.14:
     madvise(MADV_POPULATE_WRITE), which leaves a page already written as it is, so it may race
     with reads into the buffers). A fresh page is otherwise faulted in, and zeroed, inside the
     read that first lands on it, one read at a time; on its own thread that work overlaps the
-    disk's. None where the system cannot."""
-    madvise = _libc_madvise()
-    if madvise is None or not buffers:
-        return None
-    regions = [(buffer.address, buffer.size) for buffer in buffers]
+    disk's. Where the system cannot, it does nothing. The buffers stay mapped until it is done
+    or `stop()`ped."""
 
-    def fault_in() -> None:
-        for base, size in regions:
-            for offset in range(0, size, FAULT_IN_STEP):
-                if madvise(base + offset, min(FAULT_IN_STEP, size - offset), MADV_POPULATE_WRITE):
-                    return  # refused (an older kernel): the reads fault the pages in themselves
-    thread = threading.Thread(target=fault_in, name="bloomconv-fault-in", daemon=True)
-    thread.start()
-    return thread
+    def __init__(self, buffers: Sequence[AnonymousBuffer]):
+        self._buffers, self._stopping = list(buffers), threading.Event()
+        self._thread = None
+        madvise = _libc_madvise()
+        if madvise is not None and self._buffers:
+            self._thread = threading.Thread(target=self._fault_in, args=(madvise,), name="bloomconv-fault-in",
+                                            daemon=True)
+            self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        """Whether a thread was started (False where the system cannot fault pages in ahead)."""
+        return self._thread is not None
+
+    @property
+    def running(self) -> bool:
+        return self.started and self._thread.is_alive()
+
+    def _fault_in(self, madvise) -> None:
+        try:
+            for buffer in self._buffers:
+                base = buffer.address
+                for offset in range(0, buffer.size, FAULT_IN_STEP):
+                    if self._stopping.is_set() or madvise(base + offset, min(FAULT_IN_STEP, buffer.size - offset),
+                                                          MADV_POPULATE_WRITE):
+                        return  # stopped, or refused (an older kernel): the reads fault the pages in
+        finally:
+            self._buffers = []
+
+    def stop(self) -> None:
+        """Stop after the step in progress and wait for it."""
+        self._stopping.set()
+        self.join()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
 
 
 MADV_POPULATE_WRITE = 23  # <linux/mman.h>, Linux 5.14

@@ -647,12 +647,14 @@ def test_faulting_a_buffer_in_keeps_what_reads_already_wrote(monkeypatch):
     monkeypatch.setattr(files, "FAULT_IN_STEP", 3 * PAGE)  # many steps, so reads and faulting interleave
     buffer, other = files.AnonymousBuffer(64 * PAGE + 5), files.AnonymousBuffer(7 * PAGE)
     buffer.tensor[10 * PAGE:20 * PAGE] = 7  # a read that landed before the thread got there
-    thread = files.fault_in_background([buffer, other])
+    faulting = files.FaultingIn([buffer, other])
+    assert faulting.started == sys.platform.startswith("linux")  # elsewhere the reads fault pages in
     buffer.tensor[40 * PAGE:41 * PAGE] = 9  # and one racing it
     other.tensor[-1] = 3
-    if thread is not None:  # Linux: the thread ran; elsewhere the reads fault pages in themselves
-        thread.join()
+    faulting.join()
     assert (buffer.tensor[10 * PAGE:20 * PAGE] == 7).all() and (buffer.tensor[40 * PAGE:41 * PAGE] == 9).all()
     assert int(buffer.tensor[:10 * PAGE].sum()) == 0 and int(buffer.tensor[41 * PAGE:].sum()) == 0
     assert int(other.tensor.sum()) == 3
-    assert (thread is not None) == sys.platform.startswith("linux")
+    stopped = files.FaultingIn([files.AnonymousBuffer(64 * PAGE)])
+    stopped.stop()
+    assert not stopped.running
