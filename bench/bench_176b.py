@@ -188,6 +188,14 @@ def generate_child(spec: dict, out: Path) -> None:
     model.close()
 
 
+def pinned_units(residency: dict) -> list[str] | None:
+    """The pinned files of a plan, and "N pieces" of streamed files when some are pinned."""
+    if residency.get("pinned") is None:
+        return None
+    pieces = len(residency.get("pinned_pieces") or [])
+    return [*residency["pinned"], *([f"{pieces} pieces of streamed files"] if pieces else [])]
+
+
 def describe_residency(residency) -> dict | None:
     """The runtime's residency plan as plain data (whatever fields this version has)."""
     if residency is None:
@@ -395,7 +403,7 @@ def summarize_generation(report: dict) -> list[dict]:
                "peak_group_rss_anon": median_of(runs, "peak_group_rss_anon"), "budget": median_of(runs, "budget"),
                "pinned_bytes": median_of(runs, "pinned_bytes"), "model_bytes": runs[0]["model_bytes"],
                "within_budget": [r.get("within_budget") for r in runs],
-               "pinned": (runs[0]["child"].get("residency") or {}).get("pinned"), "batches": {}}
+               "pinned": pinned_units(runs[0]["child"].get("residency") or {}), "batches": {}}
         for batch in sorted({b for r in runs for b in r["child"].get("batches", {})}, key=int):
             measured = [r["child"]["batches"][batch] for r in runs if "s_per_step" in r["child"].get("batches", {}).get(batch, {})]
             if measured:
@@ -500,7 +508,8 @@ def fill(room: float, sizes: dict) -> int:
         pinned += min(FULL_BLOCKS, int((room - pinned) // sizes["block"])) * sizes["block"]
     total = sizes["final"] + sizes["embeddings"] + FULL_BLOCKS * sizes["block"]
     if pinned < total:
-        pinned += min(total - pinned - STREAM_PIECE_BYTES, (room - pinned) // STREAM_PIECE_BYTES * STREAM_PIECE_BYTES)
+        pinned += max(0, min(total - pinned - STREAM_PIECE_BYTES,
+                             (room - pinned) // STREAM_PIECE_BYTES * STREAM_PIECE_BYTES))
     return int(pinned)
 
 

@@ -240,7 +240,8 @@ def larger_than_memory(args, work: Path) -> dict:
         r = result["residency"]
         speeds["runtime_read_pass"] = result.get("read_pass_bytes_per_s", 0)
         result["disk_speeds"] = speeds
-        result["bound_s_per_token"] = (model_bytes - r["pinned_bytes"]) / max(speeds.values())
+        result["bound_s_per_token"] = ((model_bytes - r["pinned_bytes"] - r.get("pinned_piece_bytes", 0))
+                                       / max(speeds.values()))
         result["memory_bound"] = startup + r["resident_bytes"] + result["kv_cache_bytes"] + 200 * MB
         runs.append(result)
     return {"geometry": geometry, "model_bytes": model_bytes, "cgroup_limit": limit,

@@ -289,7 +289,7 @@ def _larger_summary(larger: dict) -> dict:
             steps = [r["decode"][batch]["s_per_step"] for r in same]
             bounds = [r["bound_s_per_token"] for r in same]
             residency = run["residency"]
-            runs.append({"budget_gb": residency["budget"] / GB, "pinned_gb": residency["pinned_bytes"] / GB,
+            runs.append({"budget_gb": residency["budget"] / GB, "pinned_gb": (residency["pinned_bytes"] + residency.get("pinned_piece_bytes", 0)) / GB,
                          "batch": int(batch), "s_per_step": spread(steps),
                          "s_per_token": spread(s / int(batch) for s in steps), "bound_s_per_step": spread(bounds),
                          "ratio_to_bound": spread(s / b for s, b in zip(steps, bounds)),

@@ -462,7 +462,7 @@ def generate(directory, prompt, prompt_file, max_new_tokens, temperature, top_k,
     if stats:
         peak_anon = watch.stop()
         hwm = peak_rss()
-        click.echo(f"start-to-ready {ready:.2f} s (`import bloomconv` to weights in RAM; {len(residency.pinned)} files "
+        click.echo(f"start-to-ready {ready:.2f} s (`import bloomconv` to weights in RAM; {residency.pinned_count} "
                    f"pinned, {len(residency.streamed)} streamed, budget {residency.budget / 1e6:,.0f} MB)\n"
                    f"prefill {counts.prompt_tokens} tokens in {counts.prefill_seconds:.2f} s = "
                    f"{counts.prefill_tokens_per_s:.1f} tokens/s\n"

@@ -131,12 +131,12 @@ class PipelineError(BloomconvError):
     the timeout, or sent what the model's geometry does not allow (exit 3)."""
 
 
-# Most specific class first: the first `isinstance` match decides.
 class BloomconvWarning(UserWarning):
     """Something a user should know about a finished job that is not an error (e.g. 4-bit weights
     that bitsandbytes' CPU decoder gets wrong). The CLI prints these as one line."""
 
 
+# Most specific class first: the first `isinstance` match decides.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (SignatureError, 1),      # the files are not what the trusted signer signed
     (VerificationError, 1),   # the files differ from what the converter wrote

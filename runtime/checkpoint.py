@@ -1,14 +1,15 @@
 """Open a bloomconv directory for running: check it, plan what stays in RAM, read weights ahead.
 
-Start-up reads the manifest, the safetensors headers (and the 4-bit state blobs) and the
-tokenizer, plans residency (`residency`) within the RAM budget (`memory`), then returns; weight
-bytes are read by one background thread: first the pinned files, whole, with large reads around
-the page cache (`files`), then the streamed files' pieces, in the order the forward pass uses them
-(`readahead`). A budget, or a machine, too small for the run raises MemoryBudgetError naming the
-minimum before any weight is read.
+Start-up reads the manifest and the safetensors headers (and the 4-bit state blobs), plans
+residency (`residency`) within the RAM budget (`memory`), starts reading, reads the tokenizer
+meanwhile, then returns; weight bytes are read by one background thread: first the pinned files,
+whole, and the pinned pieces of streamed files, with large reads around the page cache (`files`;
+their buffers faulted in alongside by a thread of their own, `FaultingIn`), then the streamed
+files' pieces, in the order the forward pass uses them (`readahead`). A budget, or a machine, too
+small for the run raises MemoryBudgetError naming the minimum before any weight is read.
 
-Tensors are views of those buffers: no copy per access. A view of a streamed piece is valid only
-while the forward pass multiplies by it.
+Tensors are views of those buffers: no copy per access. A view of a piece that streams is valid
+only while the forward pass multiplies by it.
 
 >>> checkpoint = open_checkpoint("bloom-560m-blocks", ram_budget="800MB")   # doctest: +SKIP
 >>> checkpoint.residency.streamed                                          # doctest: +SKIP
@@ -67,7 +68,8 @@ class Checkpoint:
         self.files, self.tokenizer, self.residency = files, tokenizer, residency
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bloomconv-read")
         self.pinned_read_seconds: float | None = None  # first pinned read to last, once all are done
-        self._read_times: list[float] = []
+        self._first_read_started: float | None = None  # set by the one reader thread (`_timed`)
+        self._last_read_ended: float | None = None
         every_piece = [piece for unit in residency.streamed for piece in pieces[unit]]
         # every pinned buffer up front, faulted in, in read order, by a thread of its own
         buffers = {} if residency.widened else {unit: AnonymousBuffer(files[unit].padded_size)
@@ -95,14 +97,14 @@ class Checkpoint:
                           for unit, modules in parts.items()}
 
     def _timed(self, read, *args, **options):
-        if not self._read_times:
-            self._read_times.append(time.perf_counter())
+        """`read(...)`, noting when the first read started and the last ended (the reader is one
+        thread, so these are written by one thread, and read after its futures)."""
+        if self._first_read_started is None:
+            self._first_read_started = time.perf_counter()
         try:
             return read(*args, **options)
         finally:
-            if len(self._read_times) > 1:
-                self._read_times.pop()
-            self._read_times.append(time.perf_counter())
+            self._last_read_ended = time.perf_counter()
 
     def _read_pinned(self, unit: str, buffer: AnonymousBuffer | None) -> UnitBytes:
         if buffer is None:  # widened to float32 on the way in
@@ -134,8 +136,8 @@ class Checkpoint:
         run); then `pinned_read_seconds` is how long reading them took."""
         for pending in self._pending_reads:
             pending.result()
-        if len(self._read_times) > 1:
-            self.pinned_read_seconds = self._read_times[-1] - self._read_times[0]
+        if self._pending_reads:
+            self.pinned_read_seconds = self._last_read_ended - self._first_read_started
 
     def embeddings(self) -> EmbeddingWeights:
         return embedding_weights(self.peek(EMBEDDINGS_UNIT))

@@ -297,7 +297,9 @@ class FaultingIn:
         self._buffers, self._stopping = list(buffers), threading.Event()
         self._thread = None
         madvise = _libc_madvise()
-        if madvise is not None and self._buffers:
+        if madvise is None:
+            self._buffers = []
+        elif self._buffers:
             self._thread = threading.Thread(target=self._fault_in, args=(madvise,), name="bloomconv-fault-in",
                                             daemon=True)
             self._thread.start()

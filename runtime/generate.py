@@ -248,8 +248,9 @@ class Bloom:
         stored = (_describe(quantization) if quantization is not None
                   else f"{self.checkpoint.manifest.model['dtype']}, not quantized")
         return (f"Bloom({str(self.checkpoint.directory)!r}: hidden {g.hidden_size}, {g.n_layer} blocks, "
-                f"{g.n_head} heads, vocab {g.vocab_size}; weights {stored}; {len(residency.pinned)} files in RAM "
-                f"({residency.pinned_bytes / 1e6:,.1f} MB), {len(residency.streamed)} streamed from disk, budget "
+                f"{g.n_head} heads, vocab {g.vocab_size}; weights {stored}; {residency.pinned_count} in RAM "
+                f"({(residency.pinned_bytes + residency.pinned_piece_bytes) / 1e6:,.1f} MB), "
+                f"{len(residency.streamed)} streamed from disk, budget "
                 f"{residency.budget / 1e6:,.1f} MB; computes {str(self.transformer.dtype).removeprefix('torch.')} "
                 f"on {self.transformer.device})")
 

@@ -87,7 +87,7 @@ def working_set_bytes(geometry: Geometry, dtype: torch.dtype, tokens: int) -> in
     if not kernels.available():
         scratch = 3 * CONVERT_CHUNK_BYTES
     else:  # a prefill over more rows than the 4-bit kernel takes dequantizes a tile at a time
-        widest = 4 * h  # dense_4h_to_h's rows
+        widest = 4 * h  # dense_4h_to_h's row length (its in_features)
         scratch = fourbit.tile_rows(widest) * widest * 4 if tokens > fourbit.SMALL_BATCH_ROWS else 0
     return activations + attention + sampling + small_tensors + scratch
 

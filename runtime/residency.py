@@ -67,6 +67,11 @@ class Residency:
     budget_rule: str = "given"     # where the budget came from
 
     @property
+    def pinned_count(self) -> str:
+        """"N files", and "and M pieces" of streamed files when some are pinned."""
+        return f"{len(self.pinned)} files" + (f" and {len(self.pinned_pieces)} pieces" if self.pinned_pieces else "")
+
+    @property
     def stream_bytes(self) -> int:
         return self.stream_buffers * self.buffer_bytes
 
@@ -109,8 +114,9 @@ def minimum_budget(sizes: dict[str, int], pieces: dict[str, UnitPieces], reserve
 def plan_residency(sizes: dict[str, int], n_layer: int, budget: int, *, pieces: dict[str, UnitPieces],
                    reserve: int = 0, stream_buffers: int = 3, widened_sizes: dict[str, int] | None = None,
                    **details) -> Residency:
-    """Pin what fits in `budget` less `reserve` (final, embeddings, then evenly spaced blocks);
-    stream the rest through `stream_buffers` buffers of the largest streamed piece.
+    """Pin what fits in `budget` less `reserve` (final, embeddings, then evenly spaced blocks, then
+    evenly spaced pieces of the streamed files); stream the rest through `stream_buffers` buffers
+    of the largest streamed piece.
 
     When the whole model fits even with its 16-bit weights widened to float32 (`widened_sizes`,
     given for float32 compute without the dense kernel), it is pinned widened: torch's fp32 matmuls
@@ -151,8 +157,9 @@ def plan_residency(sizes: dict[str, int], n_layer: int, budget: int, *, pieces: 
 
 
 def _pinned_pieces(cycle: list[int], room: int) -> tuple[int, ...]:
-    """Places in `cycle` (bytes of each piece) of as many evenly spaced pieces as fit in `room`
-    (a bisection on their number); at least one piece always streams."""
+    """Places in `cycle` (bytes of each piece) of evenly spaced pieces that fit in `room`, their
+    number found by bisection (with pieces of unequal size, a few more might have fit); at least
+    one piece always streams."""
     def spaced(n: int) -> tuple[int, ...]:
         return tuple(sorted({j * len(cycle) // n for j in range(n)})) if n else ()
     fits, too_many = 0, min(len(cycle) - 1, room // max(min(cycle, default=1), 1)) + 1

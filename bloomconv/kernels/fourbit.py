@@ -24,8 +24,9 @@ Portable C (a per-block table, two weights per byte) runs elsewhere, and on rows
 a multiple of 32. Rows are shared out among `kernel_threads()` threads.
 
 Batches: up to SMALL_BATCH_ROWS rows of x share each decoded weight (decoded once per call); a
-larger batch (prefill) is compute-bound, so the matrix is dequantized DEQUANTIZE_TILE_BYTES at a
-time, by the same C code, and each tile goes to torch's GEMM. Double-quantized absmax is decoded
+larger batch (prefill) is compute-bound, so the matrix is dequantized a tile at a time (about
+DEQUANTIZE_TILE_BYTES, at least GEMM_ROWS rows: `tile_rows`), by the same C code, and each tile
+goes to torch's GEMM in calls of GEMM_ROWS rows. Double-quantized absmax is decoded
 inside the kernel per block, so nothing is cached and no fp32 absmax vector is materialised.
 
 The caller builds the `FourBitMatrix` from what it stored (this module reads no stored names or
