@@ -63,9 +63,10 @@ class Checkpoint:
     """
 
     def __init__(self, directory: Path, manifest: Manifest, config: dict, geometry: Geometry,
-                 files: dict[str, MappedFile], tokenizer, residency: Residency, pieces: dict[str, list[Piece]]):
+                 files: dict[str, MappedFile], residency: Residency, pieces: dict[str, list[Piece]]):
         self.directory, self.manifest, self.config, self.geometry = directory, manifest, config, geometry
-        self.files, self.tokenizer, self.residency = files, tokenizer, residency
+        self.files, self.residency = files, residency
+        self.tokenizer = None  # `open_checkpoint` reads it while the pinned files are read
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bloomconv-read")
         self.pinned_read_seconds: float | None = None  # first pinned read to last, once all are done
         self._first_read_started: float | None = None  # set by the one reader thread (`_timed`)
@@ -238,7 +239,7 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_b
     residency = plan_residency(sizes, geometry.n_layer, budget, pieces=unit_pieces, reserve=kv + working_set,
                                stream_buffers=readahead.STREAM_BUFFERS, widened_sizes=widened, kv_cache_bytes=kv,
                                working_set_bytes=working_set, max_tokens=max_tokens, budget_rule=rule)
-    checkpoint = Checkpoint(directory, manifest, config, geometry, files, None, residency, pieces)
+    checkpoint = Checkpoint(directory, manifest, config, geometry, files, residency, pieces)
     try:  # while the pinned files are being read
         checkpoint.tokenizer = _tokenizer(directory) if holds_text else None
     except BaseException:

@@ -282,15 +282,13 @@ def searched_scales(blocks: torch.Tensor, quant_type: QuantType) -> torch.Tensor
     >>> bool(block_errors(blocks, s, QuantType.NF4, importance) <= block_errors(blocks, absmax, QuantType.NF4, importance))
     True
     """
-    code = code_table(quant_type).to(blocks.device)
     absmax = blocks.abs().amax(dim=1)                                                   # (nb,)
     importance = _importance(blocks)
     best_scale, best_error = absmax, block_errors(blocks, absmax, quant_type, importance)
     for factor in SEARCH_FACTORS:
         scale = absmax * factor
         for refit in range(SEARCH_REFITS + 1):
-            values = code[_nearest_positions(blocks, scale, quant_type)]                # (nb, bs)
-            error = ((blocks - values * scale[:, None]).square_() * importance).sum(dim=1)
+            values, error = _nearest_codes(blocks, scale, quant_type, importance)      # (nb, bs), (nb,)
             better = error < best_error
             best_scale = torch.where(better, scale, best_scale)
             best_error = torch.where(better, error, best_error)
@@ -305,9 +303,14 @@ def block_errors(blocks: torch.Tensor, scales: torch.Tensor, quant_type: QuantTy
                  importance: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Squared error per block of rounding each weight to its nearest code at `scales` (nb,),
     each weight's weighted by `importance`."""
-    code = code_table(quant_type).to(blocks.device)
-    values = code[_nearest_positions(blocks, scales, quant_type)] * scales[:, None]
-    return ((blocks - values).square_() * importance).sum(dim=1)
+    return _nearest_codes(blocks, scales, quant_type, importance)[1]
+
+
+def _nearest_codes(blocks: torch.Tensor, scales: torch.Tensor, quant_type: QuantType,
+                   importance: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code value nearest each w / scale (nb, bs), and `block_errors` of them."""
+    values = code_table(quant_type).to(blocks.device)[_nearest_positions(blocks, scales, quant_type)]
+    return values, ((blocks - values * scales[:, None]).square_() * importance).sum(dim=1)
 
 
 def _importance(blocks: torch.Tensor) -> torch.Tensor:
