@@ -28,8 +28,11 @@ measurement runs in a fresh process (this script with --child-*), in a memory cg
    counting the bytes its threads read from disk during each step (/proc/self/io read_bytes).
    Reported: whether it completed (exit status; OOM kills from memory.oom_control; a one-line
    refusal), start-to-ready (`import bloomconv` to weights in RAM) and the speed pinned weights
-   came in at (pinned bytes ÷ the runtime's own time from the first pinned read to the last), s/token and its ratio to the disk bound (bytes read per token ÷ the faster of the
-   two disk speeds), peak RssAnon against the budget + 300 MB, what was pinned.
+   came in at (pinned bytes ÷ the runtime's own time from the first pinned read to the last)
+   against the disk and against min(disk, the speed this machine hands out new memory, measured
+   after the run over as many bytes: `measure.fresh_memory_speed`), s/token and its ratio to the
+   disk bound (bytes read per token ÷ the faster of the two disk speeds), peak RssAnon against
+   the budget + 300 MB, what was pinned.
 4. The extrapolation to all 70 blocks (printed, and as Markdown in WORK/bench176-readme.md):
    conversion time = the slice's wall time + (70 − blocks) × the median time between two
    finished block files; vs `cp -r` + `sync` scaled by bytes; disk = the files' sizes scaled the
@@ -61,7 +64,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import disk_read_speed, drop_caches, gb, memory_cgroup, run_sampled  # noqa: E402
+from measure import disk_read_speed, drop_caches, fresh_memory_speed, gb, memory_cgroup, run_sampled  # noqa: E402
 
 PYTHON = sys.executable
 HERE = Path(__file__).parent
@@ -336,6 +339,10 @@ def generation(scheme: str, directory: Path, limit: int, mode: str, batches: lis
         seconds = child.get("pinned_read_s") or child["ready_s"] - child["load_call_s"]
         result["startup_read_speed"] = pinned / max(seconds, 1e-9)
         result["pinned_bytes"] = pinned
+        # after the run, so that the memory it frees is not the memory the run is then given
+        result["fresh_memory_speed"] = fresh_memory_speed(pinned)
+        result["startup_to_disk"] = result["startup_read_speed"] / result["disk_speed"]
+        result["startup_to_bound"] = result["startup_read_speed"] / min(result["disk_speed"], result["fresh_memory_speed"])
     for batch, row in child.get("batches", {}).items():
         if row["step_s"]:
             per_token = sum(row["step_read_bytes"]) / len(row["step_read_bytes"])
@@ -399,6 +406,8 @@ def summarize_generation(report: dict) -> list[dict]:
         row = {"scheme": scheme, "limit": int(limit), "mode": mode, "runs": len(runs),
                "completed": sum(r["completed"] for r in runs), "status": sorted({r["status"] for r in runs}),
                "ready_s": median_of(runs, "child", "ready_s"), "startup_read_speed": median_of(runs, "startup_read_speed"),
+               "startup_to_disk": median_of(runs, "startup_to_disk"), "startup_to_bound": median_of(runs, "startup_to_bound"),
+               "fresh_memory_speed": median_of(runs, "fresh_memory_speed"),
                "disk_speed": median_of(runs, "disk_speed"), "peak_rss_anon": median_of(runs, "peak_rss_anon"),
                "peak_group_rss_anon": median_of(runs, "peak_group_rss_anon"), "budget": median_of(runs, "budget"),
                "pinned_bytes": median_of(runs, "pinned_bytes"), "model_bytes": runs[0]["model_bytes"],
@@ -537,7 +546,7 @@ def print_report(report: dict) -> str:
                   f"{r['block_s'] or 0:8.1f} {gb(r['output_bytes']):>9}")
     if report.get("generation_summary"):
         print(f"\ngeneration, cold cache, medians of {report['gen_repeats']} (batch {report['big_batch']}: first repeat only)")
-        print(f"  {'':5} {'limit':>5} {'budget':>14} {'done':>4} {'ready s':>7} {'pin GB/s':>8} {'disk GB/s':>9} {'batch':>5} "
+        print(f"  {'':5} {'limit':>5} {'budget':>14} {'done':>4} {'ready s':>7} {'pin GB/s':>8} {'disk GB/s':>9} {'mem GB/s':>8} {'batch':>5} "
               f"{'s/token':>8} {'read/tok':>8} {'bound s':>7} {'ratio':>5} {'RssAnon':>8} {'<=b+300':>7}  pinned")
         for r in report["generation_summary"]:
             budget = f"{r['mode']} {r['budget'] / GB:.1f}G" if r["budget"] else r["mode"]
@@ -545,8 +554,8 @@ def print_report(report: dict) -> str:
             first = True
             for batch, b in (r["batches"] or {"-": {}}).items():
                 head = (f"  {r['scheme']:5} {r['limit'] / GB:4.1f}G {budget:>14} {r['completed']}/{r['runs']} "
-                        f"{r['ready_s'] or 0:7.1f} {(r['startup_read_speed'] or 0) / GB:8.2f} {(r['disk_speed'] or 0) / GB:9.2f}"
-                        if first else f"  {'':5} {'':5} {'':>14} {'':4} {'':7} {'':8} {'':9}")
+                        f"{r['ready_s'] or 0:7.1f} {(r['startup_read_speed'] or 0) / GB:8.2f} {(r['disk_speed'] or 0) / GB:9.2f} {(r['fresh_memory_speed'] or 0) / GB:8.2f}"
+                        if first else f"  {'':5} {'':5} {'':>14} {'':4} {'':7} {'':8} {'':9} {'':8}")
                 ratio = f"{b['ratio_to_bound']:5.2f}" if b.get("ratio_to_bound") else "    -"
                 tail = (f" {gb(r['peak_rss_anon']):>8} {str(all(x for x in r['within_budget'] if x is not None)):>7}  {pinned}"
                         if first else "")
@@ -639,7 +648,8 @@ def slice_markdown(report: dict) -> list[str]:
                   "|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             b1 = r["batches"].get("1", {})
-            speed = (f"{r['startup_read_speed'] / r['disk_speed']:.2f}× disk" if r["startup_read_speed"]
+            speed = (f"{r['startup_to_disk']:.2f}× disk, {r['startup_to_bound']:.2f}× min(disk, new memory "
+                     f"{r['fresh_memory_speed'] / GB:.1f} GB/s)" if r.get("startup_to_bound")
                      and r["pinned_bytes"] and r["pinned_bytes"] > 100 * MB else "-")
             budget = f"{r['mode']}: {r['budget'] / GB:.1f} GB" if r["budget"] else r["mode"]
             done = f"{r['completed']}/{r['runs']}" + ("" if r["completed"] == r["runs"] else

@@ -123,6 +123,25 @@ def disk_read_speed(files: list[Path], chunk_bytes: int = 64 << 20) -> dict[str,
     return speeds
 
 
+def fresh_memory_speed(nbytes: int) -> float:
+    """Bytes/s at which this machine hands a process new memory: one write per page of `nbytes` of
+    fresh anonymous memory, page cache dropped first (as before a cold start). Weights read at
+    start-up land in such memory, so its speed bounds theirs as the disk's does; in a VM it can be
+    the lower (each new page may first be taken from the host: free page reporting, ballooning)."""
+    import mmap
+    import numpy
+    nbytes = max(nbytes, 1 << 20)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    pages = numpy.frombuffer(buffer, dtype=numpy.uint8)[::mmap.PAGESIZE]
+    drop_caches()
+    start = time.perf_counter()
+    pages[:] = 1
+    seconds = time.perf_counter() - start
+    del pages
+    buffer.close()
+    return nbytes / seconds
+
+
 def timed(argv: list[str], **kwargs) -> float:
     start = time.perf_counter()
     subprocess.run(argv, check=True, **kwargs)

@@ -298,6 +298,20 @@ def _slice(results, s, out, footer):
     x = s["slice176b"]
     md = ["## BLOOM-176B slice (bench/bench_176b.py)", "",
           f"{num(x['blocks'])} blocks, {num(x['slice_gb'])} GB, cold cache; its own JSON is in results.json.", ""]
-    md += _table(["scheme", "seconds", "÷ `cp -r` + `sync`"],
-                 [[scheme, r["seconds"], r["ratio_to_copy"]] for scheme, r in x["conversion"].items()])
+    md += _table(["conversion", "seconds", "÷ `cp -r` + `sync`", "peak RssAnon GB"],
+                 [[scheme, r["seconds"], r["ratio_to_copy"], r["peak_rss_anon_gb"]]
+                  for scheme, r in x["conversion"].items()])
+    if x.get("generation"):
+        md += ["", "Generation in a memory cgroup, default RAM budget, medians of the runs. Start-up: pinned "
+               "bytes ÷ the runtime's time from the first pinned read to the last, against the disk and against "
+               "the slower of the disk and the speed at which the machine hands out new memory (measured after "
+               "each run over as many bytes). s/token at batch 1 against the disk bound (bytes read per token ÷ "
+               "disk speed).", ""]
+        md += _table(["scheme", "cgroup GB", "budget GB", "completed", "of", "ready s", "pinned GB", "start-up GB/s",
+                      "÷ disk", "new memory GB/s", "÷ min(disk, new memory)", "s/token", "÷ disk bound",
+                      "peak RssAnon GB", "≤ budget + 300 MB"],
+                     [[g["scheme"], g["cgroup_gb"], g["budget_gb"], g["completed"], g["runs"], g["ready_s"],
+                       g["pinned_gb"], g["startup_gb_per_s"], g["startup_to_disk"], g["new_memory_gb_per_s"],
+                       g["startup_to_bound"], g["s_per_token"], g["ratio_to_disk_bound"], g["peak_rss_anon_gb"],
+                       g["within_budget"]] for g in x["generation"]])
     return md + [""], []

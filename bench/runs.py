@@ -48,6 +48,7 @@ class Sizes:
     quality_models: Path | None = None  # None: two tiny random models made in the work folder
     quality_json: Path | None = None  # a finished bench_quality.py report to draw instead of measuring
     slice_blocks: int = 0  # 0: no BLOOM-176B slice
+    slice_repeats: int = 2  # rounds of its conversions and runs of each generation (35 min at 2 on this machine)
     disk_probe_bytes: int = 256 << 20  # the file the disk's read speed is measured over; 0: not measured
 
     @classmethod
@@ -172,6 +173,7 @@ def slice176b(sizes: Sizes, work: Path) -> dict:
     """bench_176b.py on a slice of `sizes.slice_blocks` blocks, in its own process; its JSON."""
     folder = work / "bench176"
     subprocess.run([sys.executable, str(HERE / "bench_176b.py"), "--blocks", str(sizes.slice_blocks),
+                    "--repeats", str(sizes.slice_repeats), "--gen-repeats", str(sizes.slice_repeats),
                     "--work", str(folder)], check=True)
     return json.loads((folder / "bench176.json").read_text())
 
@@ -312,6 +314,20 @@ def _quality_summary(q: dict) -> dict:
 
 def _slice_summary(report: dict) -> dict:
     conv = report.get("conversion_summary") or {}
+    generation = []
+    for r in report.get("generation_summary") or []:
+        one = r["batches"].get("1", {})
+        generation.append({
+            "scheme": r["scheme"], "cgroup_gb": r["limit"] / GB, "budget_gb": (r["budget"] or 0) / GB,
+            "completed": r["completed"], "runs": r["runs"], "ready_s": r["ready_s"],
+            "pinned_gb": (r["pinned_bytes"] or 0) / GB, "startup_gb_per_s": (r["startup_read_speed"] or 0) / GB,
+            "startup_to_disk": r.get("startup_to_disk"), "startup_to_bound": r.get("startup_to_bound"),
+            "new_memory_gb_per_s": r["fresh_memory_speed"] / GB if r.get("fresh_memory_speed") else None,
+            "s_per_token": one.get("s_per_step"), "ratio_to_disk_bound": one.get("ratio_to_bound"),
+            "peak_rss_anon_gb": (r["peak_rss_anon"] or 0) / GB,
+            "within_budget": all(x for x in r["within_budget"] if x is not None)})
     return {"blocks": report["blocks"], "slice_gb": report["slice"]["bytes"] / GB,
-            "conversion": {scheme: {"seconds": r["seconds"], "ratio_to_copy": r["ratio_to_copy"]}
-                           for scheme, r in conv.items()}}
+            "conversion": {scheme: {"seconds": r["seconds"], "ratio_to_copy": r["ratio_to_copy"],
+                                    "peak_rss_anon_gb": (r["peak_rss_anon"] or 0) / GB}
+                           for scheme, r in conv.items()},
+            "generation": generation}
