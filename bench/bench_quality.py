@@ -71,15 +71,17 @@ class Scheme:
 
 
 def scheme(bits: int, quant_type: str | None = None, block_size: int | None = None, double_quant: bool | None = None,
-           embeddings: bool | None = None, method: str = "rtn") -> Scheme:
-    """The scheme of these options, named after what it stores: nf4-b64-dq+emb-search."""
+           embeddings: bool | str | None = None, method: str = "rtn") -> Scheme:
+    """The scheme of these options, named after what it stores: nf4-b64-dq+emb-search (+emb8: 4-bit
+    blocks, int8 embeddings)."""
     if bits == 8:
         options = {"bits": 8, "embeddings": embeddings}
         name = "int8" + ("+emb" if embeddings else "")
     else:
         options = {"bits": 4, "quant_type": quant_type, "block_size": block_size, "double_quant": double_quant,
                    "embeddings": embeddings}
-        name = f"{quant_type}-b{block_size}" + ("-dq" if double_quant else "") + ("+emb" if embeddings else "")
+        name = (f"{quant_type}-b{block_size}" + ("-dq" if double_quant else "")
+                + ("+emb8" if embeddings == "int8" else "+emb" if embeddings else ""))
     if method != "rtn":
         options["method"] = method
         name += f"-{method}"
@@ -106,7 +108,7 @@ def schemes(full: bool, methods: tuple[str, ...]) -> list[Scheme]:
     out = [scheme(8, embeddings=embeddings) for embeddings in (True, False)]
     out += [scheme(4, quant_type, block, dq, embeddings)
             for quant_type in ("nf4", "fp4") for block in (32, 64, 128) for dq in (False, True)
-            for embeddings in (False, True)]
+            for embeddings in (False, True, "int8")]
     for method in methods:
         if method == "rtn":
             continue

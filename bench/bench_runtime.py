@@ -201,11 +201,13 @@ def load_average() -> float:
 
 
 def converted(src: Path, dst: Path, preset: str | None) -> Path:
-    """`src` converted into `dst` with a quantization preset (None: as stored), made once."""
+    """`src` converted into `dst` with a quantization preset (None: as stored; "nf4+int8emb": the
+    nf4 preset with int8 embeddings), made once."""
     from bloomconv.converters.convert import convert
     from bloomconv.errors import DestinationError
-    from bloomconv.settings import QuantSettings
-    settings = QuantSettings(preset) if preset else None
+    from bloomconv.settings import INT8_EMBEDDINGS, QuantSettings
+    kind, _, extra = (preset or "").partition("+")
+    settings = QuantSettings(kind, embeddings=INT8_EMBEDDINGS if extra == "int8emb" else None) if preset else None
     try:
         convert(src, dst, quantization=settings)
     except DestinationError:  # made with other settings (a preset changed): make it again
@@ -303,8 +305,9 @@ def in_memory(args, work: Path) -> dict:
 
 # ------------------------------------------------------------------------------ llama.cpp, side by side
 
-# our format -> the llama.cpp formats it is measured against (nf4: the default 4-bit preset)
-LLAMA_PAIRS = {"none": ("bf16",), "int8": ("Q8_0",), "nf4": ("Q4_0", "Q4_K_M")}
+# our format -> the llama.cpp formats it is measured against (nf4: the default 4-bit preset; Q4_0 and
+# Q4_K_M store the tied output head as Q6_K)
+LLAMA_PAIRS = {"none": ("bf16",), "int8": ("Q8_0",), "nf4": ("Q4_0", "Q4_K_M"), "nf4+int8emb": ("Q4_0", "Q4_K_M")}
 
 
 def llama_models(llama, src: Path, work: Path, tag: str, presets: list[str]) -> dict[str, Path]:
@@ -428,7 +431,8 @@ def main() -> None:
     parser.add_argument("--large-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="compute dtype of --large (float32 converts each streamed bf16 matrix)")
     parser.add_argument("--memory-geometry", type=parse_geometry, default=(1024, 24, 16, 250880))
-    parser.add_argument("--presets", default="none,int8,nf4")
+    parser.add_argument("--presets", default="none,int8,nf4",
+                        help="none (as stored), int8, nf4, fp4, nf4+int8emb (nf4 blocks, int8 embeddings)")
     parser.add_argument("--batches", default="1,16", help="decode batch sizes of --in-memory")
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--prefill-tokens", default="128,512", help="prompt lengths of the prefill runs")

@@ -106,6 +106,8 @@ def _summary(manifest, started: float) -> str:
 @click.option("--double-quant/--no-double-quant", default=None, help="Quantize the 4-bit absmax too.")
 @click.option("--embeddings/--no-embeddings", default=None,
               help="Quantize the (tied) word embeddings too  [default: the preset's]")
+@click.option("--int8-embeddings", is_flag=True,
+              help="4-bit: store the (tied) word embeddings int8, as the int8 preset does; bloomconv runtime only")
 @click.option("--int8-scale-from", type=click.Choice(["float16", "source"]),
               help="int8: take row absmax from the fp16 cast (as transformers does; refuses values "
                    "beyond fp16 range) or from the source dtype  [default: float16]")
@@ -120,14 +122,19 @@ def _summary(manifest, started: float) -> str:
 @sign_options
 @quiet_option
 @_errors_to_exit_codes
-def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, int8_scale_from, recipe,
-             method, calibrate, calibration_tokens, device, sign_key, sign_certificate, sign_chain, quiet):
+def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, int8_embeddings, int8_scale_from,
+             recipe, method, calibrate, calibration_tokens, device, sign_key, sign_certificate, sign_chain, quiet):
     """Convert SRC into DST with the block weights quantized (int8 or 4-bit), with a manifest.
 
     SRC is a released checkpoint (any layout `convert` reads) or an unquantized bloomconv
     directory. Options not given take the preset of the type (or the recipe's). Re-run the same
     command after an interruption to resume."""
     from .converters.convert import quantize as run
+    from .settings import INT8_EMBEDDINGS
+    if int8_embeddings:
+        if embeddings is False:
+            raise click.UsageError("--int8-embeddings quantizes the embeddings; drop --no-embeddings or it.")
+        embeddings = INT8_EMBEDDINGS
     started = time.monotonic()
     with _warnings_as_lines() as said:
         manifest = run(src, dst, bits, quant_type=quant_type, block_size=block_size, double_quant=double_quant,

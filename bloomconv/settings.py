@@ -17,9 +17,10 @@ import dataclasses
 import functools
 
 from .errors import OptionsError
-from .format import BLOCK_SIZES_4BIT, INT8_SCALE_FROM, QuantType
+from .format import BLOCK_SIZES_4BIT, EMBEDDING_WEIGHT, INT8_SCALE_FROM, PREFIX, QuantType, is_quantized_weight
 
-__all__ = ["DEFAULT_CALIBRATION_TOKENS", "METHODS", "PRESETS", "QuantSettings", "settings_from_options"]
+__all__ = ["DEFAULT_CALIBRATION_TOKENS", "INT8_EMBEDDINGS", "METHODS", "PRESETS", "QuantSettings",
+           "settings_from_options"]
 
 # The presets: what each quantization type stores when an option is not given.
 PRESETS: dict[QuantType, dict] = {
@@ -32,6 +33,7 @@ PRESETS: dict[QuantType, dict] = {
     QuantType.NF4: {"block_size": 32, "double_quant": True, "embeddings": False, "int8_scale_from": None},
     QuantType.FP4: {"block_size": 32, "double_quant": True, "embeddings": False, "int8_scale_from": None},
 }
+INT8_EMBEDDINGS = "int8"  # QuantSettings.embeddings of a 4-bit quantization whose embeddings are stored int8
 _FIELDS = ("quant_type", "block_size", "double_quant", "embeddings", "int8_scale_from")
 # How weights are rounded onto the stored grid; every method stores the same layout:
 #   rtn     round to nearest with the block (row) absmax: bitsandbytes' own quantizer, bit for bit
@@ -51,7 +53,8 @@ class QuantSettings:
     quant_type: QuantType
     block_size: int | None = None          # 4-bit: elements per absmax
     double_quant: bool | None = None       # 4-bit: absmax themselves quantized (bitsandbytes nested)
-    embeddings: bool | None = None         # word embeddings (= the tied lm_head) quantized too
+    embeddings: bool | str | None = None   # word embeddings (= the tied lm_head) quantized too; 4-bit: "int8"
+                                           # stores them int8 (the int8 preset's way) next to 4-bit blocks
     int8_scale_from: str | None = None     # int8: dtype the row absmax is taken in ("float16" | "source")
     method: str = "rtn"                    # one of METHODS
     calibration_sha256: str | None = None  # gptq: sha256 of the calibration text
@@ -84,9 +87,13 @@ class QuantSettings:
         for field, default in PRESETS[self.quant_type].items():
             if getattr(self, field) is None:
                 set_(field, default)
-        for field in ("double_quant", "embeddings"):
-            if not isinstance(getattr(self, field), bool):
-                raise OptionsError(f"{field} must be true or false, not {getattr(self, field)!r}.")
+        if not isinstance(self.double_quant, bool):
+            raise OptionsError(f"double_quant must be true or false, not {self.double_quant!r}.")
+        if self.embeddings == INT8_EMBEDDINGS and self.quant_type is QuantType.INT8:
+            raise OptionsError("int8 embeddings go with 4-bit blocks; an int8 quantization stores them int8 with "
+                               "--embeddings already.")
+        if not isinstance(self.embeddings, bool) and self.embeddings != INT8_EMBEDDINGS:
+            raise OptionsError(f"embeddings must be true, false or {INT8_EMBEDDINGS!r}, not {self.embeddings!r}.")
         self._check_method()
 
     def _check_method(self) -> None:
@@ -107,6 +114,15 @@ class QuantSettings:
             object.__setattr__(self, "calibration_tokens", DEFAULT_CALIBRATION_TOKENS)
         if type(self.calibration_tokens) is not int or self.calibration_tokens < 1:
             raise OptionsError(f"calibration tokens must be a positive integer, not {self.calibration_tokens!r}.")
+
+    def settings_for(self, name: str) -> "QuantSettings | None":
+        """How the source tensor `name` is stored: these settings, the int8 settings of int8
+        embeddings, or None where it is stored as it is."""
+        if not is_quantized_weight(name, bool(self.embeddings)):
+            return None
+        if self.embeddings == INT8_EMBEDDINGS and name.removeprefix(PREFIX) == EMBEDDING_WEIGHT:
+            return QuantSettings(QuantType.INT8, embeddings=True, method=self.weight_only_method)
+        return self
 
     @property
     def weight_only_method(self) -> str:

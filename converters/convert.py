@@ -28,7 +28,7 @@ from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, FORMAT_VERSION, HF_
                               PREFIX, SIGNATURE_NAME, QuantType, all_units, unit_file, unit_tensor_names)
 from bloomconv.hashing import sha256_file
 from bloomconv.manifest import FileEntry, Manifest, TensorEntry, read_manifest, write_manifest
-from bloomconv.settings import DEFAULT_CALIBRATION_TOKENS, QuantSettings
+from bloomconv.settings import DEFAULT_CALIBRATION_TOKENS, INT8_EMBEDDINGS, QuantSettings
 from bloomconv.progress import ProgressFactory, no_progress
 from bloomconv.signing import SigningKey, sign
 from bloomconv.verification import signature_pending
@@ -107,7 +107,7 @@ def _warn_where_bitsandbytes_misdecodes(dst: str | os.PathLike, manifest: Manife
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = None, *,
              quant_type: str | None = None, block_size: int | None = None, double_quant: bool | None = None,
-             embeddings: bool | None = None, int8_scale_from: str | None = None, recipe: str | None = None,
+             embeddings: bool | str | None = None, int8_scale_from: str | None = None, recipe: str | None = None,
              method: str | None = None, calibrate: str | os.PathLike | None = None,
              calibration_tokens: int | None = None, device: str = "cpu",
              signing: SigningKey | None = None, progress: ProgressFactory = no_progress,
@@ -115,7 +115,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, bits: int | None = 
     """`convert` with the block weights quantized: `bits` 8 (LLM.int8()) or 4 (`quant_type` nf4 or
     fp4), or a `recipe` from `bloomconv recipes`. Options left None take the preset, the same
     defaults as `bloomconv quantize`; every combination is validated before anything is read.
-    `signing` signs the result as `convert`'s does.
+    `signing` signs the result as `convert`'s does. `embeddings` True quantizes the tied word
+    embeddings as the blocks are; "int8" (4-bit only) stores them int8, as the int8 preset does.
 
     `method` (bloomconv.settings.METHODS): "rtn" (default, bitsandbytes' own rounding), "search"
     (each block's scale searched), "gptq" (calibrated on the text file `calibrate`, at most
@@ -174,7 +175,8 @@ def _quantize_words(quantization: QuantSettings, calibrate: str | os.PathLike | 
     if q.double_quant != preset.double_quant:
         words.append("--double-quant" if q.double_quant else "--no-double-quant")
     if q.embeddings != preset.embeddings:
-        words.append("--embeddings" if q.embeddings else "--no-embeddings")
+        words.append("--int8-embeddings" if q.embeddings == INT8_EMBEDDINGS else
+                     "--embeddings" if q.embeddings else "--no-embeddings")
     if q.int8_scale_from != preset.int8_scale_from:
         words += ["--int8-scale-from", q.int8_scale_from]
     if q.method == "search":

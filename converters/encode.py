@@ -25,7 +25,7 @@ import json
 
 import torch
 
-from bloomconv.format import QuantType, is_quantized_weight
+from bloomconv.format import QuantType
 from bloomconv.safetensors_io import StreamedTensor
 from bloomconv.settings import QuantSettings
 from bloomconv.storage import storage_for
@@ -50,11 +50,12 @@ def encode_for_storage(name: str, tensor: torch.Tensor,
     >>> encode_for_storage("transformer.ln_f.bias", torch.zeros(16), s)[0][2]
     <QuantType.NONE: 'none'>
     """
-    if not is_quantized_weight(name, settings.embeddings):
+    chosen = settings.settings_for(name)
+    if chosen is None:
         return [(name, tensor, QuantType.NONE)]
     module = name.removesuffix(".weight")
-    stored = storage_for(settings.quant_type).encode(tensor, settings, name=name)
-    return [(f"{module}.{key}", value, settings.quant_type) for key, value in stored.items()]
+    stored = storage_for(chosen.quant_type).encode(tensor, chosen, name=name)
+    return [(f"{module}.{key}", value, chosen.quant_type) for key, value in stored.items()]
 
 
 def stream_for_storage(name: str, tensor: torch.Tensor, settings: QuantSettings | None,
@@ -62,11 +63,12 @@ def stream_for_storage(name: str, tensor: torch.Tensor, settings: QuantSettings 
     """`encode_for_storage` as the writer takes it: the same names, bytes and order, each stored
     tensor computed piece by piece as it is written (`Storage.encode_stream`); `report` hears what
     is read of `tensor`. `settings` None: stored as it is (a plain `convert`)."""
-    if settings is None or not is_quantized_weight(name, settings.embeddings):
+    chosen = settings.settings_for(name) if settings is not None else None
+    if chosen is None:
         return [(name, stream_as_stored(tensor, report), QuantType.NONE)]
     module = name.removesuffix(".weight")
-    stored = storage_for(settings.quant_type).encode_stream(tensor, settings, name=name, report=report)
-    return [(f"{module}.{key}", value, settings.quant_type) for key, value in stored.items()]
+    stored = storage_for(chosen.quant_type).encode_stream(tensor, chosen, name=name, report=report)
+    return [(f"{module}.{key}", value, chosen.quant_type) for key, value in stored.items()]
 
 
 def stream_computed(name: str, stored: dict[str, torch.Tensor],

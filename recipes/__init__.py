@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from bloomconv.errors import RecipeError
-from bloomconv.format import CONFIG_NAME, ITEMSIZE, QuantType, is_quantized_weight
+from bloomconv.format import CONFIG_NAME, ITEMSIZE, QuantType
 from bloomconv.geometry import Geometry
 from bloomconv.settings import PRESETS, QuantSettings, settings_from_options
 from bloomconv.storage import storage_for
@@ -33,9 +33,9 @@ class Recipe:
         itemsize = ITEMSIZE[self.dtype]
         total = 0
         for name, shape in self.geometry.expected_shapes().items():
-            quantized = quantization is not None and is_quantized_weight(name, quantization.embeddings)
-            storage = storage_for(quantization.quant_type if quantized else QuantType.NONE)
-            total += storage.stored_bytes(shape, itemsize, quantization)
+            chosen = quantization.settings_for(name) if quantization is not None else None
+            storage = storage_for(chosen.quant_type if chosen is not None else QuantType.NONE)
+            total += storage.stored_bytes(shape, itemsize, chosen)
         return total
 
     def check_source(self, source_dir: str | os.PathLike) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from bloomconv.errors import ManifestError, OptionsError
 from bloomconv.format import TOKENIZER_NAMES
-from bloomconv.settings import QuantSettings
+from bloomconv.settings import INT8_EMBEDDINGS, QuantSettings
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .model import KVCache, Transformer
@@ -445,7 +445,8 @@ def _describe(quantization: QuantSettings) -> str:
         parts.append(f"block {quantization.block_size}")
     if quantization.double_quant:
         parts.append("double quant")
-    parts.append("embeddings quantized" if quantization.embeddings else "embeddings kept")
+    parts.append("embeddings int8" if quantization.embeddings == INT8_EMBEDDINGS else
+                 "embeddings quantized" if quantization.embeddings else "embeddings kept")
     return ", ".join(parts)
 
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import bloomconv
 from bloomconv.cli import main
 from bloomconv.converters.convert import convert
+from bloomconv.errors import OptionsError
 from bloomconv.format import MANIFEST_NAME, QuantType, is_quantized_weight
 from bloomconv.geometry import Geometry
 from bloomconv.manifest import read_manifest
@@ -80,6 +82,35 @@ def test_4bit_options_are_recorded(release_checkpoint, tmp_path, args, expected)
     assert verify(tmp_path / "q").ok
 
 
+def test_4bit_with_int8_embeddings_stores_the_int8_presets_embeddings_next_to_the_4bit_blocks(
+        release_checkpoint, int8_dir, tmp_path):
+    for name, args in (("mixed", ["--bits", "4", "--int8-embeddings"]), ("nf4", ["--bits", "4"])):
+        result = run("quantize", "--quiet", *args, str(release_checkpoint), str(tmp_path / name))
+        assert result.exit_code == 0, result.output
+    mixed = read_manifest(tmp_path / "mixed")
+    assert mixed.quantization == QuantSettings(QuantType.NF4, embeddings="int8")
+    assert mixed.quantization.to_dict()["embeddings"] == "int8"
+    tags = {t.name: t.quant for f in mixed.files for t in f.tensors}
+    assert tags["transformer.word_embeddings.SCB"] is QuantType.INT8 and tags[f"{LINEAR}.weight"] is QuantType.NF4
+    for f in mixed.files:  # the embeddings as the int8 preset writes them, the blocks as the nf4 preset does
+        if f.tensors:
+            twin = int8_dir if f.name.startswith("embeddings") else tmp_path / "nf4"
+            assert (tmp_path / "mixed" / f.name).read_bytes() == (twin / f.name).read_bytes(), f.name
+    assert verify(tmp_path / "mixed").ok
+    assert bloomconv.inspect(tmp_path / "mixed")["transformers"] == "refused: quantized embeddings (bloomconv runtime only)"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bits", "8", "--int8-embeddings"], "int8 embeddings go with 4-bit blocks"),
+    (["--bits", "4", "--no-embeddings", "--int8-embeddings"], "drop --no-embeddings"),
+])
+def test_int8_embeddings_contradictions_are_refused(release_checkpoint, tmp_path, args, message):
+    result = run("quantize", *args, str(release_checkpoint), str(tmp_path / "q"))
+    assert result.exit_code == 2 and message in result.output and not (tmp_path / "q").exists()
+    with pytest.raises(OptionsError, match="true, false or 'int8'"):
+        QuantSettings(QuantType.NF4, embeddings="fp4")
+
+
 def test_quantize_resumes_after_a_kill_and_refuses_other_settings(release_checkpoint, int8_dir, tmp_path):
     before = (int8_dir / MANIFEST_NAME).read_bytes()
     assert run("quantize", "--quiet", "--bits", "8", str(release_checkpoint), str(int8_dir)).exit_code == 0
@@ -112,11 +143,12 @@ def test_every_released_bloom_has_recipes():
     assert big.source_bytes == 2 * big.geometry.parameter_count()
 
 
-@pytest.mark.parametrize("preset", ["int8", "nf4", "fp4"])
-def test_recipe_sizes_match_a_real_quantization(release_checkpoint, tmp_path, preset):
+@pytest.mark.parametrize("settings_", [QuantSettings("int8"), QuantSettings("nf4"), QuantSettings("fp4"),
+                                       QuantSettings("nf4", embeddings="int8")],
+                         ids=["int8", "nf4", "fp4", "nf4-int8-embeddings"])
+def test_recipe_sizes_match_a_real_quantization(release_checkpoint, tmp_path, settings_):
     hidden, n_layer, n_head, vocab = SMALL
-    recipe = Recipe("small", "small", (), Geometry(hidden, n_layer, n_head, vocab), "bfloat16", (),
-                    QuantSettings(preset))
+    recipe = Recipe("small", "small", (), Geometry(hidden, n_layer, n_head, vocab), "bfloat16", (), settings_)
     manifest = convert(release_checkpoint, tmp_path / "q", quantization=recipe.quantization)
     data_bytes = 0
     for f in manifest.files:

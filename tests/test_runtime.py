@@ -304,6 +304,7 @@ QUANTIZED = {
     "int8": (QuantSettings(QuantType.INT8, embeddings=False), 1e-5),
     "int8+embeddings": (QuantSettings(QuantType.INT8, embeddings=True), 1e-5),
     "nf4": (QuantSettings(QuantType.NF4), 1e-5),
+    "nf4+int8 embeddings": (QuantSettings(QuantType.NF4, embeddings="int8"), 1e-5),
     "fp4": (QuantSettings(QuantType.FP4, block_size=128, double_quant=False), 1e-5),
 }
 

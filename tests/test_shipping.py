@@ -236,8 +236,9 @@ def test_repo_id_missing_from_the_cache_says_to_download_it(hub_cache, tmp_path)
 
 # -- 4. transformers loads the directory and computes, or refuses it --------------------------------
 
-@pytest.mark.parametrize("settings_", [QuantSettings(QuantType.INT8),
-                                       QuantSettings(QuantType.NF4, embeddings=True)], ids=["int8", "nf4-emb"])
+@pytest.mark.parametrize("settings_", [QuantSettings(QuantType.INT8), QuantSettings(QuantType.NF4, embeddings=True),
+                                       QuantSettings(QuantType.NF4, embeddings="int8")],
+                         ids=["int8", "nf4-emb", "nf4-int8-emb"])
 def test_quantized_embeddings_are_refused_by_transformers(release_checkpoint, tmp_path, settings_):
     from transformers import BloomForCausalLM
     dst = tmp_path / "q"
