@@ -268,13 +268,18 @@ def output_sizes(directory: Path) -> dict:
 
 
 def copy_seconds(src: Path, work: Path) -> float:
-    copy = work / "copy"
+    """Seconds of `cp -r` + `sync` of the slice, cold. Through a link to it, the files it holds
+    (`cp -r` of a link copies the link)."""
+    copy, src = work / "copy", src.resolve()
     remove(copy)
     drop_caches()
     start = time.perf_counter()
     subprocess.run(["sh", "-c", f'cp -r "{src}" "{copy}" && sync'], check=True)
     seconds = time.perf_counter() - start
+    copied, expected = (sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in (copy, src))
     remove(copy)
+    if copied != expected:
+        raise SystemExit(f"cp -r copied {copied:,} of the slice's {expected:,} bytes: no baseline")
     return seconds
 
 
