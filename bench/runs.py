@@ -54,7 +54,8 @@ class Sizes:
     @classmethod
     def full(cls) -> "Sizes":
         return cls(conversion_geometries=[(1024, 24, 16, 250880), (2048, 48, 16, 16384)],
-                   runtime_geometry=(1024, 24, 16, 250880), decode_tokens=64, large_geometry=(2048, 48, 16, 16384),
+                   runtime_geometry=(1024, 24, 16, 250880), runtime_presets=("none", "int8", "nf4", "nf4+int8emb"),
+                   decode_tokens=64, large_geometry=(2048, 48, 16, 16384),
                    cgroup_limit="1.5GB", budgets=("400MB", "800MB"), large_batches=(1, 8, 32), large_tokens=6,
                    quality_models=Path("/work/quality-models"), slice_blocks=2, disk_probe_bytes=2 << 30)
 
@@ -196,10 +197,20 @@ def measure_all(sizes: Sizes, work: Path, sections=SECTIONS, command: str = "", 
             continue
         log(f"bench: {name}")
         results[name] = measured[name](sizes, work)
+        _save_measurements(results, work)
     results["machine"] = machine(sizes.threads, work, sizes.repeats, sizes.disk_probe_bytes)
     results["load_after"] = os.getloadavg()[0]
+    _save_measurements(results, work)
     results["summary"] = summarize(results)
     return results
+
+
+def _save_measurements(results: dict, work: Path) -> None:
+    """The measurements so far, as WORK/measured.json, so that an hour of them survives a failure
+    after it (`python -m bench --report-only WORK/measured.json` draws a finished one)."""
+    partial = work / "measured.json.partial"
+    partial.write_text(json.dumps(measure.jsonable(results)))
+    partial.replace(work / "measured.json")
 
 
 # ------------------------------------------------------------------------------ summary
@@ -306,6 +317,8 @@ def _quality_summary(q: dict) -> dict:
     points = []
     for model, m in q["models"].items():
         for scheme, row in m["schemes"].items():
+            if "bits_per_weight" not in row:  # refused for this model (a block size its rows do not take)
+                continue
             points.append({"model": model, "scheme": scheme, "bits_per_weight": row["bits_per_weight"],
                            "kl_mean": row.get("kl_mean"), "perplexity": row.get("perplexity") if m["kind"] == "trained"
                            else None})

@@ -128,3 +128,17 @@ def test_report_only_redraws_a_saved_run(run, tmp_path):
     written = reporting.write_report(saved, tmp_path)
     assert (tmp_path / "README.md").read_text() == (out / "README.md").read_text()
     assert {p.name for p in written} == {p.name for p in (out.iterdir())}
+
+
+def test_measurements_are_saved_before_they_are_summarized(run):
+    results, _, out = run
+    measured = json.loads((out.parent / "measured.json").read_text())
+    assert measured == json.loads(json.dumps({k: v for k, v in results.items() if k != "summary"}))
+
+
+def test_a_scheme_refused_for_a_model_is_left_out_of_the_quality_figures():
+    quality = {"models": {"m": {"kind": "random", "schemes": {
+        "nf4-b128-dq-gptq": {"refused": "hidden size 320 is not a multiple of block size 128"},
+        "nf4-b32-dq": {"bits_per_weight": 7.26, "kl_mean": 0.0009}}}}}
+    points = runs._quality_summary(quality)["points"]
+    assert [p["scheme"] for p in points] == ["nf4-b32-dq"] and points[0]["kl_mean"] == 0.0009
