@@ -207,6 +207,8 @@ def converted(src: Path, dst: Path, preset: str | None) -> Path:
     from bloomconv.errors import DestinationError
     from bloomconv.settings import INT8_EMBEDDINGS, QuantSettings
     kind, _, extra = (preset or "").partition("+")
+    if extra not in ("", "int8emb"):
+        raise SystemExit(f"preset {preset!r}: the one variant is nf4+int8emb (or fp4+int8emb)")
     settings = QuantSettings(kind, embeddings=INT8_EMBEDDINGS if extra == "int8emb" else None) if preset else None
     try:
         convert(src, dst, quantization=settings)

@@ -127,7 +127,9 @@ def fresh_memory_speed(nbytes: int) -> float:
     """Bytes/s at which this machine hands a process new memory: one write per page of `nbytes` of
     fresh anonymous memory, page cache dropped first (as before a cold start). Weights read at
     start-up land in such memory, so its speed bounds theirs as the disk's does; in a VM it can be
-    the lower (each new page may first be taken from the host: free page reporting, ballooning)."""
+    the lower (each new page may first be taken from the host: free page reporting, ballooning).
+    One fault per page from this process, outside any memory cgroup: the runtime faults its buffers
+    in with madvise(MADV_POPULATE_WRITE), which saves the return to user space per page."""
     import mmap
     import numpy
     nbytes = max(nbytes, 1 << 20)

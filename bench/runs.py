@@ -208,9 +208,8 @@ def measure_all(sizes: Sizes, work: Path, sections=SECTIONS, command: str = "", 
 def _save_measurements(results: dict, work: Path) -> None:
     """The measurements so far, as WORK/measured.json, so that an hour of them survives a failure
     after it (`python -m bench --report-only WORK/measured.json` draws a finished one)."""
-    partial = work / "measured.json.partial"
-    partial.write_text(json.dumps(measure.jsonable(results)))
-    partial.replace(work / "measured.json")
+    from bloomconv.atomic import atomic_write_bytes
+    atomic_write_bytes(work / "measured.json", json.dumps(results, default=str).encode())
 
 
 # ------------------------------------------------------------------------------ summary

@@ -109,7 +109,7 @@ def _summary(manifest, started: float) -> str:
 @click.option("--int8-embeddings", is_flag=True,
               help="4-bit: store the (tied) word embeddings int8, as the int8 preset does; bloomconv runtime only")
 @click.option("--int8-scale-from", type=click.Choice(["float16", "source"]),
-              help="int8: take row absmax from the fp16 cast (as transformers does; refuses values "
+              help="int8 (and --int8-embeddings): take row absmax from the fp16 cast (as transformers does; refuses values "
                    "beyond fp16 range) or from the source dtype  [default: float16]")
 @click.option("--recipe", help="Apply a preset from `bloomconv recipes`, e.g. bloom-176b-int8.")
 @click.option("--method", type=click.Choice(["rtn", "search", "gptq"]),
@@ -133,7 +133,7 @@ def quantize(src, dst, bits, quant_type, block_size, double_quant, embeddings, i
     from .settings import INT8_EMBEDDINGS
     if int8_embeddings:
         if embeddings is False:
-            raise click.UsageError("--int8-embeddings quantizes the embeddings; drop --no-embeddings or it.")
+            raise click.UsageError("--no-embeddings and --int8-embeddings contradict each other: give one of them.")
         embeddings = INT8_EMBEDDINGS
     started = time.monotonic()
     with _warnings_as_lines() as said:

@@ -162,6 +162,9 @@ class QuantType(str, enum.Enum):
 # int8: "float16" quantizes the fp16 cast of the weight, as Int8Params/Linear8bitLt/transformers
 # do, so the stored bytes equal transformers' own save; "source" quantizes the weight as it is.
 INT8_SCALE_FROM = ("float16", "source")
+# QuantSettings.embeddings of a 4-bit quantization whose word embeddings are stored int8 (as the
+# int8 preset stores them) next to its 4-bit blocks; recorded as such in manifest.json
+INT8_EMBEDDINGS = QuantType.INT8.value
 BLOCK_SIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 NESTED_BLOCK_SIZE = 256                                        # double quant: one absmax per 256 absmax
 

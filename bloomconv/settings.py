@@ -9,7 +9,7 @@ QuantSettings(quant_type=<QuantType.NF4: 'nf4'>, block_size=32, double_quant=Tru
               int8_scale_from=None, method='rtn', calibration_sha256=None, calibration_tokens=None)
 >>> QuantSettings(QuantType.NF4, int8_scale_from="source")
 Traceback (most recent call last):
-bloomconv.errors.OptionsError: int8_scale_from applies to int8 only, not nf4. Drop it, or quantize with --bits 8.
+bloomconv.errors.OptionsError: int8_scale_from applies to int8 weights only, not nf4. Drop it, or quantize with --bits 8 (or --int8-embeddings).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import dataclasses
 import functools
 
 from .errors import OptionsError
-from .format import BLOCK_SIZES_4BIT, EMBEDDING_WEIGHT, INT8_SCALE_FROM, PREFIX, QuantType, is_quantized_weight
+from .format import (BLOCK_SIZES_4BIT, EMBEDDING_WEIGHT, INT8_EMBEDDINGS, INT8_SCALE_FROM, PREFIX, QuantType,
+                     is_quantized_weight)
 
 __all__ = ["DEFAULT_CALIBRATION_TOKENS", "INT8_EMBEDDINGS", "METHODS", "PRESETS", "QuantSettings",
            "settings_from_options"]
@@ -33,7 +34,6 @@ PRESETS: dict[QuantType, dict] = {
     QuantType.NF4: {"block_size": 32, "double_quant": True, "embeddings": False, "int8_scale_from": None},
     QuantType.FP4: {"block_size": 32, "double_quant": True, "embeddings": False, "int8_scale_from": None},
 }
-INT8_EMBEDDINGS = "int8"  # QuantSettings.embeddings of a 4-bit quantization whose embeddings are stored int8
 _FIELDS = ("quant_type", "block_size", "double_quant", "embeddings", "int8_scale_from")
 # How weights are rounded onto the stored grid; every method stores the same layout:
 #   rtn     round to nearest with the block (row) absmax: bitsandbytes' own quantizer, bit for bit
@@ -55,7 +55,8 @@ class QuantSettings:
     double_quant: bool | None = None       # 4-bit: absmax themselves quantized (bitsandbytes nested)
     embeddings: bool | str | None = None   # word embeddings (= the tied lm_head) quantized too; 4-bit: "int8"
                                            # stores them int8 (the int8 preset's way) next to 4-bit blocks
-    int8_scale_from: str | None = None     # int8: dtype the row absmax is taken in ("float16" | "source")
+    int8_scale_from: str | None = None     # int8 (and int8 embeddings): dtype the row absmax is taken in
+                                           # ("float16" | "source")
     method: str = "rtn"                    # one of METHODS
     calibration_sha256: str | None = None  # gptq: sha256 of the calibration text
     calibration_tokens: int | None = None  # gptq: at most this many calibration tokens are used
@@ -69,18 +70,18 @@ class QuantSettings:
         kind = self.quant_type.value
         if self.quant_type not in PRESETS:
             raise OptionsError(f"{kind!r} is not a quantization. Use int8, nf4 or fp4 (or plain convert).")
+        if self.int8_scale_from is not None and self.int8_scale_from not in INT8_SCALE_FROM:
+            raise OptionsError(f"int8 scale source {self.int8_scale_from!r} is unknown. "
+                               f"Use one of {', '.join(INT8_SCALE_FROM)}.")
         if self.quant_type is QuantType.INT8:
             if self.block_size is not None:
                 raise OptionsError("block size applies to 4-bit (nf4, fp4) only, not int8. Drop it, or use --bits 4.")
             if self.double_quant:
                 raise OptionsError("double quant applies to 4-bit (nf4, fp4) only, not int8. Drop it, or use --bits 4.")
-            if self.int8_scale_from is not None and self.int8_scale_from not in INT8_SCALE_FROM:
-                raise OptionsError(f"int8 scale source {self.int8_scale_from!r} is unknown. "
-                                   f"Use one of {', '.join(INT8_SCALE_FROM)}.")
         else:
-            if self.int8_scale_from is not None:
-                raise OptionsError(f"int8_scale_from applies to int8 only, not {kind}. Drop it, or quantize with "
-                                   "--bits 8.")
+            if self.int8_scale_from is not None and self.embeddings != INT8_EMBEDDINGS:
+                raise OptionsError(f"int8_scale_from applies to int8 weights only, not {kind}. Drop it, or quantize "
+                                   "with --bits 8 (or --int8-embeddings).")
             if self.block_size is not None and self.block_size not in BLOCK_SIZES_4BIT:
                 raise OptionsError(f"4-bit block size {self.block_size} is not one bitsandbytes supports. "
                                    f"Use one of {', '.join(map(str, BLOCK_SIZES_4BIT))}.")
@@ -90,10 +91,12 @@ class QuantSettings:
         if not isinstance(self.double_quant, bool):
             raise OptionsError(f"double_quant must be true or false, not {self.double_quant!r}.")
         if self.embeddings == INT8_EMBEDDINGS and self.quant_type is QuantType.INT8:
-            raise OptionsError("int8 embeddings go with 4-bit blocks; an int8 quantization stores them int8 with "
-                               "--embeddings already.")
+            raise OptionsError("int8 embeddings go with 4-bit blocks. Drop --int8-embeddings (--bits 8 stores "
+                               "them int8 already), or use --bits 4.")
         if not isinstance(self.embeddings, bool) and self.embeddings != INT8_EMBEDDINGS:
             raise OptionsError(f"embeddings must be true, false or {INT8_EMBEDDINGS!r}, not {self.embeddings!r}.")
+        if self.embeddings == INT8_EMBEDDINGS and self.int8_scale_from is None:
+            set_("int8_scale_from", PRESETS[QuantType.INT8]["int8_scale_from"])
         self._check_method()
 
     def _check_method(self) -> None:
@@ -121,7 +124,8 @@ class QuantSettings:
         if not is_quantized_weight(name, bool(self.embeddings)):
             return None
         if self.embeddings == INT8_EMBEDDINGS and name.removeprefix(PREFIX) == EMBEDDING_WEIGHT:
-            return QuantSettings(QuantType.INT8, embeddings=True, method=self.weight_only_method)
+            return QuantSettings(QuantType.INT8, embeddings=True, int8_scale_from=self.int8_scale_from,
+                                 method=self.weight_only_method)
         return self
 
     @property

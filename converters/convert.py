@@ -177,7 +177,7 @@ def _quantize_words(quantization: QuantSettings, calibrate: str | os.PathLike | 
     if q.embeddings != preset.embeddings:
         words.append("--int8-embeddings" if q.embeddings == INT8_EMBEDDINGS else
                      "--embeddings" if q.embeddings else "--no-embeddings")
-    if q.int8_scale_from != preset.int8_scale_from:
+    if q.int8_scale_from != (QuantSettings(q.quant_type, embeddings=q.embeddings).int8_scale_from):
         words += ["--int8-scale-from", q.int8_scale_from]
     if q.method == "search":
         words += ["--method", "search"]

@@ -9,7 +9,8 @@ The four matmul weights of every block (and, if asked, the word embeddings) are 
            [<module>.weight.nested_absmax, <module>.weight.nested_quant_map,]
            <module>.weight.quant_state.bitsandbytes__nf4|fp4
 
-Everything else (layernorms, biases) is stored as it is.
+Everything else (layernorms, biases) is stored as it is. With int8 embeddings next to 4-bit
+blocks (`QuantSettings.settings_for`), the embeddings are stored as the int8 preset stores them.
 
 Quantized word embeddings (`QuantSettings.embeddings`) are for the bloomconv runtime only:
 transformers keeps `word_embeddings` an `nn.Embedding`; given bitsandbytes' config it would load

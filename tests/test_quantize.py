@@ -102,13 +102,27 @@ def test_4bit_with_int8_embeddings_stores_the_int8_presets_embeddings_next_to_th
 
 @pytest.mark.parametrize("args,message", [
     (["--bits", "8", "--int8-embeddings"], "int8 embeddings go with 4-bit blocks"),
-    (["--bits", "4", "--no-embeddings", "--int8-embeddings"], "drop --no-embeddings"),
+    (["--bits", "4", "--no-embeddings", "--int8-embeddings"], "contradict each other"),
 ])
 def test_int8_embeddings_contradictions_are_refused(release_checkpoint, tmp_path, args, message):
     result = run("quantize", *args, str(release_checkpoint), str(tmp_path / "q"))
     assert result.exit_code == 2 and message in result.output and not (tmp_path / "q").exists()
+
+
+def test_int8_embeddings_take_the_int8_presets_options_and_a_weight_only_method():
     with pytest.raises(OptionsError, match="true, false or 'int8'"):
         QuantSettings(QuantType.NF4, embeddings="fp4")
+    with pytest.raises(OptionsError, match="int8 weights only"):
+        QuantSettings(QuantType.NF4, int8_scale_from="source")
+    digest = "0" * 64
+    for method, expected in (("rtn", "rtn"), ("search", "search"), ("gptq", "search")):
+        settings = QuantSettings(QuantType.NF4, embeddings="int8", int8_scale_from="source", method=method,
+                                 calibration_sha256=digest if method == "gptq" else None)
+        embeddings = settings.settings_for("transformer.word_embeddings.weight")
+        assert embeddings == QuantSettings(QuantType.INT8, embeddings=True, int8_scale_from="source", method=expected)
+        assert settings.settings_for(f"{LINEAR}.weight") is settings
+        assert settings.settings_for("transformer.ln_f.weight") is None
+    assert QuantSettings.from_dict(settings.to_dict()) == settings
 
 
 def test_quantize_resumes_after_a_kill_and_refuses_other_settings(release_checkpoint, int8_dir, tmp_path):

@@ -320,6 +320,9 @@ def test_an_unfinished_job_is_named_by_its_command_and_source(release_checkpoint
     (QuantSettings(QuantType.INT8, embeddings=False, int8_scale_from="source"),
      "quantize --bits 8 --no-embeddings --int8-scale-from source"),
     (QuantSettings(QuantType.NF4), "quantize --bits 4 --quant-type nf4"),
+    (QuantSettings(QuantType.NF4, embeddings="int8"), "quantize --bits 4 --quant-type nf4 --int8-embeddings"),
+    (QuantSettings(QuantType.NF4, embeddings="int8", int8_scale_from="source"),
+     "quantize --bits 4 --quant-type nf4 --int8-embeddings --int8-scale-from source"),
     (QuantSettings(QuantType.FP4, 64, double_quant=False, embeddings=True),
      "quantize --bits 4 --quant-type fp4 --block-size 64 --no-double-quant --embeddings"),
 ])
