@@ -9,7 +9,7 @@ QuantSettings(quant_type=<QuantType.NF4: 'nf4'>, block_size=32, double_quant=Tru
               int8_scale_from=None, method='rtn', calibration_sha256=None, calibration_tokens=None)
 >>> QuantSettings(QuantType.NF4, int8_scale_from="source")
 Traceback (most recent call last):
-bloomconv.errors.OptionsError: int8_scale_from applies to int8 weights only, not nf4. Drop it, or quantize with --bits 8 (or --int8-embeddings).
+bloomconv.errors.OptionsError: int8_scale_from applies to int8 only (--bits 8, or --int8-embeddings), not nf4. Drop it, or quantize with --bits 8.
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ class QuantSettings:
                 raise OptionsError("double quant applies to 4-bit (nf4, fp4) only, not int8. Drop it, or use --bits 4.")
         else:
             if self.int8_scale_from is not None and self.embeddings != INT8_EMBEDDINGS:
-                raise OptionsError(f"int8_scale_from applies to int8 weights only, not {kind}. Drop it, or quantize "
-                                   "with --bits 8 (or --int8-embeddings).")
+                raise OptionsError(f"int8_scale_from applies to int8 only (--bits 8, or --int8-embeddings), not "
+                                   f"{kind}. Drop it, or quantize with --bits 8.")
             if self.block_size is not None and self.block_size not in BLOCK_SIZES_4BIT:
                 raise OptionsError(f"4-bit block size {self.block_size} is not one bitsandbytes supports. "
                                    f"Use one of {', '.join(map(str, BLOCK_SIZES_4BIT))}.")

@@ -112,7 +112,7 @@ def test_int8_embeddings_contradictions_are_refused(release_checkpoint, tmp_path
 def test_int8_embeddings_take_the_int8_presets_options_and_a_weight_only_method():
     with pytest.raises(OptionsError, match="true, false or 'int8'"):
         QuantSettings(QuantType.NF4, embeddings="fp4")
-    with pytest.raises(OptionsError, match="int8 weights only"):
+    with pytest.raises(OptionsError, match="applies to int8 only"):
         QuantSettings(QuantType.NF4, int8_scale_from="source")
     digest = "0" * 64
     for method, expected in (("rtn", "rtn"), ("search", "search"), ("gptq", "search")):
