@@ -349,8 +349,6 @@ def generation(scheme: str, directory: Path, limit: int, mode: str, batches: lis
         result["pinned_bytes"] = pinned
         # after the run, so that the memory it frees is not the memory the run is then given
         result["fresh_memory_speed"] = fresh_memory_speed(pinned)
-        result["startup_to_disk"] = result["startup_read_speed"] / result["disk_speed"]
-        result["startup_to_bound"] = result["startup_read_speed"] / min(result["disk_speed"], result["fresh_memory_speed"])
     for batch, row in child.get("batches", {}).items():
         if row["step_s"]:
             per_token = sum(row["step_read_bytes"]) / len(row["step_read_bytes"])
@@ -379,6 +377,14 @@ def median_of(runs: list[dict], *path):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values.append(value)
     return statistics.median(values) if values else None
+
+
+def startup_ratio(runs: list[dict], *speeds: str) -> float | None:
+    """The median over `runs` of the start-up read speed ÷ the slowest of `speeds` (a run's keys),
+    over the runs that measured them all."""
+    ratios = [r["startup_read_speed"] / min(r[k] for k in speeds) for r in runs
+              if r.get("startup_read_speed") and all(r.get(k) for k in speeds)]
+    return statistics.median(ratios) if ratios else None
 
 
 def summarize_conversions(report: dict) -> dict:
@@ -414,9 +420,8 @@ def summarize_generation(report: dict) -> list[dict]:
         row = {"scheme": scheme, "limit": int(limit), "mode": mode, "runs": len(runs),
                "completed": sum(r["completed"] for r in runs), "status": sorted({r["status"] for r in runs}),
                "ready_s": median_of(runs, "child", "ready_s"), "startup_read_speed": median_of(runs, "startup_read_speed"),
-               "startup_to_disk": median_of(runs, "startup_to_disk") or (median_of(runs, "startup_read_speed") or 0)
-               / (median_of(runs, "disk_speed") or 1) or None,  # runs from before it was kept
-               "startup_to_bound": median_of(runs, "startup_to_bound"),
+               "startup_to_disk": startup_ratio(runs, "disk_speed"),
+               "startup_to_bound": startup_ratio(runs, "disk_speed", "fresh_memory_speed"),
                "fresh_memory_speed": median_of(runs, "fresh_memory_speed"),
                "disk_speed": median_of(runs, "disk_speed"), "peak_rss_anon": median_of(runs, "peak_rss_anon"),
                "peak_group_rss_anon": median_of(runs, "peak_group_rss_anon"), "budget": median_of(runs, "budget"),
