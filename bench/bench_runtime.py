@@ -22,7 +22,8 @@ in a fresh process (this script with --child), so start-up is real and nothing i
     BloomForCausalLM (bf16, fp32) vs bandwidth / weight bytes read per token (median step); the
     % of that bound is taken per run against the bandwidth measured next to it, then the median;
   - start-to-ready (process start to weights in RAM) vs transformers' from_pretrained;
-  - prefill tokens/s of 128- and 512-token prompts (--prefill-tokens) vs transformers;
+  - prefill tokens/s of 128- and 512-token prompts (--prefill-tokens) vs transformers, each timed
+    after a warm-up pass of the same length (llama-bench, too, warms up before timing);
   - --llama-cpp: llama.cpp (bench/llamacpp.py, when a build is found) in the same rounds, bf16,
     Q8_0, Q4_0 and Q4_K_M GGUFs of the same checkpoint paired with unquantized, int8 and nf4:
     per-round ratios of decode at batch 1 and of each prefill, medians and spread.
@@ -70,8 +71,9 @@ def child(spec: dict) -> dict:
         import bloomconv.runtime as runtime
         # the plan reserves KV cache and working set for the longest run this child makes
         tokens = max([max(spec["batches"]) * (spec["prompt_tokens"] + spec["new_tokens"]), *spec["prefill_tokens"]])
+        prefill_dtype = spec.get("prefill_dtype")
         model = runtime.load(spec["dir"], ram_budget=spec["ram_budget"], dtype=getattr(torch, spec["dtype"]),
-                             max_tokens=tokens)
+                             max_tokens=tokens, prefill_dtype=getattr(torch, prefill_dtype) if prefill_dtype else None)
         model.checkpoint.wait_until_loaded()
         out["ready_s"] = seconds_since_start()
         r = model.checkpoint.residency
@@ -121,6 +123,7 @@ def child(spec: dict) -> dict:
 
     out["prefill"] = {}
     for length in spec["prefill_tokens"]:
+        run(ids(1, length), 1)  # warm-up: torch sets its GEMMs up per shape; llama-bench warms up too
         prefill, _ = run(ids(1, length), 1)
         out["prefill"][str(length)] = {"tokens_per_s": length / prefill}
     out["decode"] = {}
@@ -261,8 +264,13 @@ def in_memory(args, work: Path) -> dict:
     common = {"threads": args.threads, "vocab": geometry[3], "prompt_tokens": 16,
               "new_tokens": args.decode_tokens, "prefill_tokens": args.prefill_tokens, "batches": args.batches}
     configs = [(f"runtime {p} {dt}", {"kind": "runtime", "dir": str(d), "dtype": dt, "ram_budget": None})
-               for p, d in dirs.items() for dt in ("float32", "bfloat16")]
-    if "none" in dirs:
+               for p, d in dirs.items() for dt in args.dtypes]
+    if args.bf16_prefill:  # fp32 compute, prefill products in bf16: decoding is the fp32 run's, so batch 1 only
+        configs += [(f"runtime {p} float32 {BF16_PREFILL}", {"kind": "runtime", "dir": str(d), "dtype": "float32",
+                                                           "prefill_dtype": "bfloat16", "ram_budget": None,
+                                                           "batches": [1]})
+                    for p, d in dirs.items()]
+    if "none" in dirs and args.transformers:
         configs += [(f"transformers {dt}", {"kind": "transformers", "dir": str(dirs["none"]), "dtype": dt})
                     for dt in ("bfloat16", "float32")]
     llama = getattr(args, "llama_cpp", None)
@@ -278,7 +286,7 @@ def in_memory(args, work: Path) -> dict:
             if spec["kind"] == "llama.cpp":
                 run = llama_run(llama, Path(spec["gguf"]), common)
             else:
-                run = run_child({**common, **spec}, work, series=round_ == 0)
+                run = run_child({**common, **spec}, work, series=round_ == 0)  # spec's batches win
             runs[label].append({**run, "memory_bytes_per_s": bandwidth})
     rows = []
     for label, spec in configs:
@@ -310,6 +318,7 @@ def in_memory(args, work: Path) -> dict:
 # our format -> the llama.cpp formats it is measured against (nf4: the default 4-bit preset; Q4_0 and
 # Q4_K_M store the tied output head as Q6_K)
 LLAMA_PAIRS = {"none": ("bf16",), "int8": ("Q8_0",), "nf4": ("Q4_0", "Q4_K_M"), "nf4+int8emb": ("Q4_0", "Q4_K_M")}
+BF16_PREFILL = "bf16-prefill"  # label of the runs with prefill_dtype=bfloat16 (--bf16-prefill)
 
 
 def llama_models(llama, src: Path, work: Path, tag: str, presets: list[str]) -> dict[str, Path]:
@@ -338,21 +347,21 @@ def llama_run(llama, gguf: Path, common: dict) -> dict:
 
 def llama_pairs(runs: dict[str, list[dict]], presets: list[str]) -> list[dict]:
     """Ours ÷ llama.cpp per metric and pair, round by round (the two ran in the same round, next to
-    each other), with the median and the spread of those ratios. Ours: fp32 compute."""
+    each other), with the median and the spread of those ratios. Ours: fp32 compute, and fp32
+    compute with bf16 prefill products where measured (`variant`)."""
     pairs = []
-    for preset in presets:
-        ours = runs.get(f"runtime {preset} float32")
-        for kind in LLAMA_PAIRS.get(preset, ()):
-            theirs = runs.get(f"llama.cpp {kind}")
-            if not ours or not theirs:
-                continue
+    for preset, kind, variant in ((p, k, v) for p in presets for k in LLAMA_PAIRS.get(p, ())
+                                  for v in ("fp32", BF16_PREFILL)):
+        ours = runs.get(f"runtime {preset} float32" + ("" if variant == "fp32" else f" {BF16_PREFILL}"))
+        theirs = runs.get(f"llama.cpp {kind}")
+        if ours and theirs:
             metrics = [("decode", b) for b in theirs[0]["decode"]] + [("prefill", n) for n in theirs[0]["prefill"]]
             for section, key in metrics:
                 ratios = [a[section][key]["tokens_per_s"] / b[section][key]["tokens_per_s"]
                           for a, b in zip(ours, theirs) if key in a.get(section, {})]
                 if ratios:
-                    pairs.append({"ours": preset, "llama.cpp": kind, "metric": section, "tokens": int(key),
-                                  "ratios": ratios, "ratio": measure.spread(ratios)})
+                    pairs.append({"ours": preset, "variant": variant, "llama.cpp": kind, "metric": section,
+                                  "tokens": int(key), "ratios": ratios, "ratio": measure.spread(ratios)})
     return pairs
 
 
@@ -408,7 +417,8 @@ def print_report(report: dict) -> None:
               "against the bandwidth measured before it; medians")
         for pair in M["pairs"]:
             r = pair["ratio"]
-            print(f"  ours {pair['ours']} vs llama.cpp {pair['llama.cpp']}, {pair['metric']} {pair['tokens']}: "
+            print(f"  ours {pair['ours']} ({pair.get('variant', 'fp32')}) vs llama.cpp {pair['llama.cpp']}, "
+                  f"{pair['metric']} {pair['tokens']}: "
                   f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}, {r['runs']} rounds)")
 
 
@@ -441,6 +451,11 @@ def main() -> None:
     parser.add_argument("--llama-cpp", action="store_true", help="--in-memory: also llama.cpp side by side, "
                         "when bench/llamacpp.py finds a build (bf16, Q8_0, Q4_0, Q4_K_M)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each --in-memory configuration (medians)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="--in-memory: the runtime's compute dtypes")
+    parser.add_argument("--bf16-prefill", action="store_true", help="--in-memory: also each preset with fp32 "
+                        "compute and prefill_dtype=bfloat16 (prefill and batch-1 decode)")
+    parser.add_argument("--no-transformers", dest="transformers", action="store_false",
+                        help="--in-memory: leave transformers' rows out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -462,6 +477,7 @@ def main() -> None:
         if args.llama_cpp is None:
             print(f"no llama.cpp build found (bench/llamacpp.py build, or ${llamacpp.ENV_TREE}): its rows are left out")
     args.presets = args.presets.split(",")
+    args.dtypes = args.dtypes.split(",")
     both = not args.large and not args.in_memory
     args.work.mkdir(parents=True, exist_ok=True)
 

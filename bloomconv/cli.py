@@ -407,6 +407,9 @@ def example(dst, geometry, layout, dtype, seed):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Compute dtype: float32 matches transformers' fp32 results; bfloat16 is faster on CPUs "
               "with AVX512-BF16 or AMX.")
+@click.option("--prefill-dtype", type=click.Choice(["float32", "bfloat16"]), help="Dtype of the matrix products "
+              "of the prompt's pass (over 64 tokens): bfloat16 rounds their inputs and results to bf16 (torch's "
+              "bf16 GEMM, as torch.autocast does), the rest stays in --dtype.  [default: --dtype]")
 @click.option("--verify", "verify_mode", type=click.Choice(["fast", "full"]), default="fast", show_default=True,
               help="fast: sizes and headers; full: hash every file first.")
 @trusted_signer_options
@@ -419,8 +422,8 @@ def example(dst, geometry, layout, dtype, seed):
               "to keep every rank busy  [default: one per rank when each keeps 32 prompts or more, else 1]")
 @_errors_to_exit_codes
 def generate(directory, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
-             seed, device, ram_budget, threads, dtype, verify_mode, public_key, certificate_chain, identity, issuer,
-             stats, pipeline, pipeline_timeout, micro_batches):
+             seed, device, ram_budget, threads, dtype, prefill_dtype, verify_mode, public_key, certificate_chain,
+             identity, issuer, stats, pipeline, pipeline_timeout, micro_batches):
     """Continue PROMPT with the model in DIRECTORY, printing tokens as they are produced.
 
     PROMPT - (or -f FILE) reads the prompt from stdin (or FILE); one trailing newline is dropped."""
@@ -449,7 +452,8 @@ def generate(directory, prompt, prompt_file, max_new_tokens, temperature, top_k,
         # rank 0 sends passes without pause, so a serving rank waits no longer between them
         pipeline = PipelineOptions(pipeline_timeout, pipeline_timeout, micro_batches)
     model = load(directory, device=device, verify=verify_mode, ram_budget=budget, threads=threads,
-                 max_tokens=max(1, max_tokens), dtype=getattr(torch, dtype), public_key=public_key,
+                 max_tokens=max(1, max_tokens), dtype=getattr(torch, dtype),
+                 prefill_dtype=getattr(torch, prefill_dtype) if prefill_dtype else None, public_key=public_key,
                  certificate_chain=certificate_chain, identity=identity, issuer=issuer, pipeline=pipeline)
     if model is None:
         return  # a pipeline rank other than 0: it served its blocks until rank 0 was done

@@ -167,7 +167,8 @@ class _BlockRunner(Transformer):
     """The runtime's block arithmetic (`Transformer._block`) over weights given one block at a time."""
 
     def __init__(self, geometry: Geometry, device: torch.device):
-        self.geometry, self.dtype, self.device = geometry, torch.float32, device
+        self.geometry, self.device = geometry, device
+        self.dtype = self.prefill_dtype = torch.float32
         self._biases: dict[tuple[int, int], torch.Tensor] = {}  # windows all alike: built once per shape
 
     def run(self, x: torch.Tensor, weights: BlockWeights) -> torch.Tensor:

@@ -25,7 +25,7 @@ from bloomconv.format import TOKENIZER_NAMES
 from bloomconv.settings import INT8_EMBEDDINGS, QuantSettings
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .model import KVCache, Transformer
+from .model import PREFILL_DTYPES, KVCache, Transformer
 
 if TYPE_CHECKING:
     from .pipeline import PipelineOptions
@@ -38,7 +38,8 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
          dtype: torch.dtype = torch.float32, ram_budget: str | int | None = None,
          threads: int | None = None, max_tokens: int | None = None, public_key: str | os.PathLike | None = None,
          certificate_chain: tuple[str | os.PathLike, ...] = (), identity: str | None = None,
-         issuer: str | None = None, pipeline: "bool | PipelineOptions" = False) -> "Bloom | None":
+         issuer: str | None = None, pipeline: "bool | PipelineOptions" = False,
+         prefill_dtype: torch.dtype | None = None) -> "Bloom | None":
     """Open a converted (optionally quantized) directory for inference.
 
     Returns once headers are checked; the weights that stay in RAM are read on a background
@@ -52,6 +53,12 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     int8 weights are widened in registers by bloomconv's kernels, never copied to fp32 (without
     a C compiler at install time, 16-bit weights are widened once at load when they fit).
     bfloat16 activations also work: torch's bf16 GEMM for large batches of bf16 weights.
+    `prefill_dtype`: the dtype of the matrix products of a pass over more than PREFILL_ROWS (64)
+    token rows — a prompt's prefill, or a batch that large — where multiplying, not reading the
+    weights, is the cost. None: `dtype`. torch.bfloat16 with float32 compute rounds those
+    products' inputs and results to bf16 (torch's bf16 GEMM; weights stored as bf16, int8 codes and
+    4-bit weights quantized from bf16 stay exact), as torch.autocast does for linear layers;
+    layer norms, attention and the residual stream stay fp32, and decoding steps are unchanged.
     `ram_budget`: the memory this model may take, e.g. "12GB", "800MB", "1.5GiB" or an int: the
     weights held in RAM, the buffers the rest streams through every forward pass, and the KV
     cache and working set of `max_tokens` tokens (see `checkpoint`); the process's own memory
@@ -82,6 +89,9 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         torch.set_num_threads(threads)
+    if prefill_dtype not in (None, *PREFILL_DTYPES):
+        raise OptionsError(f"prefill_dtype {prefill_dtype} is not one the runtime multiplies in. Use "
+                           f"{' or '.join(map(str, PREFILL_DTYPES))}, or None for the compute dtype.")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionsError(f"device {str(device)!r} is not available: this torch ({torch.__version__}) sees no "
@@ -91,11 +101,11 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
         options = pipeline if isinstance(pipeline, PipelineOptions) else PipelineOptions()
         return load_pipeline(directory, options, device=device, dtype=dtype, ram_budget=ram_budget, verify=verify,
                              max_tokens=max_tokens, public_key=public_key, certificate_chain=certificate_chain,
-                             identity=identity, issuer=issuer)
+                             identity=identity, issuer=issuer, prefill_dtype=prefill_dtype)
     checkpoint = open_checkpoint(directory, verify=verify, ram_budget=ram_budget, dtype=dtype, max_tokens=max_tokens,
                                  public_key=public_key,
                                  certificate_chain=certificate_chain, identity=identity, issuer=issuer)
-    return Bloom(checkpoint, Transformer(checkpoint, dtype=dtype, device=device))
+    return Bloom(checkpoint, Transformer(checkpoint, dtype=dtype, device=device, prefill_dtype=prefill_dtype))
 
 
 @dataclasses.dataclass

@@ -17,7 +17,9 @@ dequantized copy of a matrix:
     small tensors L · (13 H · c + 9 H · 4)   layer norms and biases converted to the compute dtype
                                       once, int8 row scales
     scratch       the 4-bit fp32 tile of the widest rows (4 H: `fourbit.tile_rows`) for more than
-                  SMALL_BATCH_ROWS tokens (4-bit prefill);
+                  SMALL_BATCH_ROWS tokens (4-bit prefill); for more than PREFILL_ROWS, bf16
+                  products' copies (`prefill_dtype`): as much again (the tile in bf16, the copy
+                  torch's bf16 GEMM packs) and 8 · T · H (a product's input and result in bf16);
                   3 × CONVERT_CHUNK_BYTES without the compiled kernels (torch converts pieces)
 
 for T tokens (a prompt computed in one pass, or the cache's length), H hidden, nh heads, V vocab,
@@ -34,12 +36,12 @@ import torch
 
 from bloomconv import kernels
 from bloomconv.geometry import Geometry
-from bloomconv.kernels import fourbit
+from bloomconv.kernels import dense, fourbit
 from bloomconv.process_stats import available_memory
 from bloomconv.storage.fallback import CONVERT_CHUNK_BYTES
 
-__all__ = ["DEFAULT_BUDGET_SHARE", "DEFAULT_MAX_TOKENS", "RUNTIME_OVERHEAD_BYTES", "default_ram_budget",
-           "kv_cache_bytes", "parse_size", "working_set_bytes"]
+__all__ = ["DEFAULT_BUDGET_SHARE", "DEFAULT_MAX_TOKENS", "PREFILL_ROWS", "RUNTIME_OVERHEAD_BYTES",
+           "default_ram_budget", "kv_cache_bytes", "parse_size", "working_set_bytes"]
 
 # Default budget: this share of available memory, less the process's own RUNTIME_OVERHEAD_BYTES.
 DEFAULT_BUDGET_SHARE = 0.9
@@ -49,6 +51,10 @@ RUNTIME_OVERHEAD_BYTES = 128 << 20
 # Tokens (prompt + new, over the batch) a plan reserves KV cache and working set for, when the
 # caller does not say (`bloomconv generate` does: prompt bytes + --max-new-tokens).
 DEFAULT_MAX_TOKENS = 256
+# More token rows than this in one pass (a prompt's prefill, a batch of over 64 sequences): the
+# products, not reading the weights, are the cost, and run in the model's `prefill_dtype`; fewer
+# (a decoding step) stay in the compute dtype, where the kernels read each weight once.
+PREFILL_ROWS = max(dense.SMALL_BATCH_ROWS, fourbit.SMALL_BATCH_ROWS)
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
                "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
@@ -88,7 +94,10 @@ def working_set_bytes(geometry: Geometry, dtype: torch.dtype, tokens: int) -> in
         scratch = 3 * CONVERT_CHUNK_BYTES
     else:  # a prefill over more rows than the 4-bit kernel takes dequantizes a tile at a time
         widest = 4 * h  # dense_4h_to_h's row length (its in_features)
-        scratch = fourbit.tile_rows(widest) * widest * 4 if tokens > fourbit.SMALL_BATCH_ROWS else 0
+        tile = fourbit.tile_rows(widest) * widest * 4
+        scratch = tile if tokens > fourbit.SMALL_BATCH_ROWS else 0
+        if tokens > PREFILL_ROWS:  # bf16 products (prefill_dtype): the tile's and the GEMM's copies, x's
+            scratch += tile + 8 * tokens * h
     return activations + attention + sampling + small_tensors + scratch
 
 

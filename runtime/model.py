@@ -22,6 +22,7 @@ from bloomconv.geometry import Geometry
 from bloomconv.kernels import fourbit
 
 from .checkpoint import Checkpoint
+from .memory import PREFILL_ROWS
 from .records import (BlockWeights, LayerNormWeights, LinearWeights, UnitBytes, block_weights, embedding_weights,
                       final_weights)
 
@@ -99,14 +100,19 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+PREFILL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 class Transformer:
     """BLOOM over a Checkpoint, one file of weights at a time, in the order the checkpoint reads
     them ahead: embedding rows, blocks, ln_f, then the embeddings again as the lm_head."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device="cpu"):
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device="cpu",
+                 prefill_dtype: torch.dtype | None = None):
         self.checkpoint = checkpoint
         self.geometry: Geometry = checkpoint.geometry
         self.dtype, self.device = dtype, torch.device(device)
+        self.prefill_dtype = prefill_dtype or dtype  # the products of passes over PREFILL_ROWS+ rows
         self.copies_to_device = self.device.type != "cpu"  # see _on_device; tests set it on the CPU too
 
     @torch.inference_mode()
@@ -230,6 +236,8 @@ class Transformer:
     def _layer_norm(self, x: torch.Tensor, w: LayerNormWeights) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], *w.in_dtype(x.dtype), self.geometry.layer_norm_epsilon)
 
-    @staticmethod
-    def _linear(x: torch.Tensor, w: LinearWeights) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: LinearWeights) -> torch.Tensor:
+        if self.prefill_dtype != x.dtype and x.shape[:-1].numel() > PREFILL_ROWS:
+            # the product in prefill_dtype (bf16: torch's bf16 GEMM), the bias and the rest in x's dtype
+            return w.weight.matmul(x.to(self.prefill_dtype)).to(x.dtype).add_(w.bias_in(x.dtype))
         return w.weight.matmul(x).add_(w.bias_in(x.dtype))  # matmul returns a new tensor: add in place

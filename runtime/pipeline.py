@@ -162,10 +162,12 @@ def plan_stages(manifest: Manifest, n_layer: int, weights: Sequence[float]) -> l
 
 def load_pipeline(directory: str | os.PathLike, options: PipelineOptions = PipelineOptions(), *,
                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  ram_budget: str | int | None = None, **opening) -> "PipelineBloom | None":
+                  ram_budget: str | int | None = None, prefill_dtype: torch.dtype | None = None,
+                  **opening) -> "PipelineBloom | None":
     """Join the torchrun-launched group, open this rank's share of `directory`, and on rank 0
     return the model; on the other ranks serve until rank 0 closes it, then return None.
-    `opening`: `open_checkpoint`'s verify, max_tokens and signer options (`load` documents them).
+    `opening`: `open_checkpoint`'s verify, max_tokens and signer options (`load` documents them,
+    and `prefill_dtype`, which each rank applies to its own blocks).
     Raises PipelineError naming the rank and its problem when any rank cannot start."""
     device = torch.device(device)
     if "RANK" not in os.environ and not dist.is_initialized():
@@ -222,7 +224,7 @@ def load_pipeline(directory: str | os.PathLike, options: PipelineOptions = Pipel
         if owns_group:
             dist.destroy_process_group()
         raise
-    transformer = Transformer(checkpoint, dtype=dtype, device=device)
+    transformer = Transformer(checkpoint, dtype=dtype, device=device, prefill_dtype=prefill_dtype)
     ring = _Ring(rank, ranks, device, who, options) if ranks > 1 else None
     if rank == 0:
         driver = _Driver(transformer, stage, ring, options.micro_batches, owns_group)

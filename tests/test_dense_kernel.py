@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bloomconv import kernels
 from bloomconv.errors import QuantizationError
-from bloomconv.kernels import dense
+from bloomconv.kernels import dense, fourbit
 from bloomconv.storage.dense import DenseWeight
 from bloomconv.storage.int8 import Int8Weight, dequantize_int8, quantize_int8
 
@@ -163,6 +163,22 @@ def test_int8_weight_multiplies_in_fp32_with_the_kernel_and_falls_back_to_torch(
     x = torch.randn(3, 6, 36, generator=g)
     assert not odd.uses_int8pack(x.to(torch.bfloat16))
     assert (odd.matmul(x) - F.linear(x, dequantize_int8(odd.CB, odd.SCB, torch.float32))).abs().max() < 1e-5
+
+
+def test_int8_weight_multiplies_many_bf16_rows_with_a_bf16_gemm_on_its_codes(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    CB, SCB = quantize_int8(torch.randn(300, 64, generator=g), "source")
+    record = Int8Weight(CB, SCB)
+    x = torch.randn(2, dense.SMALL_BATCH_ROWS, 64, generator=g).to(torch.bfloat16)  # more rows than the kernel's
+    out = record.matmul(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, dense.SMALL_BATCH_ROWS, 300)
+    # exact products of the codes, fp32 sums rounded to bf16, scaled by SCB / 127, rounded again
+    flat = x.reshape(-1, 64).double()
+    exact = (flat @ CB.double().T) * (SCB.double() / 127)
+    bound = exact.abs() * 2 ** -7 + 1e-6 * (flat.abs() @ CB.double().abs().T) * (SCB.double() / 127)
+    assert ((out.reshape(exact.shape).double() - exact).abs() <= bound).all()
+    monkeypatch.setattr(fourbit, "DEQUANTIZE_TILE_BYTES", 64 * 64 * 2)  # the codes a tile of 64 rows at a time
+    assert ((record.matmul(x).reshape(exact.shape).double() - exact).abs() <= bound).all()
 
 
 def test_dense_weight_multiplies_bf16_storage_in_fp32(monkeypatch):

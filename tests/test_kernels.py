@@ -175,6 +175,28 @@ def test_large_batches_go_through_dequantized_tiles(monkeypatch):
 
 
 @needs_kernels
+def test_many_bf16_rows_multiply_in_bf16_on_weights_quantized_from_bf16():
+    stored, weight = quantized("nf4", 64, True, (512, 1024), torch.bfloat16)
+    matrix = fourbit_matrix(stored)
+    assert torch.equal(weight.to(torch.bfloat16).float(), weight)  # bf16 holds every weight
+    x = torch.randn(fourbit.SMALL_BATCH_ROWS + 1, 1024, generator=torch.Generator().manual_seed(6))
+    rounded = x.to(torch.bfloat16)
+    out = fourbit.fourbit_matmul(rounded, matrix)
+    assert out.dtype == torch.bfloat16
+    # products of the rounded rows, summed in fp32 and rounded once to bf16
+    expected, bound = summation_reference(rounded.float(), weight)
+    assert_matches_reference(out.float(), rounded.float(), weight, (expected, bound + expected.abs() * 2 ** -8))
+    assert not torch.equal(out.float(), fourbit.fourbit_matmul(x, matrix))  # not the fp32 path's result
+    rows = torch.tensor([0, 7, 511, 3])
+    for isa in kernels.isas():  # the tiles straight in bf16: each weight as it is
+        tile = torch.empty(4, 1024, dtype=torch.bfloat16)
+        fourbit._dequantize_into(matrix, rows, tile, kernels._isa_code(isa))
+        assert torch.equal(tile.float(), weight[rows]), isa
+    few = rounded[:fourbit.SMALL_BATCH_ROWS]  # a decoding step's rows: the fused kernel, fp32 sums
+    assert_matches_reference(fourbit.fourbit_matmul(few, matrix), few.float(), weight)
+
+
+@needs_kernels
 def test_result_does_not_depend_on_the_thread_count(restores_threads):
     stored, _ = quantized("nf4", 64, False, (3072, 1024))
     matrix = fourbit_matrix(stored)

@@ -19,7 +19,7 @@ import bloomconv.runtime as runtime
 from bloomconv.cli import main
 from bloomconv.converters.convert import convert
 from bloomconv.converters.example import write_example_checkpoint
-from bloomconv.errors import VerificationError
+from bloomconv.errors import OptionsError, VerificationError
 from bloomconv.format import EMBEDDING_WEIGHT, EMBEDDINGS_UNIT, FINAL_UNIT, PREFIX, QuantType, block_unit
 from bloomconv.geometry import Geometry
 from bloomconv.manifest import read_manifest
@@ -337,6 +337,24 @@ def test_quantized_directory_matches_transformers_on_the_dequantized_weights(tin
     assert (logits - expected)[mask.bool()].abs().max() < tolerance * expected.abs().max()
 
 
+@pytest.mark.parametrize("name", [None, "int8", "nf4"])
+def test_bf16_prefill_products_stay_close_and_leave_decoding_steps_as_they_were(tiny, quantized_dirs, name):
+    directory = tiny[0].checkpoint.directory if name is None else quantized_dirs(name)
+    ids = torch.randint(4, 1024, (2, memory.PREFILL_ROWS // 2 + 8), generator=torch.Generator().manual_seed(7))
+    with runtime.load(directory) as exact, runtime.load(directory, prefill_dtype=torch.bfloat16) as mixed:
+        assert mixed.transformer.prefill_dtype == torch.bfloat16
+        expected, _ = exact.forward(ids)
+        logits, past = mixed.forward(ids)  # 2 × 40 rows: a prefill
+        assert logits.dtype == torch.float32
+        difference = (logits - expected).abs().max()
+        assert 0 < difference < 0.02 * expected.abs().max(), difference  # bf16 products, close to fp32's
+        _, same_past = mixed.forward(ids)  # a second cache like the first (a step extends the one it is given)
+        step = ids[:, :1]
+        assert torch.equal(mixed.forward(step, past=past)[0], exact.forward(step, past=same_past)[0])  # 2 rows
+    with pytest.raises(OptionsError, match="prefill_dtype"):
+        runtime.load(directory, prefill_dtype=torch.float16)
+
+
 def dequantized_state(directory) -> dict[str, torch.Tensor]:
     """Every weight of a quantized directory as fp32, with transformers' names."""
     return {name: t.float() for name, t in load_dequantized(directory).items()}
@@ -570,6 +588,12 @@ def test_generate_command_prints_the_continuation(tiny, restores_threads):
     result = CliRunner().invoke(main, ["generate", directory, "The", "--max-new-tokens", "6", "--dtype", "bfloat16"])
     with runtime.load(directory, dtype=torch.bfloat16) as bf16:
         assert result.stdout == "The" + bf16.generate("The", max_new_tokens=6) + "\n"
+    prompt = "Return the value of x " * 8  # over PREFILL_ROWS tokens
+    result = CliRunner().invoke(main, ["generate", directory, prompt, "--max-new-tokens", "6",
+                                       "--prefill-dtype", "bfloat16"])
+    with runtime.load(directory, prefill_dtype=torch.bfloat16) as mixed:
+        assert len(mixed.tokenizer.encode(prompt)) > memory.PREFILL_ROWS
+        assert result.stdout == prompt + mixed.generate(prompt, max_new_tokens=6) + "\n"
 
 
 def test_generate_stats_go_to_stderr(tiny):

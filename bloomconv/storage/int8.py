@@ -9,7 +9,7 @@ bitsandbytes itself)::
     dequantize_int8(CB, SCB, dt) == F.int8_vectorwise_dequant(CB, SCB).to(dt)
 
 Decoding steps multiply through the dense kernel (int8 widened in registers, fp32 sums, each
-row's sum scaled by SCB / 127); bf16 prefill through torch's fused int8 GEMM.
+row's sum scaled by SCB / 127); a bf16 prefill through torch's bf16 GEMM on the codes.
 
 >>> w = torch.randn(8, 64, dtype=torch.bfloat16)
 >>> CB, SCB = quantize_int8(w)
@@ -27,7 +27,7 @@ import torch
 from bloomconv import kernels
 from bloomconv.errors import QuantizationError
 from bloomconv.format import INT8_SCALE_FROM, INT8_SCALE_SUFFIX, QuantType
-from bloomconv.kernels import dense
+from bloomconv.kernels import dense, fourbit
 from bloomconv.kernels import int8 as int8_kernel
 from bloomconv.safetensors_io import StreamedTensor, tensor_bytes
 from bloomconv.settings import QuantSettings
@@ -233,6 +233,12 @@ class Int8Weight:
                 and self.CB.shape[1] % _INT8PACK_ALIGN == 0)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[:-1].numel() > dense.SMALL_BATCH_ROWS:
+            # Many bf16 rows (prefill): torch's bf16 GEMM on the codes, which bf16 holds exactly, a
+            # tile of rows at a time; each row's fp32 sum is scaled by SCB / 127 after.
+            sums = linear_in_pieces(x, self.CB.shape, lambda start, end: self.CB[start:end].to(torch.bfloat16),
+                                    piece_bytes=fourbit.DEQUANTIZE_TILE_BYTES)
+            return sums.float().mul_(self.row_scale).to(x.dtype)
         if dense_kernel_takes(x, self.CB):
             # int8 widened in registers, fp32 sums, each row's sum scaled by SCB / 127
             return dense.dense_matmul(x, self.CB, self.row_scale).to(x.dtype)

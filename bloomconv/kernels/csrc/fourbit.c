@@ -56,6 +56,7 @@ struct Task {
     int64_t batch;                 /* M */
     const int64_t *row_ids;        /* dequantize: rows to write, in order */
     float *out;
+    uint16_t *out_bf16;            /* dequantize to bf16 instead of out: weights rounded to bf16 only */
     int64_t begin, end;            /* matmul: weight rows; dequantize: positions in row_ids */
 };
 
@@ -142,10 +143,28 @@ static void scalar_matmul(const Task *t)
         }
 }
 
+/* bf16 weights are the high halves of their fp32 values: dropping the low half is exact. */
+static void store_bf16(const float *src, uint16_t *dst, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = (uint16_t)(float_to_bits(src[i]) >> 16);
+}
+
 static void scalar_dequantize(const Task *t)
 {
-    for (int64_t i = t->begin; i < t->end; i++)
-        decode_weights(t->w, t->row_ids[i], 0, t->w->cols, t->out + i * t->w->cols);
+    float row[ROW_BUFFER];
+    const int64_t K = t->w->cols;
+    for (int64_t i = t->begin; i < t->end; i++) {
+        if (!t->out_bf16) {
+            decode_weights(t->w, t->row_ids[i], 0, K, t->out + i * K);
+            continue;
+        }
+        for (int64_t c = 0; c < K; c += ROW_BUFFER) {
+            const int64_t n = K - c < ROW_BUFFER ? K - c : ROW_BUFFER;
+            decode_weights(t->w, t->row_ids[i], c, c + n, row);
+            store_bf16(row, t->out_bf16 + i * K + c, n);
+        }
+    }
 }
 
 /* -------------------------------------------------------------------------------- AVX2 path */
@@ -385,6 +404,19 @@ AVX2_TARGET static ALWAYS_INLINE void dequantize_impl(const Task *t, int roundin
     const CodeLut lut = make_lut(w->code);
     const __m256i natural = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  /* undoes decode32's order */
     for (int64_t i = t->begin; i < t->end; i++) {
+        if (t->out_bf16) {  /* the high halves, 8 at a time, packed in order */
+            uint16_t *dst = t->out_bf16 + i * w->cols;
+            FOR_EACH_CHUNK(w, &lut, rounding, t->row_ids[i], 0, w->cols, f, c,
+                for (int j = 0; j < 4; j++) {
+                    const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(
+                        _mm256_permutevar8x32_ps(f[j], natural)), 16);
+                    _mm_storeu_si128((__m128i *)(dst + c + 8 * j),
+                                     _mm_packus_epi32(_mm256_castsi256_si128(high),
+                                                      _mm256_extracti128_si256(high, 1)));
+                }
+            );
+            continue;
+        }
         float *dst = t->out + i * w->cols;
         FOR_EACH_CHUNK(w, &lut, rounding, t->row_ids[i], 0, w->cols, f, c,
             for (int j = 0; j < 4; j++)
@@ -814,18 +846,33 @@ PyObject *fourbit_dequantize(PyObject *self, PyObject *args)
     long long count;
     int threads, isa;
     Matrix w;
-    if (!parse_call(args, &row_ids, &count, &out, &threads, &isa, &w))
+    /* matmul's arguments, then whether `out` is bf16 */
+    const Py_ssize_t n = PyTuple_GET_SIZE(args);
+    PyObject *head = PyTuple_GetSlice(args, 0, n > 0 ? n - 1 : 0);
+    if (!head)
         return NULL;
+    const int parsed = parse_call(head, &row_ids, &count, &out, &threads, &isa, &w);
+    Py_DECREF(head);
+    if (!parsed)
+        return NULL;
+    const int to_bf16 = PyObject_IsTrue(PyTuple_GET_ITEM(args, n - 1));
+    if (to_bf16 < 0)
+        return NULL;
+    if (to_bf16 && w.rounding != ROUND_BF16) {
+        PyErr_SetString(PyExc_ValueError, "only weights rounded to bf16 dequantize to bf16");
+        return NULL;
+    }
     const int64_t cols = w.cols;
     Task task = {.run = scalar_dequantize, .w = &w, .row_ids = (const int64_t *)(uintptr_t)row_ids,
-                 .out = (float *)(uintptr_t)out};
+                 .out = to_bf16 ? NULL : (float *)(uintptr_t)out,
+                 .out_bf16 = to_bf16 ? (uint16_t *)(uintptr_t)out : NULL};
 #ifdef HAVE_X86_KERNELS
     if (use_avx2(isa, &w))
         task.run = avx2_dequantize;
 #endif
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_parallel(run_task, &task, count, cols * 4, threads, MIN_BYTES_PER_THREAD);
+    status = run_parallel(run_task, &task, count, cols * (to_bf16 ? 2 : 4), threads, MIN_BYTES_PER_THREAD);
     Py_END_ALLOW_THREADS
     if (status)
         return PyErr_NoMemory();
