@@ -3,8 +3,9 @@
 Start-up reads the manifest and the safetensors headers (and the 4-bit state blobs), plans
 residency (`residency`) within the RAM budget (`memory`), starts reading, reads the tokenizer
 meanwhile, then returns; weight bytes are read by one background thread: first the pinned files,
-whole, and the pinned pieces of streamed files, with large reads around the page cache (`files`;
-their buffers faulted in alongside by a thread of their own, `FaultingIn`), then the streamed
+whole, and the pinned pieces of streamed files, with large reads around the page cache, each
+queued right behind the one before (`files.read_one_after_another`; their buffers faulted in
+alongside by a thread of their own, `FaultingIn`), then the streamed
 files' pieces, in the order the forward pass uses them (`readahead`). A budget, or a machine, too
 small for the run raises MemoryBudgetError naming the minimum before any weight is read.
 
@@ -26,6 +27,7 @@ import dataclasses
 import functools
 import json
 import os
+import threading
 import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -41,7 +43,7 @@ from bloomconv.manifest import Manifest, read_manifest
 from bloomconv.process_stats import available_memory
 
 from . import readahead
-from .files import AnonymousBuffer, FaultingIn, MappedFile
+from .files import AnonymousBuffer, FaultingIn, MappedFile, read_one_after_another
 from .memory import (DEFAULT_BUDGET_SHARE, DEFAULT_MAX_TOKENS, RUNTIME_OVERHEAD_BYTES, default_ram_budget,
                      kv_cache_bytes, parse_size, working_set_bytes)
 from .readahead import Piece, ReadAhead, StreamedUnit, plan_pieces
@@ -77,12 +79,21 @@ class Checkpoint:
                                                 for unit in residency.pinned}
         piece_buffers = {index: AnonymousBuffer(every_piece[index].nbytes) for index in residency.pinned_pieces}
         self._faulting_in = FaultingIn([*buffers.values(), *piece_buffers.values()])
-        self._pinned: dict[str, concurrent.futures.Future] = {
-            unit: self._reader.submit(self._timed, self._read_pinned, unit, buffers.get(unit))
-            for unit in residency.pinned}
-        kept = {index: self._reader.submit(self._timed, every_piece[index].read_into, files[every_piece[index].unit],
-                                           buffer, streaming=False)
-                for index, buffer in piece_buffers.items()}
+        self._stopping = threading.Event()
+        if residency.widened:  # each pinned file widened on the way in, through the page cache
+            self._pinned: dict[str, concurrent.futures.Future] = {
+                unit: self._reader.submit(self._timed, self._read_widened, unit) for unit in residency.pinned}
+            reads = []
+        else:  # each pinned file and piece read as it is, one read queued right behind the other
+            self._pinned = {unit: concurrent.futures.Future() for unit in residency.pinned}
+            reads = [(self._pinned[unit], files[unit], buffer, files[unit].whole,
+                      functools.partial(files[unit].tensors_in, buffer)) for unit, buffer in buffers.items()]
+        kept = {index: concurrent.futures.Future() for index in piece_buffers}
+        reads += [(kept[index], files[every_piece[index].unit], buffer, every_piece[index].spans,
+                   functools.partial(every_piece[index].placed, files[every_piece[index].unit], buffer.tensor))
+                  for index, buffer in piece_buffers.items()]
+        if reads:
+            self._reader.submit(self._timed, self._read_pinned, reads)
         self._pending_reads = [*self._pinned.values(), *kept.values()]
         cycle = [piece for index, piece in enumerate(every_piece) if index not in kept]
         self._stream = ReadAhead(self._reader, files, cycle, residency.buffer_bytes, residency.stream_buffers)
@@ -107,11 +118,27 @@ class Checkpoint:
         finally:
             self._last_read_ended = time.perf_counter()
 
-    def _read_pinned(self, unit: str, buffer: AnonymousBuffer | None) -> UnitBytes:
-        if buffer is None:  # widened to float32 on the way in
-            source, _ = self.files[unit].widened()
-            return source
-        return self.files[unit].read_into(buffer, streaming=False)
+    def _read_widened(self, unit: str) -> UnitBytes:
+        source, _ = self.files[unit].widened()
+        return source
+
+    def _read_pinned(self, reads: list[tuple]) -> None:
+        """Read (future, file, buffer, spans, tensors) in order, one queued behind the other
+        (`read_one_after_another`); each future gets `tensors()` once its bytes are in, or the
+        error that stopped the reading (this one's and all later ones)."""
+        done = 0
+        try:
+            for index in read_one_after_another([(file, buffer.memoryview(), spans)
+                                                 for _, file, buffer, spans, _ in reads], self._stopping):
+                future, *_, tensors = reads[index]
+                future.set_result(tensors())
+                done = index + 1
+        except BaseException as exc:
+            for future, *_ in reads[done:]:
+                future.set_exception(exc)
+            raise
+        for future, *_ in reads[done:]:  # stopped: closing
+            future.cancel()
 
     @contextlib.contextmanager
     def use(self, unit: str) -> Iterator[UnitBytes]:
@@ -166,6 +193,7 @@ class Checkpoint:
                 f"Generate fewer tokens, or load with max_tokens={tokens} (it then plans for them within the budget).")
 
     def close(self) -> None:
+        self._stopping.set()
         self._faulting_in.stop()
         self._reader.shutdown(wait=True, cancel_futures=True)
         for file in self.files.values():

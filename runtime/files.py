@@ -33,7 +33,7 @@ import mmap
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 try:
@@ -49,7 +49,8 @@ from bloomconv.safetensors_io import SafetensorsHeader, read_header, torch_dtype
 
 from .records import UnitBytes, aligned
 
-__all__ = ["AnonymousBuffer", "FaultingIn", "MappedFile", "PAGE", "READ_CHUNK_BYTES", "Span", "whole_pages"]
+__all__ = ["AnonymousBuffer", "FaultingIn", "MappedFile", "PAGE", "READ_CHUNK_BYTES", "Span", "read_one_after_another",
+           "whole_pages"]
 
 READ_CHUNK_BYTES = 16 << 20  # per preadv call; a buffered streamed read drops the page cache per chunk
 READS_IN_FLIGHT = 4
@@ -150,13 +151,33 @@ class MappedFile:
 
     def read_into(self, buffer: "AnonymousBuffer", streaming: bool) -> UnitBytes:
         """Read the whole file into `buffer` (of at least `padded_size` bytes); its tensors."""
-        self.read_spans(buffer.memoryview(), [(0, self.padded_size, 0)], streaming=streaming)
+        self.read_spans(buffer.memoryview(), self.whole, streaming=streaming)
+        return self.tensors_in(buffer)
+
+    @property
+    def whole(self) -> tuple[Span]:
+        """The span of the whole file, read to the start of a buffer."""
+        return ((0, self.padded_size, 0),)
+
+    def tensors_in(self, buffer: "AnonymousBuffer") -> UnitBytes:
+        """The file's tensors over `buffer`, once the whole file has been read into it."""
         return UnitBytes.parse(self.header, buffer.tensor[:self.size], self.quant)
 
     def read_spans(self, memory: memoryview, spans: Sequence[Span], *, streaming: bool) -> None:
         """Read each span into `memory`, READ_CHUNK_BYTES per call, around the page cache where the
         system allows (see the module's docstring). `streaming`: the file is read again every
         pass, so where reads must be buffered, drop what was read from the page cache."""
+        chunks, at_once = self._chunk_reads(memory, spans, streaming)
+        if at_once and len(chunks) > 1:
+            list(_read_pool().map(lambda read: read(), chunks))
+        else:
+            for read in chunks:
+                read()
+
+    def _chunk_reads(self, memory: memoryview, spans: Sequence[Span],
+                     streaming: bool) -> tuple[list[Callable[[], None]], bool]:
+        """`read_spans`'s reads, one call each, and whether they may run at once (around the page
+        cache); else they must run in order."""
         if self._uncached_fd is None:
             fd = _open_uncached(self.path)
             self._uncached_fd = False if fd is None else fd
@@ -180,11 +201,7 @@ class MappedFile:
                 if streaming and not uncached and hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(fd, done, n, os.POSIX_FADV_DONTNEED)
                 done, at = done + n, at + n
-        if uncached and len(chunks) > 1:
-            list(_read_pool().map(read, chunks))
-        else:
-            for chunk in chunks:
-                read(chunk)
+        return [functools.partial(read, chunk) for chunk in chunks], uncached
 
     @property
     def reads_around_the_page_cache(self) -> bool | None:
@@ -195,6 +212,32 @@ class MappedFile:
         os.close(self._fd)
         if self._uncached_fd:
             os.close(self._uncached_fd)
+
+
+def read_one_after_another(reads: Sequence[tuple[MappedFile, memoryview, Sequence[Span]]],
+                           stop: threading.Event) -> Iterator[int]:
+    """Read each (file, memory, spans) as `read_spans` does, but with no pause between one read and
+    the next: the calls of all of them that may run at once are queued together, READS_IN_FLIGHT in
+    flight, so the disk never waits for a read's last call before the next read's first. Yields
+    each read's index once its bytes are in, in order. `stop` set: the calls not yet started are
+    dropped and the iteration ends; nothing runs after it has (it waits for calls in flight)."""
+    planned = [file._chunk_reads(memory, spans, streaming=False) for file, memory, spans in reads]
+    pool = _read_pool()
+    queued = [[pool.submit(read) for read in chunks] if at_once else None for chunks, at_once in planned]
+    try:
+        for index, ((chunks, _), futures) in enumerate(zip(planned, queued)):
+            if stop.is_set():
+                return
+            if futures is None:  # buffered reads, in order, here
+                for read in chunks:
+                    read()
+            else:
+                for future in futures:
+                    future.result()
+            yield index
+    finally:
+        waiting = [future for futures in queued if futures for future in futures if not future.cancel()]
+        concurrent.futures.wait(waiting)
 
 
 _READERS: list[concurrent.futures.ThreadPoolExecutor] = []

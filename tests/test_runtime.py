@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -488,9 +489,9 @@ def test_streaming_gives_the_same_tokens_and_reads_in_use_order(deep, monkeypatc
         expected = pinned.generate_ids(ids, mask, max_new_tokens=4)
     budget = budget_streaming(deep, 3, monkeypatch)
     reads = []
-    original = files.MappedFile.read_spans
-    monkeypatch.setattr(files.MappedFile, "read_spans", lambda self, memory, spans, streaming:
-                        reads.append((self.path.stem, streaming)) or original(self, memory, spans, streaming=streaming))
+    original = files.MappedFile._chunk_reads  # every read plans its calls here, pinned or streamed
+    monkeypatch.setattr(files.MappedFile, "_chunk_reads", lambda self, memory, spans, streaming:
+                        reads.append((self.path.stem, streaming)) or original(self, memory, spans, streaming))
     with runtime.load(deep, ram_budget=budget) as model:
         plan = model.checkpoint.residency
         assert plan.streamed == ("block_000", "block_002", "block_004")
@@ -515,9 +516,9 @@ def test_pieces_pinned_with_what_is_left_give_the_same_tokens_and_leave_the_cycl
     budget = budget_streaming(deep, 3, monkeypatch)
     half_a_block = (deep / "block_000.safetensors").stat().st_size // 2
     reads = []
-    original = files.MappedFile.read_spans
-    monkeypatch.setattr(files.MappedFile, "read_spans", lambda self, memory, spans, streaming:
-                        reads.append((self.path.stem, streaming)) or original(self, memory, spans, streaming=streaming))
+    original = files.MappedFile._chunk_reads  # every read plans its calls here, pinned or streamed
+    monkeypatch.setattr(files.MappedFile, "_chunk_reads", lambda self, memory, spans, streaming:
+                        reads.append((self.path.stem, streaming)) or original(self, memory, spans, streaming))
     with runtime.load(deep, ram_budget=budget + half_a_block) as model:
         plan = model.checkpoint.residency
         assert plan.streamed == ("block_000", "block_002", "block_004")
@@ -683,3 +684,37 @@ def test_faulting_a_buffer_in_keeps_what_reads_already_wrote(monkeypatch):
     stopped = files.FaultingIn([files.AnonymousBuffer(64 * PAGE)])
     stopped.stop()
     assert not stopped.running
+
+
+def test_reads_queue_one_behind_the_other_and_stop_when_asked(deep, monkeypatch):
+    monkeypatch.setattr(files, "READ_CHUNK_BYTES", PAGE)  # several calls per read
+    paths = [deep / f"{unit}.safetensors" for unit in ("block_000", "block_001", "block_002")]
+    opened = [files.MappedFile(path, {}) for path in paths]
+    buffers = [files.AnonymousBuffer(file.padded_size) for file in opened]
+    first_call_waits, second_read_started = threading.Event(), threading.Event()
+    real_read_at = files._read_at
+
+    def read_at(fd, view, offset):  # the first read's first call waits until the second read has begun
+        if view.obj is buffers[0].memoryview().obj and offset == 0:
+            assert second_read_started.wait(10)
+        if view.obj is buffers[1].memoryview().obj:
+            second_read_started.set()
+        return real_read_at(fd, view, offset)
+    monkeypatch.setattr(files, "_read_at", read_at)
+    reads = [(file, buffer.memoryview(), file.whole) for file, buffer in zip(opened, buffers)]
+    try:
+        assert list(files.read_one_after_another(reads, threading.Event())) == [0, 1, 2]
+        uncached = all(file.reads_around_the_page_cache for file in opened)
+        assert second_read_started.is_set() or not uncached  # buffered reads run in order, one at a time
+        for path, file, buffer in zip(paths, opened, buffers):
+            assert bytes(buffer.memoryview()[:file.size]) == path.read_bytes()
+        stop = threading.Event()
+        for buffer in buffers:
+            buffer.tensor.zero_()
+        reading = files.read_one_after_another(reads, stop)
+        assert next(reading) == 0
+        stop.set()
+        assert list(reading) == []  # the rest dropped; the calls in flight waited for
+    finally:
+        for file in opened:
+            file.close()

@@ -125,7 +125,7 @@ def test_row_slices_multiply_bit_for_bit_as_the_whole_matrix(quant):
 def test_a_budget_below_the_minimum_is_refused_before_anything_is_read(directories, monkeypatch):
     directory = directories["int8 with int8 embeddings"]
     reads = []
-    monkeypatch.setattr(files.MappedFile, "read_spans", lambda *args, **kwargs: reads.append(args))
+    monkeypatch.setattr(files.MappedFile, "_chunk_reads", lambda *args, **kwargs: reads.append(args))
     with pytest.raises(MemoryBudgetError, match=r"the RAM budget of 0\.0 MB is below the [\d.]+ MB this run needs "
                        r"at least \(weights .* MB, KV cache .* MB and working set .* MB for 256 tokens\)\. "
                        r"Give at least \d+MB") as raised:
