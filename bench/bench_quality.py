@@ -57,6 +57,9 @@ CALIBRATION_TOKENS = 16384
 LLAMA_CPP_KINDS = ("Q8_0", "Q4_0", "Q4_K_M")
 GGUF_BLOCK_MATRICES = r"blk\.\d+\.(attn_qkv|attn_output|ffn_up|ffn_down)\.weight"  # the blocks' 4 linears
 LLAMA_CPP = "llama.cpp "  # prefix of llama.cpp's rows: compared, never candidates for a preset
+# suffix of a scheme evaluated with the runtime's prefill_dtype=bfloat16: the same files, another way of
+# running them (so never a candidate for a preset either); "bf16+bf16-prefill" is the unquantized model
+BF16_PREFILL = "+bf16-prefill"
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,12 @@ def scheme(bits: int, quant_type: str | None = None, block_size: int | None = No
     return Scheme(name, options)
 
 
+def with_bf16_prefill(s: Scheme | None) -> Scheme:
+    """`s` (None: the unquantized conversion) evaluated with prefill_dtype=torch.bfloat16."""
+    return (Scheme(UNQUANTIZED + BF16_PREFILL, {"prefill_dtype": "bfloat16"}) if s is None
+            else Scheme(s.name + BF16_PREFILL, {**s.options, "prefill_dtype": "bfloat16"}))
+
+
 def available_methods() -> tuple[str, ...]:
     """Rounding methods `bloomconv.quantize` accepts in this checkout: rtn, and search and gptq
     once it takes `method` (and, for gptq, `calibrate`)."""
@@ -109,6 +118,7 @@ def schemes(full: bool, methods: tuple[str, ...]) -> list[Scheme]:
     out += [scheme(4, quant_type, block, dq, embeddings)
             for quant_type in ("nf4", "fp4") for block in (32, 64, 128) for dq in (False, True)
             for embeddings in (False, True, "int8")]
+    out += [with_bf16_prefill(None), *(with_bf16_prefill(s) for s in out if is_preset(s))]
     for method in methods:
         if method == "rtn":
             continue
@@ -120,8 +130,11 @@ def schemes(full: bool, methods: tuple[str, ...]) -> list[Scheme]:
 
 
 def is_preset(s: Scheme) -> bool:
-    """Whether `s` stores what `bloomconv quantize --bits N` stores with no other option."""
+    """Whether `s` stores what `bloomconv quantize --bits N` stores with no other option, and is
+    run as the runtime runs by default."""
     o = s.options
+    if "bits" not in o or "prefill_dtype" in o:
+        return False
     kind = "int8" if o["bits"] == 8 else o["quant_type"]
     preset = QuantSettings(kind)
     return (o.get("method", "rtn") == "rtn" and o.get("embeddings") == preset.embeddings
@@ -145,6 +158,8 @@ def quantized_bits_per_weight(manifest, reference_manifest) -> float:
     quantized = [t for f in manifest.files for t in f.tensors if t.quant.value != "none"]
     weights = {t.name for t in quantized}
     count = sum(math.prod(t.shape) for f in reference_manifest.files for t in f.tensors if t.name in weights)
+    if not count:  # nothing quantized: the unquantized model run another way
+        return 8 * stored_bytes(manifest) / parameter_count(manifest)
     return 8 * sum(math.prod(t.shape) * DTYPE_BYTES[t.dtype] for t in quantized) / count
 
 
@@ -154,6 +169,8 @@ def reconstruction(reference: dict[str, torch.Tensor], directory: Path, manifest
     decoded = dequantize_directory(directory)
     errors = [((decoded[name] - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt()).item()
               for name, w in reference.items() if name in quantized]
+    if not errors:  # nothing quantized
+        return {"rel_rms_mean": 0.0, "rel_rms_max": 0.0, "tensors": 0}
     return {"rel_rms_mean": statistics.mean(errors), "rel_rms_max": max(errors), "tensors": len(errors)}
 
 
@@ -196,18 +213,21 @@ def _measure(name, directory, schemes_, work, ctx, text, threads, calibration_to
         for s in schemes_:
             target = work / f"{name}-{s.name}"
             options = dict(s.options)
+            prefill_dtype = options.pop("prefill_dtype", None)
+            running = {"prefill_dtype": getattr(torch, prefill_dtype)} if prefill_dtype else {}
             if s.calibrated:
                 options.update(calibrate=directory / TRAIN_TEXT, calibration_tokens=calibration_tokens)
             started = time.monotonic()
             try:
-                manifest = bloomconv.quantize(directory, target, **options)
+                manifest = (bloomconv.quantize(directory, target, **options) if options
+                            else bloomconv.convert(directory, target))
             except BloomconvError as exc:  # a scheme this geometry cannot take: recorded, not fatal
                 known["schemes"][s.name] = {"options": jsonable(s.options), "row": {"refused": str(exc)}}
                 log(f"{name:14} {s.name:24} refused: {exc}")
                 _save(known, cache)
                 continue
             seconds = time.monotonic() - started
-            with load(target, threads=threads, max_tokens=ctx) as model:
+            with load(target, threads=threads, max_tokens=ctx, **running) as model:
                 c = compare(model, reference, token_ids, ctx)
             row = {"bits_per_weight": 8 * stored_bytes(manifest) / parameters, "stored_bytes": stored_bytes(manifest),
                    "quantized_bits_per_weight": quantized_bits_per_weight(manifest, reference_manifest),
@@ -312,7 +332,7 @@ def choose_defaults(models: dict[str, dict], aggregated: dict[str, dict],
 
     candidates = []
     for name, agg in aggregated.items():
-        if name.startswith(("int8", LLAMA_CPP)) or BASELINE not in aggregated:
+        if name.startswith(("int8", LLAMA_CPP)) or name.endswith(BF16_PREFILL) or BASELINE not in aggregated:
             continue
         failing = [m for m, model in models.items() if not no_worse(name, model)]
         ratio = max(m["schemes"][name].get("kl_mean", math.inf) / m["schemes"][BASELINE]["kl_mean"]
@@ -323,7 +343,7 @@ def choose_defaults(models: dict[str, dict], aggregated: dict[str, dict],
     candidates.sort(key=lambda c: (not c["passes"], c["bits_per_weight_mean"]))
     int8 = {name: {"perplexity_delta_pct_worst": agg.get("perplexity_delta_pct_worst"),
                    "within_limit": agg.get("perplexity_delta_pct_worst", math.inf) <= INT8_PPL_LIMIT_PCT}
-            for name, agg in aggregated.items() if name.startswith("int8")}
+            for name, agg in aggregated.items() if name.startswith("int8") and not name.endswith(BF16_PREFILL)}
     passing = [c["scheme"] for c in candidates if c["passes"] and c["scheme"] not in calibrated]
     passing_calibrated = [c["scheme"] for c in candidates if c["passes"] and c["scheme"] in calibrated]
     return {"baseline": BASELINE, "four_bit_candidates": candidates, "four_bit_choice": passing[0] if passing else None,

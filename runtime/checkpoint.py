@@ -93,7 +93,7 @@ class Checkpoint:
                    functools.partial(every_piece[index].placed, files[every_piece[index].unit], buffer.tensor))
                   for index, buffer in piece_buffers.items()]
         if reads:
-            self._reader.submit(self._timed, self._read_pinned, reads)
+            self._reader.submit(self._read_pinned, reads)
         self._pending_reads = [*self._pinned.values(), *kept.values()]
         cycle = [piece for index, piece in enumerate(every_piece) if index not in kept]
         self._stream = ReadAhead(self._reader, files, cycle, residency.buffer_bytes, residency.stream_buffers)
@@ -109,8 +109,8 @@ class Checkpoint:
                           for unit, modules in parts.items()}
 
     def _timed(self, read, *args, **options):
-        """`read(...)`, noting when the first read started and the last ended (the reader is one
-        thread, so these are written by one thread, and read after its futures)."""
+        """`read(...)` of a widened file, noting when the first read started and the last ended (the
+        reader is one thread, so these are written by one thread, and read after its futures)."""
         if self._first_read_started is None:
             self._first_read_started = time.perf_counter()
         try:
@@ -127,10 +127,13 @@ class Checkpoint:
         (`read_one_after_another`); each future gets `tensors()` once its bytes are in, or the
         error that stopped the reading (this one's and all later ones)."""
         done = 0
+        if self._first_read_started is None:  # widened files may have been read first
+            self._first_read_started = time.perf_counter()
         try:
             for index in read_one_after_another([(file, buffer.memoryview(), spans)
                                                  for _, file, buffer, spans, _ in reads], self._stopping):
                 future, *_, tensors = reads[index]
+                self._last_read_ended = time.perf_counter()  # before the future: its waiters read this
                 future.set_result(tensors())
                 done = index + 1
         except BaseException as exc:

@@ -122,3 +122,18 @@ def test_cached_measurements_are_reused_only_for_the_same_setup(report, tmp_path
     assert again["models"] == first["models"]
     with pytest.raises(AssertionError, match="measured again"):  # another text: measured anew
         bench_quality.run(models, ctx=CTX, chars=CHARS // 2, only=["tiny-a"], chosen=baseline, cache=tmp_path)
+
+
+def test_bf16_prefill_rows_measure_running_the_same_files_another_way(report):
+    models, _ = report
+    baseline = next(s for s in bench_quality.schemes(True, ("rtn",)) if s.name == bench_quality.BASELINE)
+    mixed, unquantized = bench_quality.with_bf16_prefill(baseline), bench_quality.with_bf16_prefill(None)
+    ctx = 96  # windows over PREFILL_ROWS tokens, where prefill_dtype applies
+    result = bench_quality.run(models, ctx=ctx, chars=CHARS, only=["tiny-a"], chosen=[baseline, mixed, unquantized])
+    rows = result["models"]["tiny-a"]["schemes"]
+    unquantized_mixed = rows["bf16+bf16-prefill"]["kl_mean"]  # exactly 0 were the products fp32's, as the reference
+    assert unquantized_mixed != 0 and abs(unquantized_mixed) < 0.01 * rows[baseline.name]["kl_mean"]
+    assert rows[mixed.name]["bits_per_weight"] == rows[baseline.name]["bits_per_weight"]  # the same files
+    assert rows[mixed.name]["kl_mean"] != rows[baseline.name]["kl_mean"]
+    assert {c["scheme"] for c in result["defaults"]["four_bit_candidates"]} == {baseline.name}
+    assert result["presets"] == []

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -718,3 +719,16 @@ def test_reads_queue_one_behind_the_other_and_stop_when_asked(deep, monkeypatch)
     finally:
         for file in opened:
             file.close()
+
+
+def test_the_start_up_read_time_is_known_once_the_last_pinned_read_is_in(deep, monkeypatch):
+    from bloomconv.runtime import checkpoint
+    real = checkpoint.read_one_after_another
+
+    def lingering(reads, stop):  # the reader thread goes on a while after the last future is set
+        yield from real(reads, stop)
+        time.sleep(0.3)
+    monkeypatch.setattr(checkpoint, "read_one_after_another", lingering)
+    with runtime.load(deep) as model:
+        model.checkpoint.wait_until_loaded()
+        assert 0 < model.checkpoint.pinned_read_seconds < 0.3
