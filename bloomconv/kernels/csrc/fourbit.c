@@ -434,37 +434,13 @@ AVX2_TARGET static void avx2_dequantize(const Task *t) { DISPATCH_ROUNDING(dequa
  * vpermps, which reads only the low 4 bits of each index: 16 packed bytes widened to 16 dwords
  * give the odd elements' weights as they are and the even elements' after a 4-bit shift. 32
  * weights thus cost a load-and-widen, a shift and two permutes, against ~14 instructions for 8
- * lanes in decode32; the table costs ~7 per block, its scale taken from a vector of 16 blocks' scales
- * (`block_scales16`). x is laid out so each 32 columns hold their 16
+ * lanes in decode32; the table costs ~6 per block. x is laid out so each 32 columns hold their 16
  * even then 16 odd values (layout_x_even_odd), matching the two weight vectors. The weights are
  * bit for bit those of decode_weights; the fp32 sums differ from F.linear only in order.
  */
-/* The scales of blocks b0 .. b0 + 15 (those past the matrix's last block: 0), each computed as
- * block_scale does (the nested ones a multiply, then an add, each rounded): one gather per
- * table instead of three dependent loads per block. */
-AVX512_TARGET static ALWAYS_INLINE __m512 block_scales16(const Matrix *w, int64_t b0, int64_t blocks)
+AVX512_TARGET static ALWAYS_INLINE __m512 block_table(const Matrix *w, __m512 code, int64_t block, int rounding)
 {
-    const int64_t left = blocks - b0;
-    const __mmask16 valid = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-    if (w->absmax)
-        return _mm512_maskz_loadu_ps(valid, w->absmax + b0);
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const int64_t first_nested = b0 >> w->nested_shift;
-    const __m512i within = _mm512_add_epi32(_mm512_set1_epi32((int)(b0 - (first_nested << w->nested_shift))), lanes);
-    const __m512i nested = _mm512_srl_epi32(within, _mm_cvtsi32_si128(w->nested_shift));
-    __m128i bytes = _mm_setzero_si128();  /* the last blocks' codes without reading past them */
-    memcpy(&bytes, w->absmax_codes + b0, left >= 16 ? 16 : (size_t)left);
-    const __m512i codes = _mm512_cvtepu8_epi32(bytes);
-    const __m512 code = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, codes, w->nested_code, 4);
-    const __m512 absmax = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, nested,
-                                                   w->nested_absmax + first_nested, 4);
-    return _mm512_add_ps(_mm512_mul_ps(code, absmax), _mm512_set1_ps(w->nested_offset));
-}
-
-/* Block j's 16 possible weights, round(code[q] * scales[j]), from block_scales16's vector. */
-AVX512_TARGET static ALWAYS_INLINE __m512 block_table(__m512 code, __m512 scales, int j, int rounding)
-{
-    const __m512 table = _mm512_mul_ps(code, _mm512_permutexvar_ps(_mm512_set1_epi32(j), scales));
+    const __m512 table = _mm512_mul_ps(code, _mm512_set1_ps(block_scale(w, block)));
     if (rounding == ROUND_BF16) {  /* to nearest even, as round_weight */
         __m512i b = _mm512_castps_si512(table);
         b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
@@ -491,10 +467,7 @@ AVX512_TARGET static ALWAYS_INLINE void matvec512_impl(const Task *t, int roundi
 {
     const Matrix *w = t->w;
     const int64_t K = w->cols, N = w->rows, mask = ((int64_t)1 << w->block_shift) - 1;
-    const int64_t blocks = (N * K + mask) >> w->block_shift;
     const __m512 code = _mm512_loadu_ps(w->code);
-    __m512 scales = _mm512_setzero_ps();
-    int64_t scales_from = -16;  /* the first block whose scale is in `scales` */
     for (int64_t r = t->begin; r < t->end; r++) {
         const int64_t first = r * K;
         __m512 acc[AVX512_MAX_BATCH][2], table = _mm512_setzero_ps();
@@ -502,14 +475,8 @@ AVX512_TARGET static ALWAYS_INLINE void matvec512_impl(const Task *t, int roundi
             acc[b][0] = acc[b][1] = _mm512_setzero_ps();
         for (int64_t c = 0; c < K; c += CHUNK) {
             const int64_t e = first + c;
-            if (c == 0 || (e & mask) == 0) {
-                const int64_t block = e >> w->block_shift;
-                if (block - scales_from >= 16 || block < scales_from) {
-                    scales = block_scales16(w, block, blocks);
-                    scales_from = block;
-                }
-                table = block_table(code, scales, (int)(block - scales_from), rounding);
-            }
+            if (c == 0 || (e & mask) == 0)
+                table = block_table(w, code, e >> w->block_shift, rounding);
             if (((e >> 1) & 63) == 0)  /* once per cache line; into L2, as dense.c explains */
                 _mm_prefetch((const char *)w->packed + (e >> 1) + PREFETCH_BYTES, _MM_HINT_T1);
             const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (e >> 1))));
