@@ -26,7 +26,8 @@ in a fresh process (this script with --child), so start-up is real and nothing i
     after a warm-up pass of the same length (llama-bench, too, warms up before timing);
   - --llama-cpp: llama.cpp (bench/llamacpp.py, when a build is found) in the same rounds, bf16,
     Q8_0, Q4_0 and Q4_K_M GGUFs of the same checkpoint paired with unquantized, int8 and nf4:
-    per-round ratios of decode at batch 1 and of each prefill, medians and spread.
+    per-round ratios of decode at each batch (llama-batched-bench beyond 1, where built) and of
+    each prefill, medians and spread.
 --small shrinks every size for trying the script out. --repeats N runs the --in-memory
 configurations round robin N times and reports medians (the machine is shared and noisy).
 """
@@ -337,11 +338,17 @@ def llama_models(llama, src: Path, work: Path, tag: str, presets: list[str]) -> 
 
 
 def llama_run(llama, gguf: Path, common: dict) -> dict:
-    """llama-bench's decode (batch 1: llama-bench has no batched decode) and prefill tokens/s, in the
-    shape of `child`'s result."""
-    decode = llama.bench(gguf, 0, common["new_tokens"], threads=common["threads"], repeats=1)
-    return {"decode": {"1": {"tokens_per_s": decode}},
-            "prefill": {str(n): {"tokens_per_s": llama.bench(gguf, n, 0, threads=common["threads"], repeats=1)}
+    """llama-bench's decode at batch 1 and prefill tokens/s, and llama-batched-bench's decode at the
+    larger batches (the same prompt and new tokens as ours, where the tree has it), in the shape of
+    `child`'s result."""
+    threads = common["threads"]
+    decode = {"1": {"tokens_per_s": llama.bench(gguf, 0, common["new_tokens"], threads=threads, repeats=1)}}
+    for batch in (b for b in common["batches"] if b > 1):
+        speed = llama.batched_decode(gguf, batch, common["prompt_tokens"], common["new_tokens"], threads=threads)
+        if speed is not None:
+            decode[str(batch)] = {"tokens_per_s": speed}
+    return {"decode": decode,
+            "prefill": {str(n): {"tokens_per_s": llama.bench(gguf, n, 0, threads=threads, repeats=1)}
                         for n in common["prefill_tokens"]}}
 
 

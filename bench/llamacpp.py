@@ -4,7 +4,7 @@ it, and run `llama-perplexity` (perplexity, KL divergence) and `llama-bench` (to
 Optional everywhere: benchmarks call `find()` and leave llama.cpp's rows out when it returns
 None; nothing in the test suite or CI needs it.
 
-    python bench/llamacpp.py build                      # ~10 min on 2 cores, into CACHE
+    python bench/llamacpp.py build                      # ~10 min on 2 cores, into CACHE (with llama-batched-bench)
     python bench/llamacpp.py where                      # prints the folder found, or exits 1
 
 Source: the llama.cpp tree vendored in the llama-cpp-python sdist (PyPI), built for the CPU
@@ -29,6 +29,7 @@ SDIST = "llama-cpp-python==0.3.36"
 CACHE = Path(os.environ.get("BLOOMCONV_BENCH_CACHE", Path.home() / ".cache" / "bloomconv-bench"))
 ENV_TREE = "BLOOMCONV_LLAMA_CPP"  # a llama.cpp tree with build/bin, to use instead of CACHE's
 TOOLS = ("llama-quantize", "llama-bench", "llama-perplexity")
+BATCHED = "llama-batched-bench"  # batched decoding; built by `build()`, optional in a tree found
 RUNS_FOR_COMPLETE_OUTPUT = 5
 # Weight repacking puts Q4_0/Q8_0 matrices in the AMX buffer on CPUs with AMX, and the AMX
 # matmul of the vendored tree crashes (SIGSEGV) on this machine's Xeon; repacking off = the
@@ -109,6 +110,21 @@ class LlamaCpp:
         finally:
             sys.path.remove(str(self.tree / "gguf-py"))
 
+    def batched_decode(self, gguf: Path, batch: int, prompt_tokens: int, new_tokens: int, threads: int = 2) -> float | None:
+        """Decoding tokens/s over `batch` sequences at once (each its own `prompt_tokens`-token
+        prompt, then `new_tokens` steps), from llama-batched-bench (its S_TG, after its warm-up);
+        None where the tree lacks the tool."""
+        if not Path(self.tool(BATCHED)).exists():
+            return None
+        out = _run([self.tool(BATCHED), "-m", str(gguf), "-c", str(batch * (prompt_tokens + new_tokens)),
+                    "-b", "2048", "-ub", "512", "-npp", str(prompt_tokens), "-ntg", str(new_tokens),
+                    "-npl", str(batch), "-t", str(threads), "--output-format", "jsonl", *NO_AMX])
+        rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        speeds = [row["speed_tg"] for row in rows if row.get("pl") == batch]
+        if not speeds:
+            raise RuntimeError(f"{BATCHED} printed no row for {batch} sequences:\n{out[-2000:]}")
+        return float(speeds[-1])
+
     def bench(self, gguf: Path, prompt_tokens: int, new_tokens: int, threads: int = 2, repeats: int = 3) -> float:
         """Tokens/s from llama-bench (`-p prompt_tokens -n new_tokens`, one of them 0)."""
         out = _run([self.tool("llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt_tokens),
@@ -160,7 +176,7 @@ def build(jobs: int = 2) -> LlamaCpp:
     _run(["cmake", "-S", str(tree), "-B", str(tree / "build"), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
           "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
           "-DBUILD_SHARED_LIBS=OFF"])
-    _run(["cmake", "--build", str(tree / "build"), f"-j{jobs}", "--target", *TOOLS])
+    _run(["cmake", "--build", str(tree / "build"), f"-j{jobs}", "--target", *TOOLS, BATCHED])
     return LlamaCpp(tree)
 
 

@@ -185,8 +185,9 @@ def _runtime(results, s, out, footer):
     md += ["", f"![decode and prefill tokens/s]({path.name})", ""]
     if r["pairs"]:
         md += [f"### Side by side with llama.cpp ({r['llama_cpp']})", "",
-               "Ours at fp32 compute (bf16-prefill: with `prefill_dtype=torch.bfloat16`); llama-bench at batch 1 "
-               "(it has no batched decode); ratio per round.", ""]
+               "Ours at fp32 compute (bf16-prefill: with `prefill_dtype=torch.bfloat16`); llama.cpp's llama-bench "
+               "at batch 1 and for prefill, llama-batched-bench for larger batches (where built); ratio per round.",
+               ""]
         md += _table(["ours", "llama.cpp", "metric", "tokens", "ours ÷ llama.cpp", "rounds"],
                      [[f"{p['ours']} ({p.get('variant', 'fp32')})", p["llama.cpp"], p["metric"], p["tokens"],
                        p["ratio"], p["ratio"]["runs"]] for p in r["pairs"]])

@@ -62,3 +62,25 @@ def test_find_ignores_a_tree_without_the_tools(tmp_path, monkeypatch):
         (tmp_path / "build" / "bin").mkdir(parents=True, exist_ok=True)
         (tmp_path / "build" / "bin" / tool).touch()
     assert llamacpp.find().tree == tmp_path
+
+
+# A line as llama-batched-bench --output-format jsonl prints it (its format string, vendored tree).
+BATCHED_RUN = """llama_context: n_ctx = 512
+main: n_kv_max = 512, n_batch = 2048, n_ubatch = 512, flash_attn = -1, is_pp_shared = 0, n_gpu_layers = -1
+{"n_kv_max": 512, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, "n_gpu_layers": -1, \
+"n_threads": 2, "n_threads_batch": 2, "pp": 16, "tg": 16, "pl": 16, "n_kv": 512, "t_pp": 0.912000, \
+"speed_pp": 280.701752, "t_tg": 1.870000, "speed_tg": 136.898392, "t": 2.782000, "speed": 184.040253}
+"""
+
+
+def test_batched_decoding_speed_is_its_s_tg_for_that_batch(monkeypatch, tmp_path):
+    llama = llamacpp.LlamaCpp(tmp_path)
+    assert llama.batched_decode(tmp_path / "q.gguf", 16, 16, 16) is None  # a tree built without the tool
+    (tmp_path / "build" / "bin").mkdir(parents=True)
+    (tmp_path / "build" / "bin" / llamacpp.BATCHED).touch()
+    commands = []
+    monkeypatch.setattr(llamacpp, "_run", lambda command: commands.append(command) or BATCHED_RUN)
+    assert llama.batched_decode(tmp_path / "q.gguf", 16, 16, 16) == pytest.approx(136.898392)
+    assert commands[0][commands[0].index("-npl") + 1] == "16" and commands[0][commands[0].index("-c") + 1] == "512"
+    with pytest.raises(RuntimeError, match="no row for 8 sequences"):
+        llama.batched_decode(tmp_path / "q.gguf", 8, 16, 16)
