@@ -8,7 +8,8 @@ turn within each repeat so a burst of load from other jobs hits them all alike):
 
     nf4 kernel       bloomconv.kernels.fourbit.fourbit_matmul, nf4, block 64 (bitsandbytes' default),
                      quantized from bf16 weights as BLOOM's are (so each weight is rounded to bf16)
-    nf4-dq kernel    the same with double-quantized absmax (transformers' bnb_4bit_use_double_quant)
+    nf4 preset       the same for what `quantize --bits 4` stores: its block size (32) and double-
+                     quantized absmax (transformers' bnb_4bit_use_double_quant)
     dequant+linear   F.linear(x, dequantize_4bit(stored).float()): the runtime's old 4-bit path
     fp32 linear      F.linear on the fp32 matrix
     bf16 linear      F.linear on the bf16 matrix, bf16 x
@@ -33,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from bloomconv import kernels
+from bloomconv.format import QuantType
 from bloomconv.kernels import dense, fourbit
+from bloomconv.settings import PRESETS
 from bloomconv.storage.fourbit import NF4Storage, dequantize_4bit, quantize_4bit
 
 SHAPES = ((250880, 1024), (4096, 1024), (1024, 4096))
@@ -61,7 +64,8 @@ def methods(rows: int, cols: int, batch: int) -> dict[str, tuple[object, int]]:
     x = torch.randn(batch, cols, generator=g)
     x_bf16 = x.to(torch.bfloat16)
     stored = quantize_4bit(weight_bf16, "nf4", block_size=64)
-    stored_dq = quantize_4bit(weight_bf16, "nf4", block_size=64, double_quant=True)
+    preset = PRESETS[QuantType.NF4]
+    stored_dq = quantize_4bit(weight_bf16, "nf4", block_size=preset["block_size"], double_quant=preset["double_quant"])
     matrix, matrix_dq = NF4Storage.decode_mapping(stored).matrix, NF4Storage.decode_mapping(stored_dq).matrix
     four_bit = sum(t.numel() * t.element_size() for k, t in stored.items() if k in ("weight", "weight.absmax"))
     four_bit_dq = sum(t.numel() * t.element_size() for k, t in stored_dq.items()
@@ -72,7 +76,7 @@ def methods(rows: int, cols: int, batch: int) -> dict[str, tuple[object, int]]:
     out = {}
     if kernels.available():
         out["nf4 kernel"] = (lambda: fourbit.fourbit_matmul(x, matrix), four_bit)
-        out["nf4-dq kernel"] = (lambda: fourbit.fourbit_matmul(x, matrix_dq), four_bit_dq)
+        out["nf4 preset"] = (lambda: fourbit.fourbit_matmul(x, matrix_dq), four_bit_dq)
     out["dequant+linear"] = (lambda: F.linear(x, dequantize_4bit(stored).to(x.dtype)), four_bit)
     out["fp32 linear"] = (lambda: F.linear(x, weight), weight.numel() * 4)
     out["bf16 linear"] = (lambda: F.linear(x_bf16, weight_bf16), weight.numel() * 2)
