@@ -267,9 +267,9 @@ def in_memory(args, work: Path) -> dict:
     configs = [(f"runtime {p} {dt}", {"kind": "runtime", "dir": str(d), "dtype": dt, "ram_budget": None})
                for p, d in dirs.items() for dt in args.dtypes]
     if args.bf16_prefill:  # fp32 compute, prefill products in bf16: decoding is the fp32 run's, so batch 1 only
-        configs += [(f"runtime {p} float32 {BF16_PREFILL}", {"kind": "runtime", "dir": str(d), "dtype": "float32",
-                                                           "prefill_dtype": "bfloat16", "ram_budget": None,
-                                                           "batches": [1]})
+        configs += [(f"runtime {p} float32 {BF16_PREFILL_LABEL}",
+                     {"kind": "runtime", "dir": str(d), "dtype": "float32", "prefill_dtype": "bfloat16",
+                      "ram_budget": None, "batches": [1]})
                     for p, d in dirs.items()]
     if "none" in dirs and args.transformers:
         configs += [(f"transformers {dt}", {"kind": "transformers", "dir": str(dirs["none"]), "dtype": dt})
@@ -319,7 +319,7 @@ def in_memory(args, work: Path) -> dict:
 # our format -> the llama.cpp formats it is measured against (nf4: the default 4-bit preset; Q4_0 and
 # Q4_K_M store the tied output head as Q6_K)
 LLAMA_PAIRS = {"none": ("bf16",), "int8": ("Q8_0",), "nf4": ("Q4_0", "Q4_K_M"), "nf4+int8emb": ("Q4_0", "Q4_K_M")}
-BF16_PREFILL = "bf16-prefill"  # label of the runs with prefill_dtype=bfloat16 (--bf16-prefill)
+BF16_PREFILL_LABEL = "bf16-prefill"  # label of the runs with prefill_dtype=bfloat16 (--bf16-prefill)
 
 
 def llama_models(llama, src: Path, work: Path, tag: str, presets: list[str]) -> dict[str, Path]:
@@ -358,8 +358,8 @@ def llama_pairs(runs: dict[str, list[dict]], presets: list[str]) -> list[dict]:
     compute with bf16 prefill products where measured (`variant`)."""
     pairs = []
     for preset, kind, variant in ((p, k, v) for p in presets for k in LLAMA_PAIRS.get(p, ())
-                                  for v in ("fp32", BF16_PREFILL)):
-        ours = runs.get(f"runtime {preset} float32" + ("" if variant == "fp32" else f" {BF16_PREFILL}"))
+                                  for v in ("fp32", BF16_PREFILL_LABEL)):
+        ours = runs.get(f"runtime {preset} float32" + ("" if variant == "fp32" else f" {BF16_PREFILL_LABEL}"))
         theirs = runs.get(f"llama.cpp {kind}")
         if ours and theirs:
             metrics = [("decode", b) for b in theirs[0]["decode"]] + [("prefill", n) for n in theirs[0]["prefill"]]

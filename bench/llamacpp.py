@@ -110,7 +110,8 @@ class LlamaCpp:
         finally:
             sys.path.remove(str(self.tree / "gguf-py"))
 
-    def batched_decode(self, gguf: Path, batch: int, prompt_tokens: int, new_tokens: int, threads: int = 2) -> float | None:
+    def batched_decode(self, gguf: Path, batch: int, prompt_tokens: int, new_tokens: int,
+                       threads: int = 2) -> float | None:
         """Decoding tokens/s over `batch` sequences at once (each its own `prompt_tokens`-token
         prompt, then `new_tokens` steps), from llama-batched-bench (its S_TG, after its warm-up);
         None where the tree lacks the tool."""

@@ -29,7 +29,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -86,12 +86,13 @@ class Checkpoint:
             reads = []
         else:  # each pinned file and piece read as it is, one read queued right behind the other
             self._pinned = {unit: concurrent.futures.Future() for unit in residency.pinned}
-            reads = [(self._pinned[unit], files[unit], buffer, files[unit].whole,
-                      functools.partial(files[unit].tensors_in, buffer)) for unit, buffer in buffers.items()]
+            reads = [_PinnedRead(self._pinned[unit], files[unit], buffer, files[unit].whole,
+                                 functools.partial(files[unit].tensors_in, buffer)) for unit, buffer in buffers.items()]
         kept = {index: concurrent.futures.Future() for index in piece_buffers}
-        reads += [(kept[index], files[every_piece[index].unit], buffer, every_piece[index].spans,
-                   functools.partial(every_piece[index].placed, files[every_piece[index].unit], buffer.tensor))
-                  for index, buffer in piece_buffers.items()]
+        for index, buffer in piece_buffers.items():
+            piece, file = every_piece[index], files[every_piece[index].unit]
+            reads.append(_PinnedRead(kept[index], file, buffer, piece.spans,
+                                     functools.partial(piece.placed, file, buffer.tensor)))
         if reads:
             self._reader.submit(self._read_pinned, reads)
         self._pending_reads = [*self._pinned.values(), *kept.values()]
@@ -122,26 +123,26 @@ class Checkpoint:
         source, _ = self.files[unit].widened()
         return source
 
-    def _read_pinned(self, reads: list[tuple]) -> None:
-        """Read (future, file, buffer, spans, tensors) in order, one queued behind the other
-        (`read_one_after_another`); each future gets `tensors()` once its bytes are in, or the
-        error that stopped the reading (this one's and all later ones)."""
+    def _read_pinned(self, reads: list["_PinnedRead"]) -> None:
+        """Read each in order, one queued behind the other (`read_one_after_another`); each future
+        gets its tensors once its bytes are in, or the error that stopped the reading (this one's
+        and all later ones); those not read when closing are cancelled."""
         done = 0
         if self._first_read_started is None:  # widened files may have been read first
             self._first_read_started = time.perf_counter()
         try:
-            for index in read_one_after_another([(file, buffer.memoryview(), spans)
-                                                 for _, file, buffer, spans, _ in reads], self._stopping):
-                future, *_, tensors = reads[index]
-                self._last_read_ended = time.perf_counter()  # before the future: its waiters read this
-                future.set_result(tensors())
-                done = index + 1
+            with contextlib.closing(read_one_after_another([(r.file, r.buffer.memoryview(), r.spans) for r in reads],
+                                                           self._stopping)) as reading:
+                for index in reading:
+                    self._last_read_ended = time.perf_counter()  # before the future: its waiters read this
+                    reads[index].future.set_result(reads[index].tensors())
+                    done = index + 1
         except BaseException as exc:
-            for future, *_ in reads[done:]:
-                future.set_exception(exc)
+            for read in reads[done:]:
+                read.future.set_exception(exc)
             raise
-        for future, *_ in reads[done:]:  # stopped: closing
-            future.cancel()
+        for read in reads[done:]:  # stopped: closing
+            read.future.cancel()
 
     @contextlib.contextmanager
     def use(self, unit: str) -> Iterator[UnitBytes]:
@@ -199,6 +200,8 @@ class Checkpoint:
         self._stopping.set()
         self._faulting_in.stop()
         self._reader.shutdown(wait=True, cancel_futures=True)
+        for pending in self._pending_reads:  # a read never started (cancelled above) leaves its future unset
+            pending.cancel()
         for file in self.files.values():
             file.close()
 
@@ -277,6 +280,17 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: str = "fast", ram_b
         checkpoint.close()
         raise
     return checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class _PinnedRead:
+    """A pinned file or piece to read at start-up: `spans` of `file` into `buffer`, then `future`
+    gets `tensors()`, the weights over the buffer."""
+    future: concurrent.futures.Future
+    file: MappedFile
+    buffer: AnonymousBuffer
+    spans: tuple
+    tensors: Callable[[], object]
 
 
 @contextlib.contextmanager

@@ -223,8 +223,10 @@ def read_one_after_another(reads: Sequence[tuple[MappedFile, memoryview, Sequenc
     dropped and the iteration ends; nothing runs after it has (it waits for calls in flight)."""
     planned = [file._chunk_reads(memory, spans, streaming=False) for file, memory, spans in reads]
     pool = _read_pool()
-    queued = [[pool.submit(read) for read in chunks] if at_once else None for chunks, at_once in planned]
+    queued: list[list[concurrent.futures.Future] | None] = []
     try:
+        for chunks, at_once in planned:
+            queued.append([pool.submit(read) for read in chunks] if at_once else None)
         for index, ((chunks, _), futures) in enumerate(zip(planned, queued)):
             if stop.is_set():
                 return
@@ -237,7 +239,7 @@ def read_one_after_another(reads: Sequence[tuple[MappedFile, memoryview, Sequenc
             yield index
     finally:
         waiting = [future for futures in queued if futures for future in futures if not future.cancel()]
-        concurrent.futures.wait(waiting)
+        concurrent.futures.wait(waiting)  # no call may still write into a buffer its caller lets go
 
 
 _READERS: list[concurrent.futures.ThreadPoolExecutor] = []

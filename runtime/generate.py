@@ -57,8 +57,10 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     token rows — a prompt's prefill, or a batch that large — where multiplying, not reading the
     weights, is the cost. None: `dtype`. torch.bfloat16 with float32 compute rounds those
     products' inputs and results to bf16 (torch's bf16 GEMM; weights stored as bf16, int8 codes and
-    4-bit weights quantized from bf16 stay exact), as torch.autocast does for linear layers;
-    layer norms, attention and the residual stream stay fp32, and decoding steps are unchanged.
+    4-bit weights quantized from bf16 stay exact; fp16- and fp32-stored weights are rounded to
+    bf16 a piece at a time, or, fp16 with the compiled kernels, multiplied in fp32 by the rounded
+    x), as torch.autocast does for linear layers; layer norms, attention and the residual stream
+    stay fp32, and decoding steps are unchanged.
     `ram_budget`: the memory this model may take, e.g. "12GB", "800MB", "1.5GiB" or an int: the
     weights held in RAM, the buffers the rest streams through every forward pass, and the KV
     cache and working set of `max_tokens` tokens (see `checkpoint`); the process's own memory

@@ -18,8 +18,10 @@ dequantized copy of a matrix:
                                       once, int8 row scales
     scratch       the 4-bit fp32 tile of the widest rows (4 H: `fourbit.tile_rows`) for more than
                   SMALL_BATCH_ROWS tokens (4-bit prefill); for more than PREFILL_ROWS, bf16
-                  products' copies (`prefill_dtype`): as much again (the tile in bf16, the copy
-                  torch's bf16 GEMM packs) and 8 · T · H (a product's input and result in bf16);
+                  products' copies (`prefill_dtype`; counted whether or not the run asks for
+                  them): as much again (the tile in bf16, the copy torch's bf16 GEMM packs),
+                  10 · T · H (the widest product's input and its result in bf16) and an int8
+                  tile's fp32 sums, 6 · T · tile_rows(H);
                   3 × CONVERT_CHUNK_BYTES without the compiled kernels (torch converts pieces)
 
 for T tokens (a prompt computed in one pass, or the cache's length), H hidden, nh heads, V vocab,
@@ -90,14 +92,14 @@ def working_set_bytes(geometry: Geometry, dtype: torch.dtype, tokens: int) -> in
     attention = 3 * geometry.n_head * tokens * tokens * c + 2 * tokens * tokens
     sampling = 8 * v * 4
     small_tensors = n * (13 * h * c + 9 * h * 4) + 4 * h * c
+    widest = 4 * h  # dense_4h_to_h's row length (its in_features)
+    tile = fourbit.tile_rows(widest) * widest * 4
     if not kernels.available():
         scratch = 3 * CONVERT_CHUNK_BYTES
     else:  # a prefill over more rows than the 4-bit kernel takes dequantizes a tile at a time
-        widest = 4 * h  # dense_4h_to_h's row length (its in_features)
-        tile = fourbit.tile_rows(widest) * widest * 4
         scratch = tile if tokens > fourbit.SMALL_BATCH_ROWS else 0
-        if tokens > PREFILL_ROWS:  # bf16 products (prefill_dtype): the tile's and the GEMM's copies, x's
-            scratch += tile + 8 * tokens * h
+    if tokens > PREFILL_ROWS:  # bf16 products (prefill_dtype), counted whatever the run's
+        scratch += tile + 10 * tokens * h + 6 * tokens * fourbit.tile_rows(h)
     return activations + attention + sampling + small_tensors + scratch
 
 

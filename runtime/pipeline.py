@@ -166,8 +166,8 @@ def load_pipeline(directory: str | os.PathLike, options: PipelineOptions = Pipel
                   **opening) -> "PipelineBloom | None":
     """Join the torchrun-launched group, open this rank's share of `directory`, and on rank 0
     return the model; on the other ranks serve until rank 0 closes it, then return None.
-    `opening`: `open_checkpoint`'s verify, max_tokens and signer options (`load` documents them,
-    and `prefill_dtype`, which each rank applies to its own blocks).
+    `opening`: `open_checkpoint`'s verify, max_tokens and signer options (`load` documents them);
+    `prefill_dtype` as `load`'s, each rank applying it to its own blocks.
     Raises PipelineError naming the rank and its problem when any rank cannot start."""
     device = torch.device(device)
     if "RANK" not in os.environ and not dist.is_initialized():

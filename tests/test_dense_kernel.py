@@ -170,6 +170,7 @@ def test_int8_weight_multiplies_many_bf16_rows_with_a_bf16_gemm_on_its_codes(mon
     CB, SCB = quantize_int8(torch.randn(300, 64, generator=g), "source")
     record = Int8Weight(CB, SCB)
     x = torch.randn(2, dense.SMALL_BATCH_ROWS, 64, generator=g).to(torch.bfloat16)  # more rows than the kernel's
+    monkeypatch.setattr(dense, "dense_matmul", lambda *a, **k: pytest.fail("many bf16 rows took the fp32 kernel"))
     out = record.matmul(x)
     assert out.dtype == torch.bfloat16 and out.shape == (2, dense.SMALL_BATCH_ROWS, 300)
     # exact products of the codes, fp32 sums rounded to bf16, scaled by SCB / 127, rounded again
@@ -177,7 +178,7 @@ def test_int8_weight_multiplies_many_bf16_rows_with_a_bf16_gemm_on_its_codes(mon
     exact = (flat @ CB.double().T) * (SCB.double() / 127)
     bound = exact.abs() * 2 ** -7 + 1e-6 * (flat.abs() @ CB.double().abs().T) * (SCB.double() / 127)
     assert ((out.reshape(exact.shape).double() - exact).abs() <= bound).all()
-    monkeypatch.setattr(fourbit, "DEQUANTIZE_TILE_BYTES", 64 * 64 * 2)  # the codes a tile of 64 rows at a time
+    monkeypatch.setattr(fourbit, "DEQUANTIZE_TILE_BYTES", 1)  # tiles of the fewest rows (GEMM_ROWS): two for 300
     assert ((record.matmul(x).reshape(exact.shape).double() - exact).abs() <= bound).all()
 
 

@@ -27,9 +27,10 @@ from . import _isa_code, _kernels, kernel_threads
 __all__ = ["SMALL_BATCH_ROWS", "dense_matmul", "supports"]
 
 # Above this many activation rows, a weight already in the compute dtype (bf16 x bf16) goes to
-# torch's GEMM, which overtakes the kernel once the multiply, not reading the weight, is the cost.
-# Weights that torch would have to widen or dequantize first (int8; bf16 for fp32 compute) always
-# take the kernel: it was faster than widening first at every batch size measured.
+# torch's GEMM, which overtakes the kernel once the multiply, not reading the weight, is the cost;
+# so do int8 weights times bf16 rows (their codes are exact in bf16: `Int8Weight`). Weights that
+# torch would have to widen first for fp32 x (int8, bf16) take the kernel: it was faster than
+# widening first at every batch size measured.
 SMALL_BATCH_ROWS = 64
 
 _KINDS = {torch.int8: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/dense.c's KIND_*

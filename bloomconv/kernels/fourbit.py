@@ -26,8 +26,9 @@ a multiple of 32. Rows are shared out among `kernel_threads()` threads.
 Batches: up to SMALL_BATCH_ROWS rows of x share each decoded weight (decoded once per call); a
 larger batch (prefill) is compute-bound, so the matrix is dequantized a tile at a time (about
 DEQUANTIZE_TILE_BYTES, at least GEMM_ROWS rows: `tile_rows`), by the same C code, and each tile
-goes to torch's GEMM in calls of GEMM_ROWS rows (in bf16 for bf16 x: `fourbit_matmul`). Double-quantized absmax is decoded
-inside the kernel per block, so nothing is cached and no fp32 absmax vector is materialised.
+goes to torch's GEMM in calls of GEMM_ROWS rows (in bf16 for bf16 x: `fourbit_matmul`).
+Double-quantized absmax is decoded inside the kernel per block, so nothing is cached and no fp32
+absmax vector is materialised.
 
 The caller builds the `FourBitMatrix` from what it stored (this module reads no stored names or
 quant-state blobs). Where the extension did not build, `bloomconv.kernels.available()` is False
@@ -135,7 +136,8 @@ def tile_rows(cols: int) -> int:
 
 
 def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = None) -> torch.Tensor:
-    """x @ W.T in fp32 for the 4-bit matrix W: x (..., in) of any float dtype -> (..., out) fp32.
+    """x @ W.T for the 4-bit matrix W: x (..., in) of any float dtype -> (..., out), fp32 sums of
+    fp32 products, the result fp32.
 
     More than SMALL_BATCH_ROWS rows of bf16 x multiply in bf16 instead, and the result is bf16:
     tiles of weights quantized from bf16 are dequantized straight to bf16 (exact; others are

@@ -24,12 +24,12 @@ def dense_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear_in_pieces(x: torch.Tensor, shape: tuple[int, int], piece: Callable[[int, int], torch.Tensor],
-                     multiple: int = ROW_MULTIPLE, piece_bytes: int = CONVERT_CHUNK_BYTES) -> torch.Tensor:
-    """F.linear against a weight widened `piece_bytes` at a time: `piece(start, end)` gives
+                     multiple: int = ROW_MULTIPLE) -> torch.Tensor:
+    """F.linear against a weight widened CONVERT_CHUNK_BYTES at a time: `piece(start, end)` gives
     rows [start, end) in x's dtype. Bounds the memory a vocab × hidden matrix would take. Pieces
     start at multiples of `multiple` rows (of ROW_MULTIPLE), so a row slice of the weight gives
     the same sums."""
     out_features, in_features = shape
-    rows = max(1, piece_bytes // (in_features * x.element_size() * multiple)) * multiple
+    rows = max(1, CONVERT_CHUNK_BYTES // (in_features * x.element_size() * multiple)) * multiple
     return torch.cat([F.linear(x, piece(start, min(start + rows, out_features)))
                       for start in range(0, out_features, rows)], dim=-1)

@@ -23,6 +23,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from bloomconv import kernels
 from bloomconv.errors import QuantizationError
@@ -228,17 +229,13 @@ class Int8Weight:
         return tuple(self.CB.shape)
 
     def uses_int8pack(self, x: torch.Tensor) -> bool:
-        """torch's fused int8 GEMM, for large batches computed in bf16 anyway."""
+        """torch's fused int8 GEMM: bf16 compute where the compiled kernels are not installed."""
         return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and hasattr(torch, "_weight_int8pack_mm")
                 and self.CB.shape[1] % _INT8PACK_ALIGN == 0)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[:-1].numel() > dense.SMALL_BATCH_ROWS:
-            # Many bf16 rows (prefill): torch's bf16 GEMM on the codes, which bf16 holds exactly, a
-            # tile of rows at a time; each row's fp32 sum is scaled by SCB / 127 after.
-            sums = linear_in_pieces(x, self.CB.shape, lambda start, end: self.CB[start:end].to(torch.bfloat16),
-                                    piece_bytes=fourbit.DEQUANTIZE_TILE_BYTES)
-            return sums.float().mul_(self.row_scale).to(x.dtype)
+            return self._bf16_products(x)
         if dense_kernel_takes(x, self.CB):
             # int8 widened in registers, fp32 sums, each row's sum scaled by SCB / 127
             return dense.dense_matmul(x, self.CB, self.row_scale).to(x.dtype)
@@ -246,8 +243,8 @@ class Int8Weight:
             return linear_in_pieces(x, self.CB.shape,
                                      lambda start, end: dequantize_int8(self.CB[start:end], self.SCB[start:end],
                                                                         x.dtype))
-        # Prefill in bf16: torch's fused kernel multiplies int8 weights by bf16 activations
-        # without widening the matrix.
+        # bf16 compute without the kernels: torch's fused kernel multiplies int8 weights by bf16
+        # activations without widening the matrix.
         CB = self.CB
         if CB.data_ptr() % _INT8PACK_ALIGN:
             CB = CB.clone()  # safetensors only aligns data to 8 bytes; torch allocates 64-aligned
@@ -255,6 +252,21 @@ class Int8Weight:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()       # (B*T, in)
         out = torch._weight_int8pack_mm(flat, CB, scales)                       # (B*T, out)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.CB.shape[0])
+
+    def _bf16_products(self, x: torch.Tensor) -> torch.Tensor:
+        """Many bf16 rows (a prefill): torch's bf16 GEMM on the codes, which bf16 holds exactly, a
+        tile of `fourbit.tile_rows` rows at a time; each row's sum, rounded to bf16 by the GEMM,
+        is scaled by SCB / 127 in fp32 and rounded to bf16 again. Memory: the bf16 result and one
+        tile's temporaries."""
+        rows, cols = self.CB.shape
+        flat = x.reshape(-1, cols)
+        out = torch.empty(flat.shape[0], rows, dtype=x.dtype)                  # (B*T, out)
+        step = fourbit.tile_rows(cols)
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            sums = F.linear(flat, self.CB[start:end].to(torch.bfloat16))       # (B*T, tile)
+            out[:, start:end] = sums.float().mul_(self.row_scale[start:end])
+        return out.reshape(*x.shape[:-1], rows)
 
     @functools.cached_property
     def row_scale(self) -> torch.Tensor:
