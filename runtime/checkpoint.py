@@ -71,7 +71,7 @@ class Checkpoint:
         self.tokenizer = None  # `open_checkpoint` reads it while the pinned files are read
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bloomconv-read")
         self.pinned_read_seconds: float | None = None  # first pinned read to last, once all are done
-        self._first_read_started: float | None = None  # set by the one reader thread (`_timed`)
+        self._first_read_started: float | None = None  # set by the one reader thread (`_reading_starts`)
         self._last_read_ended: float | None = None
         every_piece = [piece for unit in residency.streamed for piece in pieces[unit]]
         # every pinned buffer up front, faulted in, in read order, by a thread of its own
@@ -82,7 +82,7 @@ class Checkpoint:
         self._stopping = threading.Event()
         if residency.widened:  # each pinned file widened on the way in, through the page cache
             self._pinned: dict[str, concurrent.futures.Future] = {
-                unit: self._reader.submit(self._timed, self._read_widened, unit) for unit in residency.pinned}
+                unit: self._reader.submit(self._read_widened, unit) for unit in residency.pinned}
             reads = []
         else:  # each pinned file and piece read as it is, one read queued right behind the other
             self._pinned = {unit: concurrent.futures.Future() for unit in residency.pinned}
@@ -109,18 +109,16 @@ class Checkpoint:
         self._streamed = {unit: StreamedUnit(files[unit], {m: tuple(p) for m, p in modules.items()})
                           for unit, modules in parts.items()}
 
-    def _timed(self, read, *args, **options):
-        """`read(...)` of a widened file, noting when the first read started and the last ended (the
-        reader is one thread, so these are written by one thread, and read after its futures)."""
+    def _reading_starts(self) -> None:
+        """Note when the first start-up read began (the reader is one thread: the start-up times are
+        written by it alone, the last end before the future its waiters then read)."""
         if self._first_read_started is None:
             self._first_read_started = time.perf_counter()
-        try:
-            return read(*args, **options)
-        finally:
-            self._last_read_ended = time.perf_counter()
 
     def _read_widened(self, unit: str) -> UnitBytes:
+        self._reading_starts()
         source, _ = self.files[unit].widened()
+        self._last_read_ended = time.perf_counter()
         return source
 
     def _read_pinned(self, reads: list["_PinnedRead"]) -> None:
@@ -128,8 +126,7 @@ class Checkpoint:
         gets its tensors once its bytes are in, or the error that stopped the reading (this one's
         and all later ones); those not read when closing are cancelled."""
         done = 0
-        if self._first_read_started is None:  # widened files may have been read first
-            self._first_read_started = time.perf_counter()
+        self._reading_starts()
         try:
             with contextlib.closing(read_one_after_another([(r.file, r.buffer.memoryview(), r.spans) for r in reads],
                                                            self._stopping)) as reading:

@@ -20,7 +20,8 @@ do. The pinned buffers are faulted in by a thread of their own running alongside
 
 >>> file = MappedFile(Path("bloom/block_000.safetensors"), quant={})        # doctest: +SKIP
 >>> buffer = AnonymousBuffer(file.padded_size)                              # doctest: +SKIP
->>> tensors = file.read_into(buffer, streaming=False)                       # doctest: +SKIP
+>>> file.read_spans(buffer.memoryview(), file.whole, streaming=False)       # doctest: +SKIP
+>>> tensors = file.tensors_in(buffer)                                       # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ class MappedFile:
 
     The mapping serves what touches a few pages (embedding rows, layer norms and biases of a
     streamed file, inspecting weights outside a forward pass); weight bytes used in a forward
-    pass are read with `read_into` (a whole file) or `read_spans` (a streamed piece).
+    pass are read with `read_spans` (a whole file: `whole`, or a streamed piece) or, pinned at
+    start-up, `read_one_after_another`.
     """
 
     def __init__(self, path: Path, quant: dict[str, QuantType]):
@@ -149,18 +151,14 @@ class MappedFile:
         finally:
             _advise(self._mapping, "MADV_DONTNEED")
 
-    def read_into(self, buffer: "AnonymousBuffer", streaming: bool) -> UnitBytes:
-        """Read the whole file into `buffer` (of at least `padded_size` bytes); its tensors."""
-        self.read_spans(buffer.memoryview(), self.whole, streaming=streaming)
-        return self.tensors_in(buffer)
-
     @property
     def whole(self) -> tuple[Span]:
         """The span of the whole file, read to the start of a buffer."""
         return ((0, self.padded_size, 0),)
 
     def tensors_in(self, buffer: "AnonymousBuffer") -> UnitBytes:
-        """The file's tensors over `buffer`, once the whole file has been read into it."""
+        """The file's tensors over `buffer` (of at least `padded_size` bytes), once the whole file
+        has been read into it."""
         return UnitBytes.parse(self.header, buffer.tensor[:self.size], self.quant)
 
     def read_spans(self, memory: memoryview, spans: Sequence[Span], *, streaming: bool) -> None:

@@ -781,19 +781,26 @@ static Matrix make_matrix(unsigned long long packed, long long rows, long long c
     return w;
 }
 
-/* The arguments matmul and dequantize share: (address, count, out, threads, isa, *matrix). 0 when
- * they do not parse (the Python error is set). */
+/* The arguments matmul and dequantize share: (address, count, out, threads, isa, *matrix), then for
+ * dequantize (`to_bf16` not NULL) whether `out` is bf16. 0 when they do not parse (the Python error
+ * is set). */
 static int parse_call(PyObject *args, unsigned long long *first, long long *count, unsigned long long *out,
-                      int *threads, int *isa, Matrix *w)
+                      int *threads, int *isa, Matrix *w, int *to_bf16)
 {
     unsigned long long packed, code, absmax, absmax_codes, nested_absmax, nested_code;
     long long rows, cols, block_size, nested_block_size;
-    int rounding;
+    int rounding, bf16 = 0;
     double nested_offset;
-    if (!PyArg_ParseTuple(args, "KLKii" MATRIX_FORMAT, first, count, out, threads, isa, &packed, &rows, &cols,
+    if (!PyArg_ParseTuple(args, "KLKii" MATRIX_FORMAT "|p", first, count, out, threads, isa, &packed, &rows, &cols,
                           &block_size, &code, &absmax, &absmax_codes, &nested_absmax, &nested_code,
-                          &nested_offset, &nested_block_size, &rounding))
+                          &nested_offset, &nested_block_size, &rounding, &bf16))
         return 0;
+    if (bf16 && !to_bf16) {
+        PyErr_SetString(PyExc_TypeError, "the product's output is always fp32");
+        return 0;
+    }
+    if (to_bf16)
+        *to_bf16 = bf16;
     *w = make_matrix(packed, rows, cols, block_size, code, absmax, absmax_codes, nested_absmax, nested_code,
                      nested_offset, nested_block_size, rounding);
     return 1;
@@ -805,7 +812,7 @@ PyObject *fourbit_matmul(PyObject *self, PyObject *args)
     long long batch;
     int threads, isa;
     Matrix w;
-    if (!parse_call(args, &x, &batch, &out, &threads, &isa, &w))
+    if (!parse_call(args, &x, &batch, &out, &threads, &isa, &w, NULL))
         return NULL;
     const int64_t rows = w.rows, cols = w.cols;
     Task task = {.w = &w, .x = (const float *)(uintptr_t)x, .batch = batch, .out = (float *)(uintptr_t)out};
@@ -844,19 +851,9 @@ PyObject *fourbit_dequantize(PyObject *self, PyObject *args)
 {
     unsigned long long row_ids, out;
     long long count;
-    int threads, isa;
+    int threads, isa, to_bf16;
     Matrix w;
-    /* matmul's arguments, then whether `out` is bf16 */
-    const Py_ssize_t n = PyTuple_GET_SIZE(args);
-    PyObject *head = PyTuple_GetSlice(args, 0, n > 0 ? n - 1 : 0);
-    if (!head)
-        return NULL;
-    const int parsed = parse_call(head, &row_ids, &count, &out, &threads, &isa, &w);
-    Py_DECREF(head);
-    if (!parsed)
-        return NULL;
-    const int to_bf16 = PyObject_IsTrue(PyTuple_GET_ITEM(args, n - 1));
-    if (to_bf16 < 0)
+    if (!parse_call(args, &row_ids, &count, &out, &threads, &isa, &w, &to_bf16))
         return NULL;
     if (to_bf16 && w.rounding != ROUND_BF16) {
         PyErr_SetString(PyExc_ValueError, "only weights rounded to bf16 dequantize to bf16");

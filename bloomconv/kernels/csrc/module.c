@@ -12,7 +12,7 @@ PyDoc_STRVAR(fourbit_matmul_doc,
 "nested_code, nested_offset, nested_block_size, rounding (pointers as ints, 0 for none).");
 
 PyDoc_STRVAR(fourbit_dequantize_doc,
-"fourbit_dequantize(row_ids, count, out, threads, isa, *matrix, to_bf16) -> None\n\n"
+"fourbit_dequantize(row_ids, count, out, threads, isa, *matrix[, to_bf16]) -> None\n\n"
 "out (count, cols) fp32 (bf16 with to_bf16, for weights rounded to bf16) = the 4-bit matrix's rows\n"
 "listed in row_ids (int64), given by address.");
 
