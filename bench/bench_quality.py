@@ -204,7 +204,9 @@ def _measure(name, directory, schemes_, work, ctx, text, threads, calibration_to
     model_row = {"parameters": parameters, "text_characters": len(text), "ctx": ctx,
                  "unquantized": {"bits_per_weight": 8 * stored_bytes(reference_manifest) / parameters,
                                  "stored_bytes": stored_bytes(reference_manifest)}}
-    with load(reference_dir, threads=threads, max_tokens=ctx) as reference:
+    # every product in fp32 (the runtime's default takes bf16 products for prefills on some CPUs): the
+    # reference, and the schemes but for the "+bf16-prefill" ones, so a row measures its quantization
+    with load(reference_dir, threads=threads, max_tokens=ctx, prefill_dtype=torch.float32) as reference:
         token_ids = tokens_of(reference, text)
         base = perplexity(reference, token_ids, ctx)
         model_row["tokens_scored"] = base.tokens_scored
@@ -213,8 +215,7 @@ def _measure(name, directory, schemes_, work, ctx, text, threads, calibration_to
         for s in schemes_:
             target = work / f"{name}-{s.name}"
             options = dict(s.options)
-            prefill_dtype = options.pop("prefill_dtype", None)
-            running = {"prefill_dtype": getattr(torch, prefill_dtype)} if prefill_dtype else {}
+            running = {"prefill_dtype": getattr(torch, options.pop("prefill_dtype", "float32"))}
             if s.calibrated:
                 options.update(calibrate=directory / TRAIN_TEXT, calibration_tokens=calibration_tokens)
             started = time.monotonic()

@@ -278,7 +278,9 @@ def evaluate(directory: str | os.PathLike, text: str | os.PathLike, *, ctx: int 
     models = []
     try:
         for path in (directory, *([reference] if reference is not None else [])):
-            models.append(load(path, threads=threads, max_tokens=ctx, ram_budget=budget))
+            # fp32 products throughout: the figures are the weights', the same on every CPU (the
+            # runtime's default multiplies prefills in bf16 on some)
+            models.append(load(path, threads=threads, max_tokens=ctx, ram_budget=budget, prefill_dtype=torch.float32))
         model = models[0]
         token_ids = tokens_of(model, text)
         if reference is None:

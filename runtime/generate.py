@@ -55,7 +55,10 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     bfloat16 activations also work: torch's bf16 GEMM for large batches of bf16 weights.
     `prefill_dtype`: the dtype of the matrix products of a pass over more than PREFILL_ROWS (64)
     token rows — a prompt's prefill, or a batch that large — where multiplying, not reading the
-    weights, is the cost. None: `dtype`. torch.bfloat16 with float32 compute rounds those
+    weights, is the cost. None: bfloat16 for float32 compute on a CPU with bf16 dot products
+    (AVX512-BF16, AMX) over bf16-stored weights (`model.default_prefill_dtype`), else `dtype`;
+    torch.float32 keeps every product in fp32 (transformers' fp32 results to ~1e-6, at about half
+    the prefill speed on such CPUs). torch.bfloat16 with float32 compute rounds those
     products' inputs and results to bf16 (torch's bf16 GEMM; weights stored as bf16, int8 codes and
     4-bit weights quantized from bf16 stay exact; fp16- and fp32-stored weights are rounded to
     bf16 a piece at a time, or, fp16 with the compiled kernels, multiplied in fp32 by the rounded
@@ -93,7 +96,7 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
         torch.set_num_threads(threads)
     if prefill_dtype not in (None, *PREFILL_DTYPES):
         raise OptionsError(f"prefill_dtype {prefill_dtype} is not one the runtime multiplies in. Use "
-                           f"{' or '.join(map(str, PREFILL_DTYPES))}, or None for the compute dtype.")
+                           f"{' or '.join(map(str, PREFILL_DTYPES))}, or None for the default.")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionsError(f"device {str(device)!r} is not available: this torch ({torch.__version__}) sees no "
@@ -263,8 +266,10 @@ class Bloom:
                 f"{g.n_head} heads, vocab {g.vocab_size}; weights {stored}; {residency.pinned_count} in RAM "
                 f"({(residency.pinned_bytes + residency.pinned_piece_bytes) / 1e6:,.1f} MB), "
                 f"{len(residency.streamed)} streamed from disk, budget "
-                f"{residency.budget / 1e6:,.1f} MB; computes {str(self.transformer.dtype).removeprefix('torch.')} "
-                f"on {self.transformer.device})")
+                f"{residency.budget / 1e6:,.1f} MB; computes {_name(self.transformer.dtype)}"
+                + (f" (prefill products {_name(self.transformer.prefill_dtype)})"
+                   if self.transformer.prefill_dtype != self.transformer.dtype else "")
+                + f" on {self.transformer.device})")
 
     def __call__(self, input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
                  attention_mask: torch.Tensor | Sequence | None = None) -> torch.Tensor:
@@ -448,6 +453,10 @@ class Bloom:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _describe(quantization: QuantSettings) -> str:

@@ -26,7 +26,7 @@ from .memory import PREFILL_ROWS
 from .records import (BlockWeights, LayerNormWeights, LinearWeights, UnitBytes, block_weights, embedding_weights,
                       final_weights)
 
-__all__ = ["KVCache", "Transformer", "alibi_bias", "alibi_slopes", "gelu"]
+__all__ = ["KVCache", "Transformer", "alibi_bias", "alibi_slopes", "default_prefill_dtype", "gelu"]
 
 
 class KVCache:
@@ -103,6 +103,17 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 PREFILL_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def default_prefill_dtype(dtype: torch.dtype, device: torch.device, stored_dtype: str) -> torch.dtype:
+    """The products' dtype of a pass over more than PREFILL_ROWS rows when the caller names none:
+    bf16 for fp32 compute on a CPU with bf16 dot products (`kernels.bf16_dot_products`) over weights
+    stored in bf16 (BLOOM's own; int8 codes and 4-bit weights quantized from them stay exact in
+    bf16), where torch's bf16 GEMM runs at about twice the fp32 rate for a difference in the logits
+    below what a reader of them sees (README, "Prefill in bf16"); else the compute dtype."""
+    bf16_pays = (dtype == torch.float32 and device.type == "cpu" and stored_dtype == "bfloat16"
+                 and kernels.bf16_dot_products())
+    return torch.bfloat16 if bf16_pays else dtype
+
+
 class Transformer:
     """BLOOM over a Checkpoint, one file of weights at a time, in the order the checkpoint reads
     them ahead: embedding rows, blocks, ln_f, then the embeddings again as the lm_head."""
@@ -112,7 +123,9 @@ class Transformer:
         self.checkpoint = checkpoint
         self.geometry: Geometry = checkpoint.geometry
         self.dtype, self.device = dtype, torch.device(device)
-        self.prefill_dtype = prefill_dtype or dtype  # the products of passes over PREFILL_ROWS+ rows
+        # the products of passes over PREFILL_ROWS+ rows
+        self.prefill_dtype = prefill_dtype or default_prefill_dtype(dtype, self.device,
+                                                                    checkpoint.manifest.model["dtype"])
         self.copies_to_device = self.device.type != "cpu"  # see _on_device; tests set it on the CPU too
 
     @torch.inference_mode()

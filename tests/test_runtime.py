@@ -357,6 +357,23 @@ def test_bf16_prefill_products_stay_close_and_leave_decoding_steps_as_they_were(
         runtime.load(directory, prefill_dtype=torch.float16)
 
 
+@pytest.mark.parametrize("has_bf16_dot", [True, False])
+def test_prefill_products_default_to_bf16_only_where_the_cpu_multiplies_bf16_and_weights_are_bf16(
+        tiny, bf16_pair, monkeypatch, has_bf16_dot):
+    from bloomconv.runtime import model as model_module
+    monkeypatch.setattr(model_module.kernels, "bf16_dot_products", lambda: has_bf16_dot)
+    bf16_prefill = torch.bfloat16 if has_bf16_dot else torch.float32
+    with runtime.load(bf16_pair[0]) as stored_bf16, runtime.load(tiny[0].checkpoint.directory) as stored_fp32:
+        assert stored_bf16.transformer.prefill_dtype == bf16_prefill
+        assert ("prefill products bfloat16" in repr(stored_bf16)) == has_bf16_dot
+        assert stored_fp32.transformer.prefill_dtype == torch.float32  # rounding fp32 weights would lose bits
+    with runtime.load(bf16_pair[0], prefill_dtype=torch.float32) as asked:
+        assert asked.transformer.prefill_dtype == torch.float32  # the caller's choice wins
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert model_module.default_prefill_dtype(torch.bfloat16, cpu, "bfloat16") == torch.bfloat16  # the compute dtype
+    assert model_module.default_prefill_dtype(torch.float32, cuda, "bfloat16") == torch.float32  # CPUs only
+
+
 def dequantized_state(directory) -> dict[str, torch.Tensor]:
     """Every weight of a quantized directory as fp32, with transformers' names."""
     return {name: t.float() for name, t in load_dequantized(directory).items()}

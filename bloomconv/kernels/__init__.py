@@ -32,7 +32,7 @@ try:
 except ImportError:  # installed without a C compiler
     _kernels = None
 
-__all__ = ["available", "isas", "kernel_threads", "kernels_own_the_cores"]
+__all__ = ["available", "bf16_dot_products", "isas", "kernel_threads", "kernels_own_the_cores"]
 
 _ISA_CODES = {None: 0, "scalar": 1, "avx2": 2, "avx512": 3}  # csrc/kernels.h's ISA_*
 
@@ -48,6 +48,12 @@ def available() -> bool:
 def isas() -> tuple[str, ...]:
     """Instruction sets the kernels can use on this CPU, fastest first, e.g. ("avx512", "avx2", "scalar")."""
     return _kernels.isas() if _kernels is not None else ()
+
+
+def bf16_dot_products() -> bool:
+    """Whether this CPU multiplies bf16 pairs into fp32 sums in one instruction (AVX512-BF16), as
+    torch's bf16 GEMM then does; False where the kernels were not built (the CPU is not asked)."""
+    return _kernels is not None and _kernels.bf16_dot_products()
 
 
 def kernel_threads() -> int:

@@ -49,9 +49,14 @@ static inline int cpu_has_avx512(void)
 {
     return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
+
+/* bf16 dot-product instructions (AVX512-BF16; CPUs with AMX have them too), which torch's bf16 GEMM
+ * (oneDNN) uses; without them it emulates bf16 products at about the fp32 rate */
+static inline int cpu_has_bf16_dot(void) { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 #else
 static inline int cpu_has_avx2(void) { return 0; }
 static inline int cpu_has_avx512(void) { return 0; }
+static inline int cpu_has_bf16_dot(void) { return 0; }
 #endif
 
 /* ------------------------------------------------------------------------------ conversions */

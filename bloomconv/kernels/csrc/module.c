@@ -41,6 +41,8 @@ static PyObject *isas(PyObject *self, PyObject *unused)
     return cpu_has_avx2() ? Py_BuildValue("(ss)", "avx2", "scalar") : Py_BuildValue("(s)", "scalar");
 }
 
+static PyObject *bf16_dot_products(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_has_bf16_dot()); }
+
 static PyMethodDef methods[] = {
     {"fourbit_matmul", fourbit_matmul, METH_VARARGS, fourbit_matmul_doc},
     {"fourbit_dequantize", fourbit_dequantize, METH_VARARGS, fourbit_dequantize_doc},
@@ -48,6 +50,7 @@ static PyMethodDef methods[] = {
     {"int8_quantize", int8_quantize, METH_VARARGS, int8_quantize_doc},
     {"dense_matmul", dense_matmul, METH_VARARGS, dense_matmul_doc},
     {"isas", isas, METH_NOARGS, "The instruction sets this CPU runs, fastest first."},
+    {"bf16_dot_products", bf16_dot_products, METH_NOARGS, "Whether this CPU has bf16 dot-product instructions."},
     {NULL, NULL, 0, NULL},
 };
 
