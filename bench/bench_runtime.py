@@ -77,6 +77,7 @@ def child(spec: dict) -> dict:
                              max_tokens=tokens, prefill_dtype=getattr(torch, prefill_dtype) if prefill_dtype else None)
         model.checkpoint.wait_until_loaded()
         out["ready_s"] = seconds_since_start()
+        out["prefill_dtype"] = str(model.transformer.prefill_dtype).removeprefix("torch.")
         r = model.checkpoint.residency
         out["residency"] = {"budget": r.budget, "pinned": len(r.pinned), "streamed": len(r.streamed),
                             "pinned_bytes": r.pinned_bytes, "resident_bytes": r.resident_bytes,
@@ -266,9 +267,9 @@ def in_memory(args, work: Path) -> dict:
               "new_tokens": args.decode_tokens, "prefill_tokens": args.prefill_tokens, "batches": args.batches}
     configs = [(f"runtime {p} {dt}", {"kind": "runtime", "dir": str(d), "dtype": dt, "ram_budget": None})
                for p, d in dirs.items() for dt in args.dtypes]
-    if args.bf16_prefill:  # fp32 compute, prefill products in bf16: decoding is the fp32 run's, so batch 1 only
-        configs += [(f"runtime {p} float32 {BF16_PREFILL_LABEL}",
-                     {"kind": "runtime", "dir": str(d), "dtype": "float32", "prefill_dtype": "bfloat16",
+    if args.fp32_prefill:  # fp32 compute, prefill products in fp32 too: decoding is the default's, so batch 1 only
+        configs += [(f"runtime {p} float32 {FP32_PREFILL_LABEL}",
+                     {"kind": "runtime", "dir": str(d), "dtype": "float32", "prefill_dtype": "float32",
                       "ram_budget": None, "batches": [1]})
                     for p, d in dirs.items()]
     if "none" in dirs and args.transformers:
@@ -319,7 +320,7 @@ def in_memory(args, work: Path) -> dict:
 # our format -> the llama.cpp formats it is measured against (nf4: the default 4-bit preset; Q4_0 and
 # Q4_K_M store the tied output head as Q6_K)
 LLAMA_PAIRS = {"none": ("bf16",), "int8": ("Q8_0",), "nf4": ("Q4_0", "Q4_K_M"), "nf4+int8emb": ("Q4_0", "Q4_K_M")}
-BF16_PREFILL_LABEL = "bf16-prefill"  # label of the runs with prefill_dtype=bfloat16 (--bf16-prefill)
+FP32_PREFILL_LABEL = "fp32-prefill"  # label of the runs with prefill_dtype=float32 (--fp32-prefill)
 
 
 def llama_models(llama, src: Path, work: Path, tag: str, presets: list[str]) -> dict[str, Path]:
@@ -355,11 +356,12 @@ def llama_run(llama, gguf: Path, common: dict) -> dict:
 def llama_pairs(runs: dict[str, list[dict]], presets: list[str]) -> list[dict]:
     """Ours ÷ llama.cpp per metric and pair, round by round (the two ran in the same round, next to
     each other), with the median and the spread of those ratios. Ours: fp32 compute, and fp32
-    compute with bf16 prefill products where measured (`variant`)."""
+    compute with the default prefill products ("default": bf16 on CPUs with bf16 dot products, the child
+    records which) and, where measured, with fp32 ones (`variant`)."""
     pairs = []
     for preset, kind, variant in ((p, k, v) for p in presets for k in LLAMA_PAIRS.get(p, ())
-                                  for v in ("fp32", BF16_PREFILL_LABEL)):
-        ours = runs.get(f"runtime {preset} float32" + ("" if variant == "fp32" else f" {BF16_PREFILL_LABEL}"))
+                                  for v in ("default", FP32_PREFILL_LABEL)):
+        ours = runs.get(f"runtime {preset} float32" + ("" if variant == "default" else f" {FP32_PREFILL_LABEL}"))
         theirs = runs.get(f"llama.cpp {kind}")
         if ours and theirs:
             metrics = [("decode", b) for b in theirs[0]["decode"]] + [("prefill", n) for n in theirs[0]["prefill"]]
@@ -459,8 +461,9 @@ def main() -> None:
                         "when bench/llamacpp.py finds a build (bf16, Q8_0, Q4_0, Q4_K_M)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each --in-memory configuration (medians)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="--in-memory: the runtime's compute dtypes")
-    parser.add_argument("--bf16-prefill", action="store_true", help="--in-memory: also each preset with fp32 "
-                        "compute and prefill_dtype=bfloat16 (prefill and batch-1 decode)")
+    parser.add_argument("--fp32-prefill", action="store_true", help="--in-memory: also each preset with fp32 "
+                        "compute and prefill_dtype=float32 (prefill and batch-1 decode; the default multiplies "
+                        "prefills in bf16 on CPUs with bf16 dot products)")
     parser.add_argument("--no-transformers", dest="transformers", action="store_false",
                         help="--in-memory: leave transformers' rows out")
     parser.add_argument("--child", help=argparse.SUPPRESS)

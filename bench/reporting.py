@@ -185,11 +185,12 @@ def _runtime(results, s, out, footer):
     md += ["", f"![decode and prefill tokens/s]({path.name})", ""]
     if r["pairs"]:
         md += [f"### Side by side with llama.cpp ({r['llama_cpp']})", "",
-               "Ours at fp32 compute (bf16-prefill: with `prefill_dtype=torch.bfloat16`); llama.cpp's llama-bench "
+               "Ours at fp32 compute with the default prefill products (bf16 on CPUs with AVX512-BF16) and, "
+               "as fp32-prefill, with `prefill_dtype=torch.float32`; llama.cpp's llama-bench "
                "at batch 1 and for prefill, llama-batched-bench for larger batches (where built); ratio per round.",
                ""]
         md += _table(["ours", "llama.cpp", "metric", "tokens", "ours ÷ llama.cpp", "rounds"],
-                     [[f"{p['ours']} ({p.get('variant', 'fp32')})", p["llama.cpp"], p["metric"], p["tokens"],
+                     [[f"{p['ours']} ({p.get('variant', 'default')})", p["llama.cpp"], p["metric"], p["tokens"],
                        p["ratio"], p["ratio"]["runs"]] for p in r["pairs"]])
         md.append("")
     else:

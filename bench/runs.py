@@ -120,7 +120,7 @@ def _runtime_args(sizes: Sizes) -> argparse.Namespace:
     return argparse.Namespace(
         threads=sizes.threads, repeats=sizes.repeats, memory_geometry=tuple(sizes.runtime_geometry),
         presets=list(sizes.runtime_presets), batches=list(sizes.batches), prefill_tokens=list(sizes.prefill_tokens),
-        decode_tokens=sizes.decode_tokens, llama_cpp=llama, dtypes=["float32", "bfloat16"], bf16_prefill=True,
+        decode_tokens=sizes.decode_tokens, llama_cpp=llama, dtypes=["float32", "bfloat16"], fp32_prefill=True,
         transformers=True, large_geometry=tuple(sizes.large_geometry), cgroup_limit=parse_size(sizes.cgroup_limit),
         budgets=[parse_size(b) for b in sizes.budgets], large_batches=list(sizes.large_batches),
         large_dtype="bfloat16", large_tokens=sizes.large_tokens)

@@ -78,11 +78,11 @@ def test_the_summary_is_computed_from_the_measurements(run):
     summary = results["summary"]["conversion"][0]["schemes"]["int8"]["ratio_to_copy"]
     assert summary == {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "runs": 2}
     formats = results["summary"]["runtime"]["formats"]
-    assert set(formats) == {"runtime none float32", "runtime none bfloat16", "runtime none float32 bf16-prefill",
+    assert set(formats) == {"runtime none float32", "runtime none bfloat16", "runtime none float32 fp32-prefill",
                             "transformers bfloat16", "transformers float32"}
     for label, f in formats.items():
         assert f["prefill"]
-        for batch in ("1",) if label.endswith("bf16-prefill") else ("1", "2"):  # its decoding is fp32's
+        for batch in ("1",) if label.endswith("fp32-prefill") else ("1", "2"):  # its decoding is the default's
             d = f["decode"][batch]
             assert 0 < d["tokens_per_s"]["min"] <= d["tokens_per_s"]["median"] <= d["tokens_per_s"]["max"]
             assert d["bound_tokens_per_s"]["median"] > 0
