@@ -258,9 +258,7 @@ def _open_uncached(path: Path) -> int | None:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         except OSError:
             return None
-        try:
-            _read_at(fd, memoryview(_anonymous_memory(PAGE)), 0)  # page-aligned
-        except OSError:  # some filesystems accept the flag at open and refuse the read
+        if not _direct_reads_work(fd):
             os.close(fd)
             return None
         return fd
@@ -273,6 +271,23 @@ def _open_uncached(path: Path) -> int | None:
             return None
         return fd
     return None
+
+
+_DIRECT_READS_WORK: dict[int, bool] = {}  # filesystem (st_dev) -> whether it takes O_DIRECT reads
+
+
+def _direct_reads_work(fd: int) -> bool:
+    """Whether the filesystem of `fd` (opened with O_DIRECT) takes its reads: some accept the flag at
+    open and refuse the read. Tried once per filesystem with a read of one page: that read goes to
+    the disk, and a cold one took 30–100 ms on a network disk, paid per file before any weight was read."""
+    device = os.fstat(fd).st_dev
+    if device not in _DIRECT_READS_WORK:
+        try:
+            _read_at(fd, memoryview(_anonymous_memory(PAGE)), 0)  # page-aligned
+            _DIRECT_READS_WORK[device] = True
+        except OSError:
+            _DIRECT_READS_WORK[device] = False
+    return _DIRECT_READS_WORK[device]
 
 
 def _read_at(fd: int, view: memoryview, offset: int) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import mmap
 import os
@@ -702,6 +703,38 @@ def test_faulting_a_buffer_in_keeps_what_reads_already_wrote(monkeypatch):
     stopped = files.FaultingIn([files.AnonymousBuffer(64 * PAGE)])
     stopped.stop()
     assert not stopped.running
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+@pytest.mark.parametrize("refused", [False, True])
+def test_reads_around_the_page_cache_are_tried_once_per_filesystem(deep, monkeypatch, refused):
+    monkeypatch.setattr(files, "_DIRECT_READS_WORK", {})
+    paths = [deep / f"{unit}.safetensors" for unit in ("block_000", "block_001", "block_002")]
+    buffers = [files.AnonymousBuffer(files.whole_pages(path.stat().st_size)) for path in paths]
+    ours = {buffer.memoryview().obj for buffer in buffers}
+    probes, real_read_at = [], files._read_at
+
+    def read_at(fd, view, offset):
+        if view.obj not in ours:  # the try: one page at offset 0, into memory of its own
+            probes.append((len(view), offset))
+            if refused:
+                raise OSError(errno.EINVAL, "O_DIRECT refused at read time")
+        return real_read_at(fd, view, offset)
+    monkeypatch.setattr(files, "_read_at", read_at)
+    opened = [files.MappedFile(path, {}) for path in paths]
+    try:
+        list(files.read_one_after_another([(f, b.memoryview(), f.whole) for f, b in zip(opened, buffers)],
+                                          threading.Event()))
+        around = {file.reads_around_the_page_cache for file in opened}
+        for path, file, buffer in zip(paths, opened, buffers):
+            assert bytes(buffer.memoryview()[:file.size]) == path.read_bytes()
+    finally:
+        for file in opened:
+            file.close()
+    if files._DIRECT_READS_WORK:  # O_DIRECT opened here (not on tmpfs before Linux 6.6): tried once
+        assert probes == [(PAGE, 0)] and around == {not refused}
+    else:
+        assert probes == [] and around == {False}
 
 
 def test_reads_queue_one_behind_the_other_and_stop_when_asked(deep, monkeypatch):
