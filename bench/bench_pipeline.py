@@ -38,6 +38,8 @@ from pathlib import Path
 
 from bench_runtime import memory_bandwidth
 
+from bloomconv.format import dtype_name
+
 PROMPT = "def fibonacci(n):\n    "
 BATCH_PROMPTS = ["import os", "class Tree:", "def add(a, b):", "for i in range(10):", "The list of",
                  "while True:", "print(", "return"]
@@ -213,7 +215,7 @@ def hop(round_trips: int) -> dict:
                 ring.send(header, back)
                 ring.flush()
             times.append(time.perf_counter() - start)
-        figures[str(dtype).removeprefix("torch.")] = {"hop_us": statistics.median(times[10:]) / 2 * 1e6,
+        figures[dtype_name(dtype)] = {"hop_us": statistics.median(times[10:]) / 2 * 1e6,
                                                       "fastest_hop_us": min(times) / 2 * 1e6,
                                                       "bytes": x.numel() * x.element_size()}
     dist.destroy_process_group()

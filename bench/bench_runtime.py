@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import bloomconv  # noqa: F401  (first: start-to-ready counts from this import in both kinds of child)
+from bloomconv.format import dtype_name
 from bloomconv.process_stats import anonymous_rss, peak_rss, seconds_since_start
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -77,7 +78,7 @@ def child(spec: dict) -> dict:
                              max_tokens=tokens, prefill_dtype=getattr(torch, prefill_dtype) if prefill_dtype else None)
         model.checkpoint.wait_until_loaded()
         out["ready_s"] = seconds_since_start()
-        out["prefill_dtype"] = str(model.transformer.prefill_dtype).removeprefix("torch.")
+        out["prefill_dtype"] = dtype_name(model.transformer.prefill_dtype)
         r = model.checkpoint.residency
         out["residency"] = {"budget": r.budget, "pinned": len(r.pinned), "streamed": len(r.streamed),
                             "pinned_bytes": r.pinned_bytes, "resident_bytes": r.resident_bytes,
@@ -267,7 +268,10 @@ def in_memory(args, work: Path) -> dict:
               "new_tokens": args.decode_tokens, "prefill_tokens": args.prefill_tokens, "batches": args.batches}
     configs = [(f"runtime {p} {dt}", {"kind": "runtime", "dir": str(d), "dtype": dt, "ram_budget": None})
                for p, d in dirs.items() for dt in args.dtypes]
-    if args.fp32_prefill:  # fp32 compute, prefill products in fp32 too: decoding is the default's, so batch 1 only
+    # fp32 compute, prefill products in fp32 too (where the default's are bf16: else these rows would be
+    # the default ones again); decoding is the default's, so batch 1 only
+    from bloomconv import kernels
+    if args.fp32_prefill and kernels.bf16_dot_products():
         configs += [(f"runtime {p} float32 {FP32_PREFILL_LABEL}",
                      {"kind": "runtime", "dir": str(d), "dtype": "float32", "prefill_dtype": "float32",
                       "ram_budget": None, "batches": [1]})
@@ -355,9 +359,9 @@ def llama_run(llama, gguf: Path, common: dict) -> dict:
 
 def llama_pairs(runs: dict[str, list[dict]], presets: list[str]) -> list[dict]:
     """Ours ÷ llama.cpp per metric and pair, round by round (the two ran in the same round, next to
-    each other), with the median and the spread of those ratios. Ours: fp32 compute, and fp32
-    compute with the default prefill products ("default": bf16 on CPUs with bf16 dot products, the child
-    records which) and, where measured, with fp32 ones (`variant`)."""
+    each other), with the median and the spread of those ratios. Ours: fp32 compute with the default
+    prefill products ("default": bf16 on CPUs with bf16 dot products; each run records which) and,
+    where measured, with fp32 ones (`variant`)."""
     pairs = []
     for preset, kind, variant in ((p, k, v) for p in presets for k in LLAMA_PAIRS.get(p, ())
                                   for v in ("default", FP32_PREFILL_LABEL)):

@@ -24,9 +24,15 @@ from bloomconv.runtime import model as model_module
 
 
 class Timers:
+    """Seconds and weight bytes summed per part of the forward pass."""
+
     def __init__(self):
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.bytes: dict[str, int] = collections.defaultdict(int)
+
+    def clear(self) -> None:
+        self.seconds.clear()
+        self.bytes.clear()
 
     @contextlib.contextmanager
     def part(self, name: str, nbytes: int = 0):
@@ -104,7 +110,7 @@ def step_seconds(model, batch: int, steps: int, timers: Timers | None = None) ->
     logits, past = model.forward(ids, last_only=True)
     token = logits[:, -1].argmax(-1, keepdim=True)
     if timers is not None:
-        timers.seconds.clear(), timers.bytes.clear()
+        timers.clear()
     start = time.perf_counter()
     for _ in range(steps):
         logits, past = model.forward(token, past=past, last_only=True)

@@ -190,7 +190,7 @@ def _runtime(results, s, out, footer):
                "at batch 1 and for prefill, llama-batched-bench for larger batches (where built); ratio per round.",
                ""]
         md += _table(["ours", "llama.cpp", "metric", "tokens", "ours ÷ llama.cpp", "rounds"],
-                     [[f"{p['ours']} ({p.get('variant', 'default')})", p["llama.cpp"], p["metric"], p["tokens"],
+                     [[f"{p['ours']} ({p.get('variant', 'fp32')})", p["llama.cpp"], p["metric"], p["tokens"],
                        p["ratio"], p["ratio"]["runs"]] for p in r["pairs"]])
         md.append("")
     else:

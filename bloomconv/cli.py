@@ -405,7 +405,8 @@ def example(dst, geometry, layout, dtype, seed):
               "the least that runs.  [default: 90% of available memory less 128 MB]")
 @click.option("--threads", type=click.IntRange(min=1), help="Compute threads  [default: torch's]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Compute dtype: float32 matches transformers' fp32 results; bfloat16 is faster on CPUs "
+              help="Compute dtype: float32 matches transformers' fp32 results (over 64 prompt tokens with "
+              "--prefill-dtype float32); bfloat16 is faster on CPUs "
               "with AVX512-BF16 or AMX.")
 @click.option("--prefill-dtype", type=click.Choice(["float32", "bfloat16"]), help="Dtype of the matrix products "
               "of the prompt's pass (over 64 tokens): bfloat16 rounds their inputs and results to bf16 (torch's "

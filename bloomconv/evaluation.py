@@ -191,6 +191,9 @@ def perplexity(model, token_ids: torch.Tensor, ctx: int = DEFAULT_CTX, *,
     """Perplexity of `model` (a `bloomconv.load`ed Bloom, or anything whose `model(ids)` gives
     (1, T, vocab) logits) on `token_ids` by llama-perplexity's protocol (module doc).
 
+    The figures are those of the model as loaded: load with prefill_dtype=torch.float32 for the
+    weights' own, the same on every CPU (`evaluate` does).
+
     >>> perplexity(bloomconv.load("bloom-560m"), ids, ctx=512)      # doctest: +SKIP
     Perplexity(value=..., stderr=..., tokens_scored=..., windows=..., nll_mean=..., ctx=512)
     """
@@ -221,7 +224,8 @@ def compare(model, reference, token_ids: torch.Tensor, ctx: int = DEFAULT_CTX, *
             log: Callable[[str], None] | None = None, progress: ProgressFactory = no_progress) -> Comparison:
     """`model` against `reference` (both Bloom) on `token_ids`: both perplexities, the mean KL
     divergence KL(reference || model) per scored token with its standard error and maximum, and
-    top-1 agreement, as `llama-perplexity --kl-divergence` reports them (module doc).
+    top-1 agreement, as `llama-perplexity --kl-divergence` reports them (module doc). Both as
+    loaded: see `perplexity` on prefill_dtype.
 
     >>> compare(bloomconv.load("bloom-560m-nf4"), bloomconv.load("bloom-560m"), ids).kl_mean  # doctest: +SKIP
     """

@@ -188,6 +188,11 @@ NARROW_FLOAT_DTYPES = ("BF16", "F16")                       # 16-bit floats, wid
 ITEMSIZE = {name: size for name, size in SAFETENSORS_DTYPES.values()}  # torch dtype name -> bytes
 
 
+def dtype_name(dtype) -> str:
+    """A torch dtype's name as manifests, configs and SAFETENSORS_DTYPES spell it: torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
 def is_quantized_weight(name: str, embeddings: bool) -> bool:
     """Whether `quantize` stores this (unprefixed or prefixed) source tensor quantized: the four
     matmul weights of every block, and the word embeddings when asked."""

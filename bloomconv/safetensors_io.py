@@ -34,7 +34,7 @@ except ImportError:  # Windows: no O_DIRECT either
     fcntl = None
 
 from .errors import HeaderError
-from .format import SAFETENSORS_DTYPES
+from .format import SAFETENSORS_DTYPES, dtype_name
 from .manifest import is_unicode
 
 if TYPE_CHECKING:  # the reader runs in `verify`, which should not pay for importing torch
@@ -67,7 +67,7 @@ class SafetensorsHeader:
 
 def st_dtype(dtype: "torch.dtype") -> str:
     """The safetensors code of a torch dtype, e.g. torch.bfloat16 -> "BF16"."""
-    return _TORCH_NAME_TO_ST[str(dtype).removeprefix("torch.")]
+    return _TORCH_NAME_TO_ST[dtype_name(dtype)]
 
 
 def torch_dtype(code: str) -> "torch.dtype":

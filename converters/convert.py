@@ -25,7 +25,8 @@ from bloomconv import __version__
 from bloomconv.atomic import atomic_write_bytes, commit, discard, open_temporary
 from bloomconv.errors import BloomconvWarning, DestinationError, OptionsError, SourceError
 from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, FORMAT_VERSION, HF_INDEX_NAME, JOB_SIGNATURE_KEY,
-                              PREFIX, SIGNATURE_NAME, QuantType, all_units, unit_file, unit_tensor_names)
+                              PREFIX, SIGNATURE_NAME, QuantType, all_units, dtype_name, unit_file,
+                              unit_tensor_names)
 from bloomconv.hashing import sha256_file
 from bloomconv.manifest import FileEntry, Manifest, TensorEntry, read_manifest, write_manifest
 from bloomconv.settings import DEFAULT_CALIBRATION_TOKENS, INT8_EMBEDDINGS, QuantSettings
@@ -278,7 +279,7 @@ def _run(source: SourceCheckpoint, destination: Destination, quantization: Quant
     source_files = tuple([*(recorded.get(name) or FileEntry(name, source.file_size(name), hashes[name])
                             for name in source.weight_files),
                           *(_source_entry(source, destination, name) for name in source.side_files)])
-    model = {**source.geometry.to_dict(), "dtype": str(source.dtype).removeprefix("torch.")}
+    model = {**source.geometry.to_dict(), "dtype": dtype_name(source.dtype)}
     return Manifest(tool_version=__version__, model=model, source_layout=source.layout,
                     source_files=source_files, files=tuple([*side_outputs, *outputs, index]),
                     quantization=quantization)

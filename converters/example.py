@@ -18,7 +18,7 @@ import torch
 from bloomconv.errors import OptionsError
 from bloomconv.format import (BLOCK_TENSORS, CONFIG_NAME, EMBEDDING_TENSORS, FINAL_TENSORS, HF_INDEX_NAME,
                               PICKLE_INDEX_NAME, PICKLE_SHARD_TEMPLATE, PICKLE_SINGLE_NAME, PREFIX,
-                              SAFETENSORS_SHARD_TEMPLATE, SAFETENSORS_SINGLE_NAME, TOKENIZER_NAMES)
+                              SAFETENSORS_SHARD_TEMPLATE, SAFETENSORS_SINGLE_NAME, TOKENIZER_NAMES, dtype_name)
 from bloomconv.geometry import Geometry
 
 from .destination import explain_os_error
@@ -106,7 +106,7 @@ def write_example_checkpoint(dst: str | os.PathLike, geometry: str | tuple = "ti
     except OSError as exc:
         raise explain_os_error(dst, exc) from exc
     state = state if state is not None else random_state_dict(config, dtype, seed)
-    config.dtype = str(dtype).removeprefix("torch.")
+    config.dtype = dtype_name(dtype)
     try:
         (dst / CONFIG_NAME).write_text(config.to_json_string())
         if geometry == TRAINED:
@@ -159,7 +159,7 @@ def write_large_release_checkpoint(dst: str | os.PathLike, geometry: tuple, dtyp
     config = bloom_config(hidden, n_layer, n_head, vocab)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    config.dtype = str(dtype).removeprefix("torch.")
+    config.dtype = dtype_name(dtype)
     (dst / CONFIG_NAME).write_text(config.to_json_string())
     write_tokenizer(dst, min(vocab, 512))
     shapes = Geometry.from_config(config.to_dict()).expected_shapes()

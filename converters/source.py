@@ -30,7 +30,8 @@ from bloomconv.errors import SourceError, UnsafeCheckpointError
 from bloomconv.format import (CONFIG_NAME, EMBEDDING_WEIGHT, FORMAT_NAME, HF_CACHE_MAIN_REF, HF_CACHE_REPO_PREFIX,
                               HF_CACHE_SNAPSHOTS, HF_INDEX_NAME, MANIFEST_NAME, PICKLE_INDEX_NAME,
                               PICKLE_SINGLE_NAME, PREFIX, SAFETENSORS_DTYPES, SAFETENSORS_SINGLE_NAME,
-                              SOURCE_FLOAT_DTYPES, TIED_HEAD, TOKENIZER_NAMES, is_carried_file)
+                              SOURCE_FLOAT_DTYPES, TIED_HEAD, TOKENIZER_NAMES, dtype_name,
+                              is_carried_file)
 from bloomconv.geometry import Geometry
 from bloomconv.manifest import read_manifest
 from bloomconv.safetensors_io import torch_dtype
@@ -271,12 +272,12 @@ def open_source(root: str | os.PathLike) -> SourceCheckpoint:
     _check_against_config(root, geometry, tensors)
     dtypes = {meta.dtype for meta in tensors.values()}
     if len(dtypes) != 1:
-        by_dtype = {str(d).removeprefix("torch."): sorted({m.file for m in tensors.values() if m.dtype == d})[:2]
+        by_dtype = {dtype_name(d): sorted({m.file for m in tensors.values() if m.dtype == d})[:2]
                     for d in dtypes}
         raise SourceError(root, f"tensors have mixed dtypes {by_dtype}",
                           "Re-save the checkpoint in one dtype (bf16, fp16 or fp32).")
     (dtype,) = dtypes
-    if str(dtype).removeprefix("torch.") not in SOURCE_FLOAT_DTYPES:
+    if dtype_name(dtype) not in SOURCE_FLOAT_DTYPES:
         raise SourceError(root, f"dtype {dtype} is not supported", "Use a bf16, fp16 or fp32 checkpoint.")
     return SourceCheckpoint(root, layout, geometry, dtype, tuple(files), tensors, _side_files(root), head)
 

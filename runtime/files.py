@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import errno
 import functools
 import io
 import math
@@ -278,15 +279,19 @@ _DIRECT_READS_WORK: dict[int, bool] = {}  # filesystem (st_dev) -> whether it ta
 
 def _direct_reads_work(fd: int) -> bool:
     """Whether the filesystem of `fd` (opened with O_DIRECT) takes its reads: some accept the flag at
-    open and refuse the read. Tried once per filesystem with a read of one page: that read goes to
-    the disk, and a cold one took 30–100 ms on a network disk, paid per file before any weight was read."""
+    open and refuse the read (EINVAL). Tried once per filesystem with a read of one page: that read
+    goes to the disk, and a cold one took 30–100 ms on a network disk, paid per file before any
+    weight was read. Another error (EIO…) answers for this file only: the next one tries again."""
     device = os.fstat(fd).st_dev
     if device not in _DIRECT_READS_WORK:
         try:
             _read_at(fd, memoryview(_anonymous_memory(PAGE)), 0)  # page-aligned
-            _DIRECT_READS_WORK[device] = True
-        except OSError:
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                return False
             _DIRECT_READS_WORK[device] = False
+        else:
+            _DIRECT_READS_WORK[device] = True
     return _DIRECT_READS_WORK[device]
 
 

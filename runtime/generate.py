@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bloomconv.errors import ManifestError, OptionsError
-from bloomconv.format import TOKENIZER_NAMES
+from bloomconv.format import TOKENIZER_NAMES, dtype_name
 from bloomconv.settings import INT8_EMBEDDINGS, QuantSettings
 
 from .checkpoint import Checkpoint, open_checkpoint
@@ -49,14 +49,16 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     `device`: "cpu", or an accelerator such as "cuda": each file is copied to it in turn, the
     next one on a side stream while the current one computes; 4-bit weights multiply through
     bitsandbytes' kernels there, int8 ones are dequantized on the device in pieces.
-    `dtype`: compute dtype. float32 matches transformers' fp32 to ~1e-6; on the CPU 16-bit and
+    `dtype`: compute dtype. float32 matches transformers' fp32 to ~1e-6 (prompts over 64 tokens
+    too with prefill_dtype=torch.float32, see below); on the CPU 16-bit and
     int8 weights are widened in registers by bloomconv's kernels, never copied to fp32 (without
     a C compiler at install time, 16-bit weights are widened once at load when they fit).
     bfloat16 activations also work: torch's bf16 GEMM for large batches of bf16 weights.
     `prefill_dtype`: the dtype of the matrix products of a pass over more than PREFILL_ROWS (64)
     token rows — a prompt's prefill, or a batch that large — where multiplying, not reading the
     weights, is the cost. None: bfloat16 for float32 compute on a CPU with bf16 dot products
-    (AVX512-BF16, AMX) over bf16-stored weights (`model.default_prefill_dtype`), else `dtype`;
+    (AVX512-BF16, AMX; detected by bloomconv's compiled kernels, so fp32 where they were not built)
+    over bf16-stored weights (`model.default_prefill_dtype`), else `dtype`;
     torch.float32 keeps every product in fp32 (transformers' fp32 results to ~1e-6, at about half
     the prefill speed on such CPUs). torch.bfloat16 with float32 compute rounds those
     products' inputs and results to bf16 (torch's bf16 GEMM; weights stored as bf16, int8 codes and
@@ -266,8 +268,8 @@ class Bloom:
                 f"{g.n_head} heads, vocab {g.vocab_size}; weights {stored}; {residency.pinned_count} in RAM "
                 f"({(residency.pinned_bytes + residency.pinned_piece_bytes) / 1e6:,.1f} MB), "
                 f"{len(residency.streamed)} streamed from disk, budget "
-                f"{residency.budget / 1e6:,.1f} MB; computes {_name(self.transformer.dtype)}"
-                + (f" (prefill products {_name(self.transformer.prefill_dtype)})"
+                f"{residency.budget / 1e6:,.1f} MB; computes {dtype_name(self.transformer.dtype)}"
+                + (f" (prefill products {dtype_name(self.transformer.prefill_dtype)})"
                    if self.transformer.prefill_dtype != self.transformer.dtype else "")
                 + f" on {self.transformer.device})")
 
@@ -453,10 +455,6 @@ class Bloom:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _describe(quantization: QuantSettings) -> str:

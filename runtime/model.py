@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bloomconv import kernels
-from bloomconv.format import EMBEDDINGS_UNIT, FINAL_UNIT, block_unit
+from bloomconv.format import EMBEDDINGS_UNIT, FINAL_UNIT, block_unit, dtype_name
 from bloomconv.geometry import Geometry
 from bloomconv.kernels import fourbit
 
@@ -109,7 +109,7 @@ def default_prefill_dtype(dtype: torch.dtype, device: torch.device, stored_dtype
     stored in bf16 (BLOOM's own; int8 codes and 4-bit weights quantized from them stay exact in
     bf16), where torch's bf16 GEMM runs at about twice the fp32 rate for a difference in the logits
     below what a reader of them sees (README, "Prefill in bf16"); else the compute dtype."""
-    bf16_pays = (dtype == torch.float32 and device.type == "cpu" and stored_dtype == "bfloat16"
+    bf16_pays = (dtype == torch.float32 and device.type == "cpu" and stored_dtype == dtype_name(torch.bfloat16)
                  and kernels.bf16_dot_products())
     return torch.bfloat16 if bf16_pays else dtype
 

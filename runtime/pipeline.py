@@ -73,7 +73,7 @@ from bloomconv.manifest import Manifest, read_manifest
 from .checkpoint import Checkpoint, open_checkpoint
 from .generate import Bloom
 from .memory import parse_size
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, default_prefill_dtype
 
 __all__ = ["PipelineBloom", "PipelineCache", "PipelineOptions", "Stage", "load_pipeline", "plan_stages"]
 
@@ -167,7 +167,8 @@ def load_pipeline(directory: str | os.PathLike, options: PipelineOptions = Pipel
     """Join the torchrun-launched group, open this rank's share of `directory`, and on rank 0
     return the model; on the other ranks serve until rank 0 closes it, then return None.
     `opening`: `open_checkpoint`'s verify, max_tokens and signer options (`load` documents them);
-    `prefill_dtype` as `load`'s, each rank applying it to its own blocks.
+    `prefill_dtype` as `load`'s, each rank applying it to its own blocks; left to the default, every
+    rank takes rank 0's (bf16 where rank 0's CPU multiplies bf16 natively), so all blocks agree.
     Raises PipelineError naming the rank and its problem when any rank cannot start."""
     device = torch.device(device)
     if "RANK" not in os.environ and not dist.is_initialized():
@@ -193,19 +194,24 @@ def load_pipeline(directory: str | os.PathLike, options: PipelineOptions = Pipel
             digest = hashlib.sha256((directory / MANIFEST_NAME).read_bytes()).digest()
             n_layer = Geometry.from_file(directory / CONFIG_NAME).n_layer
             budget = -1 if ram_budget is None or str(ram_budget).strip().lower() == "min" else parse_size(ram_budget)
-            facts, problem = [budget, DTYPE_CODES[dtype], int.from_bytes(digest[:8], "big", signed=True)], ""
+            # the products of long passes: the caller's dtype, else this rank's default (its CPU's)
+            products = prefill_dtype or default_prefill_dtype(dtype, device, manifest.model["dtype"])
+            facts = [budget, DTYPE_CODES[dtype], int.from_bytes(digest[:8], "big", signed=True), DTYPE_CODES[products]]
+            problem = ""
         except Exception as exc:  # noqa: BLE001 - any failure is told to the others, or they wait for it
-            facts, problem, n_layer, failure = [-1, -1, 0], _describe(exc), 0, exc
+            facts, problem, n_layer, failure = [-1, -1, 0, -1], _describe(exc), 0, exc
         else:
             failure = None
         everyone = exchange.ints(facts)
         _raise_for_problems(exchange.texts(problem), who, failure)
-        if len({tuple(f[1:]) for f in everyone}) > 1:
+        if len({tuple(f[1:3]) for f in everyone}) > 1:
             seen = ", ".join(f"{who(r)}: manifest.json sha256 {f[2] & (2**64 - 1):016x}…, dtype code {f[1]}"
                              for r, f in enumerate(everyone))
             raise PipelineError(f"the ranks do not run the same model ({seen}). Give every rank a copy of the "
                                 "same converted directory, and the same --dtype.")
         budgets = [f[0] for f in everyone]
+        # one choice for every block, rank 0's: ranks on different CPUs would otherwise mix products
+        prefill_dtype = next(d for d, code in DTYPE_CODES.items() if code == everyone[0][3])
         stages = plan_stages(manifest, n_layer, budgets if min(budgets) > 0 else [1] * ranks)
         stage = stages[rank]
         # 2. each rank opens its share; any failure stops every rank

@@ -23,7 +23,7 @@ def test_every_part_of_a_step_is_timed_and_the_wrappers_are_removed_after(conver
         expected = model.forward(ids)[0]
         with profile_step.instrumented(timers):
             assert torch.equal(model.forward(ids)[0], expected)  # timing changes nothing computed
-            timers.seconds.clear(), timers.bytes.clear()
+            timers.clear()
             profile_step.step_seconds(model, batch=2, steps=3, timers=timers)
         H, layers = model.geometry.hidden_size, model.geometry.n_layer
     assert set(timers.seconds) == {"lm_head", "attention", "layer norms", "gelu", f"product {(3 * H, H)}",

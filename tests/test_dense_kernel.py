@@ -206,3 +206,10 @@ def test_decoding_runs_torch_on_one_thread_and_the_kernels_on_all(restores_threa
     with pytest.raises(RuntimeError), kernels.kernels_own_the_cores():
         raise RuntimeError("restored on errors too")
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.skipif(not kernels.available() or not os.path.exists("/proc/cpuinfo"), reason="needs the kernels and Linux")
+def test_bf16_dot_products_is_what_the_cpu_says():
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    expected = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16"} <= flags
+    assert kernels.bf16_dot_products() == expected

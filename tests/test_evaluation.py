@@ -16,7 +16,7 @@ import bloomconv
 from bloomconv.cli import main
 from bloomconv.converters.example import TRAINED, write_example_checkpoint
 from bloomconv.errors import BloomconvWarning, OptionsError
-from bloomconv.evaluation import compare, mean_and_stderr, perplexity, tokens_of, windows_for
+from bloomconv.evaluation import compare, evaluate, mean_and_stderr, perplexity, tokens_of, windows_for
 from bloomconv.format import SAFETENSORS_DTYPES
 from bloomconv.inspection import bitsandbytes_cpu_misdecodes, bits_per_weight, inspect
 from bloomconv.manifest import read_manifest
@@ -192,6 +192,25 @@ def test_cli_eval_text_and_json(trained):
     assert report["kl_mean"] == pytest.approx(0, abs=1e-9) and report["top1_agreement"] == 100.0
     assert report["perplexity"]["windows"] >= 2 and report["perplexity"]["value"] > 1
     assert report["perplexity"] == report["reference_perplexity"]
+
+
+def test_evaluate_measures_with_fp32_products_where_the_runtime_would_take_bf16(trained, monkeypatch):
+    from bloomconv import runtime
+    from bloomconv.runtime import model as model_module
+    monkeypatch.setattr(model_module, "default_prefill_dtype", lambda *args: torch.bfloat16)  # a bf16 CPU
+    loaded, load = [], runtime.load
+
+    def recording(*args, **kwargs):
+        model = load(*args, **kwargs)
+        loaded.append(model.transformer.prefill_dtype)
+        return model
+    monkeypatch.setattr(runtime, "load", recording)
+    root, text = trained
+    with runtime.load(root / "dst") as default:
+        assert default.transformer.prefill_dtype == torch.bfloat16  # the runtime's default here
+    loaded.clear()
+    evaluate(root / "dst", text, reference=root / "dst", ctx=32)
+    assert loaded == [torch.float32, torch.float32]
 
 
 def test_cli_eval_errors_are_one_line_with_exit_code_2(trained, converted, tmp_path):

@@ -62,6 +62,15 @@ from bloomconv.runtime.pipeline import PipelineOptions
 sys.path.insert(0, os.environ["BLOOMCONV_REPOSITORY"])
 from tests.test_pipeline import computed
 rank = int(os.environ["RANK"])
+if "BLOOMCONV_TEST_BF16_DOT" in os.environ:  # this rank's CPU as the test says, and its products noted
+    from bloomconv.runtime import model as model_module
+    has_bf16_dot = os.environ["BLOOMCONV_TEST_BF16_DOT"] == "1"
+    model_module.kernels.bf16_dot_products = lambda: has_bf16_dot
+    built = model_module.Transformer.__init__
+    def noting(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        json.dump(str(self.prefill_dtype), open(f"{sys.argv[2]}/prefill{rank}.json", "w"))
+    model_module.Transformer.__init__ = noting
 plan, out, micro_batches, timeout = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 dist.init_process_group("gloo")
 for name, copies in plan.items():
@@ -120,13 +129,15 @@ def rank_environment(rank, ranks, port):
                 WORLD_SIZE=str(ranks), OMP_NUM_THREADS="1", BLOOMCONV_REPOSITORY=str(Path(__file__).parents[1]))
 
 
-def launch(plan, ranks, out, micro_batches=2, *extra, timeout=TIMEOUT):
-    """Start one process per rank running RANK_SCRIPT over `plan` (name -> each rank's folder)."""
+def launch(plan, ranks, out, micro_batches=2, *extra, timeout=TIMEOUT, variables=None):
+    """Start one process per rank running RANK_SCRIPT over `plan` (name -> each rank's folder), with
+    `variables[rank]` added to a rank's environment."""
     out.mkdir(exist_ok=True)
     port = free_port()
     arguments = [json.dumps({name: [str(c) for c in copies] for name, copies in plan.items()}), str(out),
                  str(micro_batches), str(timeout), *extra]
-    return [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, *arguments], env=rank_environment(r, ranks, port),
+    return [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, *arguments],
+                             env={**rank_environment(r, ranks, port), **(variables or {}).get(r, {})},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
 
 
@@ -171,6 +182,21 @@ def test_pipeline_matches_the_single_process_runtime_and_opens_only_its_files(di
             weights = {p for p in opened if p.endswith(".safetensors") and p.startswith(str(tmp_path / name))}
             own = {str(copies[rank] / read_manifest(copies[rank]).unit_file(u)) for u in stages[rank].units}
             assert weights == own, (name, rank)
+
+
+@pytest.mark.parametrize("rank0_has_bf16_dot", [True, False])
+def test_ranks_on_different_cpus_all_take_rank_0s_prefill_products(tmp_path, rank0_has_bf16_dot):
+    # bf16-stored weights: the default products depend on the CPU, which the test sets per rank
+    write_example_checkpoint(tmp_path / "src", (64, 2, 4, 512), "release-pickle-shards", dtype=torch.bfloat16)
+    convert(tmp_path / "src", tmp_path / "bf16")
+    _, copies = share_copies(tmp_path / "bf16", 2, tmp_path / "shares")
+    flags = {0: rank0_has_bf16_dot, 1: not rank0_has_bf16_dot}
+    processes = launch({"bf16": copies}, 2, tmp_path / "out",
+                       variables={r: {"BLOOMCONV_TEST_BF16_DOT": str(int(flag))} for r, flag in flags.items()})
+    for rank, (code, _, err) in enumerate(finish(processes)):
+        assert code == 0, f"rank {rank}: {err}"
+    chosen = {json.loads((tmp_path / "out" / f"prefill{r}.json").read_text()) for r in range(2)}
+    assert chosen == {"torch.bfloat16" if rank0_has_bf16_dot else "torch.float32"}
 
 
 def test_a_damaged_file_on_one_rank_stops_every_rank_naming_it(directories, tmp_path):

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 import bloomconv.runtime as runtime
 from bloomconv.cli import main
-from bloomconv.converters.convert import convert
+from bloomconv.converters.convert import convert, quantize
 from bloomconv.converters.example import write_example_checkpoint
 from bloomconv.errors import OptionsError, VerificationError
 from bloomconv.format import EMBEDDING_WEIGHT, EMBEDDINGS_UNIT, FINAL_UNIT, PREFIX, QuantType, block_unit
@@ -370,6 +370,11 @@ def test_prefill_products_default_to_bf16_only_where_the_cpu_multiplies_bf16_and
         assert stored_fp32.transformer.prefill_dtype == torch.float32  # rounding fp32 weights would lose bits
     with runtime.load(bf16_pair[0], prefill_dtype=torch.float32) as asked:
         assert asked.transformer.prefill_dtype == torch.float32  # the caller's choice wins
+    quantized = bf16_pair[0].parent / "int8"  # codes quantized from bf16 weights: exact in bf16 too
+    if not quantized.exists():
+        quantize(bf16_pair[0].parent / "src", quantized, bits=8)
+    with runtime.load(quantized) as int8:
+        assert int8.transformer.prefill_dtype == bf16_prefill
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert model_module.default_prefill_dtype(torch.bfloat16, cpu, "bfloat16") == torch.bfloat16  # the compute dtype
     assert model_module.default_prefill_dtype(torch.float32, cuda, "bfloat16") == torch.float32  # CPUs only
@@ -706,8 +711,8 @@ def test_faulting_a_buffer_in_keeps_what_reads_already_wrote(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
-@pytest.mark.parametrize("refused", [False, True])
-def test_reads_around_the_page_cache_are_tried_once_per_filesystem(deep, monkeypatch, refused):
+@pytest.mark.parametrize("error", [None, errno.EINVAL, errno.EIO], ids=["taken", "refused", "io-error"])
+def test_reads_around_the_page_cache_are_tried_once_per_filesystem(deep, monkeypatch, error):
     monkeypatch.setattr(files, "_DIRECT_READS_WORK", {})
     paths = [deep / f"{unit}.safetensors" for unit in ("block_000", "block_001", "block_002")]
     buffers = [files.AnonymousBuffer(files.whole_pages(path.stat().st_size)) for path in paths]
@@ -717,8 +722,8 @@ def test_reads_around_the_page_cache_are_tried_once_per_filesystem(deep, monkeyp
     def read_at(fd, view, offset):
         if view.obj not in ours:  # the try: one page at offset 0, into memory of its own
             probes.append((len(view), offset))
-            if refused:
-                raise OSError(errno.EINVAL, "O_DIRECT refused at read time")
+            if error is not None:
+                raise OSError(error, os.strerror(error))
         return real_read_at(fd, view, offset)
     monkeypatch.setattr(files, "_read_at", read_at)
     opened = [files.MappedFile(path, {}) for path in paths]
@@ -731,10 +736,12 @@ def test_reads_around_the_page_cache_are_tried_once_per_filesystem(deep, monkeyp
     finally:
         for file in opened:
             file.close()
-    if files._DIRECT_READS_WORK:  # O_DIRECT opened here (not on tmpfs before Linux 6.6): tried once
-        assert probes == [(PAGE, 0)] and around == {not refused}
-    else:
-        assert probes == [] and around == {False}
+    if not probes:  # O_DIRECT refused at open here (tmpfs before Linux 6.6): buffered, nothing tried
+        assert around == {False}
+    elif error == errno.EIO:  # says nothing of the filesystem: each file tries, and reads buffered
+        assert probes == [(PAGE, 0)] * 3 and around == {False} and not files._DIRECT_READS_WORK
+    else:  # the filesystem's answer, tried once
+        assert probes == [(PAGE, 0)] and around == {error is None}
 
 
 def test_reads_queue_one_behind_the_other_and_stop_when_asked(deep, monkeypatch):

@@ -9,7 +9,9 @@ bloomconv but `format` and `errors`, so any part of bloomconv can use it.
 
 What the kernels share is here: whether the extension was built (`available()`; where no C
 compiler was found at install time, callers widen or dequantize weights and quantize with torch
-instead), the instruction sets it can use on this CPU, and how many threads it runs.
+instead), the instruction sets it can use on this CPU, whether the CPU multiplies bf16 natively
+(`bf16_dot_products`, which decides the runtime's default prefill products), and how many threads
+it runs.
 
 >>> from bloomconv import kernels
 >>> kernels.available(), kernels.isas()                                  # doctest: +SKIP

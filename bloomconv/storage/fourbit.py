@@ -42,7 +42,7 @@ from bloomconv import kernels
 from bloomconv.errors import QuantizationError
 from bloomconv.format import (BLOCK_SIZES_4BIT, NESTED_ABSMAX_SUFFIX, NESTED_BLOCK_SIZE,
                               NESTED_QUANT_MAP_SUFFIX, QUANT_ABSMAX_SUFFIX, QUANT_MAP_SUFFIX,
-                              QUANT_STATE_SUFFIX_TEMPLATE, SOURCE_FLOAT_DTYPES, QuantType)
+                              QUANT_STATE_SUFFIX_TEMPLATE, SOURCE_FLOAT_DTYPES, QuantType, dtype_name)
 from bloomconv.kernels import fourbit as fourbit_kernel
 from bloomconv.safetensors_io import StreamedTensor, tensor_bytes
 from bloomconv.settings import QuantSettings
@@ -92,7 +92,7 @@ class FourBitState:
     def to_dict(self) -> dict:
         """Exactly the non-tensor items of `QuantState.as_dict()`, in its order."""
         d = {"quant_type": self.quant_type.value, "blocksize": self.block_size,
-             "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}
+             "dtype": dtype_name(self.dtype), "shape": list(self.shape)}
         if self.nested:
             d.update(nested_blocksize=NESTED_BLOCK_SIZE, nested_dtype="float32", nested_offset=self.nested_offset)
         return d

@@ -32,6 +32,7 @@ enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 /* ------------------------------------------------------------------------------- x86 targets */
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define HAVE_X86_KERNELS 1
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
@@ -51,8 +52,14 @@ static inline int cpu_has_avx512(void)
 }
 
 /* bf16 dot-product instructions (AVX512-BF16; CPUs with AMX have them too), which torch's bf16 GEMM
- * (oneDNN) uses; without them it emulates bf16 products at about the fp32 rate */
-static inline int cpu_has_bf16_dot(void) { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+ * (oneDNN) uses; without them it emulates bf16 products at about the fp32 rate. Read from CPUID
+ * (leaf 7, subleaf 1, EAX bit 5): older compilers' __builtin_cpu_supports does not know the name,
+ * and a build error would leave the extension out. The OS's AVX-512 state is cpu_has_avx512's check. */
+static inline int cpu_has_bf16_dot(void)
+{
+    unsigned int eax, ebx, ecx, edx;
+    return cpu_has_avx512() && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 5) & 1);
+}
 #else
 static inline int cpu_has_avx2(void) { return 0; }
 static inline int cpu_has_avx512(void) { return 0; }
