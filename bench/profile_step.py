@@ -21,6 +21,7 @@ import torch
 
 import bloomconv
 from bloomconv.runtime import model as model_module
+from bloomconv.storage.base import weight_tensors
 
 
 class Timers:
@@ -45,11 +46,8 @@ class Timers:
 
 
 def weight_bytes(weight) -> int:
-    """Bytes of the tensors behind a runtime weight (its storage class's attributes)."""
-    tensors = [v for v in vars(weight).values() if isinstance(v, torch.Tensor)]
-    nested = [t for v in vars(weight).values() if hasattr(v, "__dict__")
-              for t in vars(v).values() if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors + nested)
+    """Bytes of the tensors a runtime weight record holds (as stored, or as held in RAM)."""
+    return sum(t.numel() * t.element_size() for t in weight_tensors(weight))
 
 
 @contextlib.contextmanager
