@@ -216,8 +216,8 @@ def hop(round_trips: int) -> dict:
                 ring.flush()
             times.append(time.perf_counter() - start)
         figures[dtype_name(dtype)] = {"hop_us": statistics.median(times[10:]) / 2 * 1e6,
-                                                      "fastest_hop_us": min(times) / 2 * 1e6,
-                                                      "bytes": x.numel() * x.element_size()}
+                                      "fastest_hop_us": min(times) / 2 * 1e6,
+                                      "bytes": x.numel() * x.element_size()}
     dist.destroy_process_group()
     return figures
 

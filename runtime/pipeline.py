@@ -83,6 +83,7 @@ WORK, STOP, ABORT = 1, 2, 3
 MAX_SLOTS = 4096            # micro-batches of one cache
 TEXT_BYTES = 4096           # a start-up error or host name, as UTF-8 in a uint8 tensor
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
 ABORT_SECONDS = 5.0         # how long passing an abort on may take
 MICRO_BATCH_ROWS = fourbit.SMALL_BATCH_ROWS  # where multiplying, not reading the weights, is the cost
 
@@ -211,7 +212,7 @@ def load_pipeline(directory: str | os.PathLike, options: PipelineOptions = Pipel
                                 "same converted directory, and the same --dtype.")
         budgets = [f[0] for f in everyone]
         # one choice for every block, rank 0's: ranks on different CPUs would otherwise mix products
-        prefill_dtype = next(d for d, code in DTYPE_CODES.items() if code == everyone[0][3])
+        prefill_dtype = DTYPES_BY_CODE[everyone[0][3]]
         stages = plan_stages(manifest, n_layer, budgets if min(budgets) > 0 else [1] * ranks)
         stage = stages[rank]
         # 2. each rank opens its share; any failure stops every rank
