@@ -33,6 +33,19 @@ PyDoc_STRVAR(dense_matmul_doc,
 "out (batch, rows) fp32 = x (batch, cols) fp32 @ W.T [* scale]; W (rows, cols) int8 (kind 0), bf16 (1)\n"
 "or fp16 (2); scale (rows,) fp32 or 0. All contiguous, given by address.");
 
+PyDoc_STRVAR(attention_step_doc,
+"attention_step(fused, batch, heads, head_size, keys, values, capacity, length, bias, out, threads, isa)\n"
+"-> None\n\n"
+"One decoding step's attention: each sequence's new key and value, from fused (batch, 3 * heads *\n"
+"head_size) fp32 laid out per head as [q, k, v], go into keys and values (batch, heads, capacity,\n"
+"head_size) at position length; out (batch, heads * head_size) = softmax(q K^T / sqrt(head_size) +\n"
+"bias) V over the length + 1 positions, bias (batch, heads, length + 1). All fp32, contiguous, given\n"
+"by address.");
+
+PyDoc_STRVAR(gelu_tanh_doc,
+"gelu_tanh(x, out, n, threads, isa) -> None\n\n"
+"out = BLOOM's GELU (tanh approximation) of n fp32 values at address x (out may be x).");
+
 /* Both kernels have code for the same instruction sets and check the CPU alike (kernels.h). */
 static PyObject *isas(PyObject *self, PyObject *unused)
 {
@@ -49,6 +62,8 @@ static PyMethodDef methods[] = {
     {"fourbit_quantize", fourbit_quantize, METH_VARARGS, fourbit_quantize_doc},
     {"int8_quantize", int8_quantize, METH_VARARGS, int8_quantize_doc},
     {"dense_matmul", dense_matmul, METH_VARARGS, dense_matmul_doc},
+    {"attention_step", attention_step, METH_VARARGS, attention_step_doc},
+    {"gelu_tanh", gelu_tanh, METH_VARARGS, gelu_tanh_doc},
     {"isas", isas, METH_NOARGS, "The instruction sets this CPU runs, fastest first."},
     {"bf16_dot_products", bf16_dot_products, METH_NOARGS, "Whether this CPU has bf16 dot-product instructions."},
     {NULL, NULL, 0, NULL},
