@@ -93,7 +93,7 @@ def instrumented(timers: Timers):
     wrap(cls, "_linear", linear)
     wrap(cls, "_layer_norm", named("layer norms"))
     wrap(model_module.F, "scaled_dot_product_attention", named("attention"))  # prefill, or without the kernels
-    wrap(model_module.layer_ops, "attention_step", named("attention"))        # a decoding step's
+    wrap(model_module.step_ops, "attention_step", named("attention"))        # a decoding step's
     wrap(model_module, "gelu", named("gelu"))
     wrap(model_module, "embedding_weights", embeddings)
     try:

@@ -22,6 +22,7 @@ import torch
 
 from bloomconv.errors import ManifestError, OptionsError
 from bloomconv.format import TOKENIZER_NAMES, dtype_name
+from bloomconv.kernels import step_ops
 from bloomconv.settings import INT8_EMBEDDINGS, QuantSettings
 
 from .checkpoint import Checkpoint, open_checkpoint
@@ -524,6 +525,6 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
                 generator: torch.Generator | None) -> torch.Tensor:
     """Pick one token per row of (B, V) logits: argmax at temperature 0, else a filtered sample."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return step_ops.argmax_rows(logits) if step_ops.takes(logits) else logits.argmax(dim=-1)
     logits = top_p_mask(top_k_mask(logits / temperature, top_k), top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]

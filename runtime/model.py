@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from bloomconv import kernels
 from bloomconv.format import EMBEDDINGS_UNIT, FINAL_UNIT, block_unit, dtype_name
 from bloomconv.geometry import Geometry
-from bloomconv.kernels import fourbit, layer_ops
+from bloomconv.kernels import fourbit, step_ops
 
 from .checkpoint import Checkpoint
 from .memory import PREFILL_ROWS
@@ -55,29 +55,31 @@ class KVCache:
 
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add (B, nh, T, hs) keys and values; return all of this block's, (B, nh, S, hs)."""
-        keys, values, start = self.reserve(layer, key)
+        keys, values, start = self.reserve(layer, key.shape, key)
         end = start + key.shape[2]
         keys[:, :, start:end] = key
         values[:, :, start:end] = value
         return keys[:, :, :end], values[:, :, :end]
 
-    def reserve(self, layer: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Room for keys and values shaped like `key` (B, nh, T, hs), counted as cached from now on:
-        this block's whole storage for keys and for values, (B, nh, capacity, hs) contiguous, and
-        the position the T new ones go to. The caller writes them there."""
+    def reserve(self, layer: int, shape: Sequence[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for keys and values of `shape` (B, nh, T, hs), counted as cached from now on: this
+        block's whole storage for keys and for values, (B, nh, capacity, hs) contiguous, of
+        `like`'s dtype and device, and the position the T new ones go to. The caller writes them
+        there."""
         start = self._lengths[layer]
-        end = start + key.shape[2]
+        end = start + shape[2]
         stored = self._keys[layer]
         if stored is None or stored.shape[2] < end:
             capacity = max(end, 2 * start, self.capacity)
-            self._keys[layer] = _grown(stored, key, start, capacity)
-            self._values[layer] = _grown(self._values[layer], key, start, capacity)
+            self._keys[layer] = _grown(stored, shape, like, start, capacity)
+            self._values[layer] = _grown(self._values[layer], shape, like, start, capacity)
         self._lengths[layer] = end
         return self._keys[layer], self._values[layer], start
 
 
-def _grown(stored: torch.Tensor | None, like: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
-    B, nh, _, hs = like.shape
+def _grown(stored: torch.Tensor | None, shape: Sequence[int], like: torch.Tensor, length: int,
+           capacity: int) -> torch.Tensor:
+    B, nh, _, hs = shape
     grown = like.new_empty(B, nh, capacity, hs)
     if stored is not None:
         grown[:, :, :length] = stored[:, :, :length]
@@ -106,7 +108,7 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     """BLOOM's GELU, x/2 · (1 + tanh(0.79788456 · x · (1 + 0.044715 x²))) as transformers' BloomGelu
     writes it: the tanh approximation, in one fused kernel (sqrt(2/π) = 0.7978845608…): the compiled
     one for fp32 on the CPU (several times faster than torch's on one thread), else torch's."""
-    return layer_ops.gelu_tanh(x) if layer_ops.takes(x) else F.gelu(x, approximate="tanh")
+    return step_ops.gelu_tanh(x) if step_ops.takes(x) else F.gelu(x, approximate="tanh")
 
 
 PREFILL_DTYPES = (torch.float32, torch.bfloat16)
@@ -244,12 +246,12 @@ class Transformer:
         h = self._layer_norm(x, w.input_layernorm)
         fused = self._linear(h, w.query_key_value)                                      # (B, T, 3H)
         # The fused projection is laid out per head: [q_h, k_h, v_h] for head 0, 1, …
-        q, k, v = fused.view(B, T, nh, 3, hs).permute(3, 0, 2, 1, 4)                   # 3 × (B, nh, T, hs)
-        if T == 1 and layer_ops.takes(fused, bias):
+        if T == 1 and step_ops.takes(fused, bias):
             # a decoding step: cache write and attention in one compiled call
-            keys, values, cached = past.reserve(layer, k)                                 # (B, nh, capacity, hs)
-            context = layer_ops.attention_step(fused, keys, values, cached, bias)        # (B, 1, H)
+            keys, values, cached = past.reserve(layer, (B, nh, T, hs), fused)              # (B, nh, capacity, hs)
+            context = step_ops.attention_step(fused, keys, values, cached, bias)         # (B, 1, H)
         else:
+            q, k, v = fused.view(B, T, nh, 3, hs).permute(3, 0, 2, 1, 4)               # 3 × (B, nh, T, hs)
             k, v = past.append(layer, k, v)                                               # (B, nh, S, hs)
             # softmax(q k^T / sqrt(hs) + alibi + mask) v in one fused kernel (softmax in fp32 inside)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)            # (B, nh, T, hs)

@@ -17,7 +17,7 @@ import profile_step  # noqa: E402
 def test_every_part_of_a_step_is_timed_and_the_wrappers_are_removed_after(converted):
     originals = (model_module.Transformer._linear, model_module.Transformer._layer_norm, model_module.gelu,
                  model_module.embedding_weights, model_module.F.scaled_dot_product_attention,
-                 model_module.layer_ops.attention_step)
+                 model_module.step_ops.attention_step)
     timers = profile_step.Timers()
     with bloomconv.load(converted, threads=1) as model:
         ids = torch.tensor([[5, 6, 7]])
@@ -37,4 +37,4 @@ def test_every_part_of_a_step_is_timed_and_the_wrappers_are_removed_after(conver
     assert timers.bytes["lm_head"] == 3 * model.geometry.vocab_size * H * itemsize
     assert (model_module.Transformer._linear, model_module.Transformer._layer_norm, model_module.gelu,
             model_module.embedding_weights, model_module.F.scaled_dot_product_attention,
-            model_module.layer_ops.attention_step) == originals
+            model_module.step_ops.attention_step) == originals

@@ -1,4 +1,4 @@
-/* What the files of the one kernels extension share (fourbit.c, dense.c, int8.c, layer_ops.c, parallel.c,
+/* What the files of the one kernels extension share (fourbit.c, dense.c, int8.c, step_ops.c, parallel.c,
  * module.c):
  *   - the instruction-set codes callers pass (one enum; bloomconv/kernels/__init__.py mirrors it);
  *   - compiling x86 SIMD code without a -march flag and choosing it at run time: HAVE_X86_KERNELS
@@ -155,8 +155,9 @@ INTERNAL PyObject *fourbit_dequantize(PyObject *self, PyObject *args);
 INTERNAL PyObject *fourbit_quantize(PyObject *self, PyObject *args);
 /* dense.c */
 INTERNAL PyObject *dense_matmul(PyObject *self, PyObject *args);
-/* layer_ops.c */
+/* step_ops.c */
 INTERNAL PyObject *attention_step(PyObject *self, PyObject *args);
 INTERNAL PyObject *gelu_tanh(PyObject *self, PyObject *args);
+INTERNAL PyObject *argmax_rows(PyObject *self, PyObject *args);
 
 #endif

@@ -46,6 +46,11 @@ PyDoc_STRVAR(gelu_tanh_doc,
 "gelu_tanh(x, out, n, threads, isa) -> None\n\n"
 "out = BLOOM's GELU (tanh approximation) of n fp32 values at address x (out may be x).");
 
+PyDoc_STRVAR(argmax_rows_doc,
+"argmax_rows(x, rows, n, out, threads, isa) -> None\n\n"
+"out (rows,) int64 = each row's index of its largest value (the first; a NaN's if any) in x (rows, n)\n"
+"fp32, n > 0. Contiguous, given by address.");
+
 /* Both kernels have code for the same instruction sets and check the CPU alike (kernels.h). */
 static PyObject *isas(PyObject *self, PyObject *unused)
 {
@@ -64,6 +69,7 @@ static PyMethodDef methods[] = {
     {"dense_matmul", dense_matmul, METH_VARARGS, dense_matmul_doc},
     {"attention_step", attention_step, METH_VARARGS, attention_step_doc},
     {"gelu_tanh", gelu_tanh, METH_VARARGS, gelu_tanh_doc},
+    {"argmax_rows", argmax_rows, METH_VARARGS, argmax_rows_doc},
     {"isas", isas, METH_NOARGS, "The instruction sets this CPU runs, fastest first."},
     {"bf16_dot_products", bf16_dot_products, METH_NOARGS, "Whether this CPU has bf16 dot-product instructions."},
     {NULL, NULL, 0, NULL},

@@ -1,13 +1,16 @@
-"""A block's work besides its matrix products, in one compiled call each: a decoding step's
-attention over the KV cache, and BLOOM's GELU (csrc/layer_ops.c).
+"""What a decoding step computes besides its matrix products, in one compiled call each: the
+attention over the KV cache, BLOOM's GELU (which every pass uses) and the greedy choice of the
+next token (csrc/step_ops.c).
 
-Torch computes both as several ops, each with its own dispatch, and in a decoding step that
-overhead, not the arithmetic, is what they cost; `takes` says where these kernels apply (fp32 on
-the CPU, the extension built) and the runtime uses torch elsewhere. Both compute what torch does
-up to the order of the sums and exp's last bit (tests/test_layer_ops.py compares them).
+Torch computes the first two as several ops, each with its own dispatch, and argmax with scalar
+code on one thread; in a decoding step that, not the arithmetic, is what they cost. `takes` says
+where these kernels apply (fp32 on the CPU, the extension built) and the runtime uses torch
+elsewhere. They compute what torch does, the first two up to the order of the sums and exp's last
+bit, argmax exactly (tests/test_step_ops.py compares them).
 
 >>> context = attention_step(fused, keys, values, length, bias)        # doctest: +SKIP
 >>> gelu_tanh(h)                                                      # doctest: +SKIP
+>>> argmax_rows(logits)                                               # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 
 from . import _isa_code, _kernels, available, kernel_threads
 
-__all__ = ["attention_step", "gelu_tanh", "takes"]
+__all__ = ["argmax_rows", "attention_step", "gelu_tanh", "takes"]
 
 
 def takes(*tensors: torch.Tensor) -> bool:
@@ -61,4 +64,17 @@ def gelu_tanh(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
     out = torch.empty_like(x)
     if x.numel():
         _kernels.gelu_tanh(x.data_ptr(), out.data_ptr(), x.numel(), kernel_threads(), _isa_code(isa))
+    return out
+
+
+def argmax_rows(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
+    """x (B, V) fp32 on the CPU -> (B,) int64: each row's index of its largest value, exactly
+    torch.argmax(x, dim=-1) (the first of equal ones; a row's first NaN where it has one)."""
+    if not takes(x) or x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"cannot take the argmax of {x.dtype} {tuple(x.shape)} on {x.device}; pass fp32 CPU "
+                         "logits (B, V), V > 0")
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    if x.shape[0]:
+        _kernels.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), kernel_threads(), _isa_code(isa))
     return out

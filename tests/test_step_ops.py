@@ -1,5 +1,5 @@
-"""The decoding step's attention and the GELU kernel (bloomconv/kernels/csrc/layer_ops.c) against
-torch's own ops, and the runtime's use of them."""
+"""A decoding step's attention, the GELU and the greedy choice (bloomconv/kernels/csrc/step_ops.c)
+against torch's own ops, and the runtime's use of them."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ import bloomconv.runtime as runtime
 from bloomconv import kernels
 from bloomconv.converters.convert import convert
 from bloomconv.converters.example import write_example_checkpoint
-from bloomconv.kernels import layer_ops
+from bloomconv.kernels import step_ops
 from bloomconv.runtime.model import KVCache
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the C extension is not built")
@@ -52,14 +52,14 @@ def test_attention_step_matches_torch_and_writes_the_cache(B, nh, hs, length, is
     lengths = [length + 1 - (row * 3) % (length + 1) for row in range(B)]  # some rows left-padded
     bias = step_bias(lengths, nh, length)
     ours, theirs = cache_with(B, nh, hs, length, length + 4, g, copies=2)
-    before = [t.clone() for t in ours.reserve(0, torch.empty(B, nh, 0, hs))[:2]]
+    before = [t.clone() for t in ours.reserve(0, (B, nh, 0, hs), fused)[:2]]
 
     q, k, v = fused.view(B, 1, nh, 3, hs).permute(3, 0, 2, 1, 4)
     keys, values = theirs.append(0, k, v)
     expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias).transpose(1, 2).reshape(B, 1, H)
-    storage_k, storage_v, cached = ours.reserve(0, k)
+    storage_k, storage_v, cached = ours.reserve(0, k.shape, k)
     assert cached == length and ours.length == length + 1
-    context = layer_ops.attention_step(fused, storage_k, storage_v, cached, bias, isa=isa)
+    context = step_ops.attention_step(fused, storage_k, storage_v, cached, bias, isa=isa)
 
     assert (context - expected).abs().max() < 1e-5
     assert torch.equal(storage_k[:, :, :length + 1], keys) and torch.equal(storage_v[:, :, :length + 1], values)
@@ -76,9 +76,9 @@ def test_masked_positions_get_no_weight(isa):
     fused = torch.randn(B, 1, 3 * nh * hs, generator=g)
     bias = step_bias([4, 12], nh, length)
     past = cache_with(B, nh, hs, length, length + 1, g)
-    keys, values, cached = past.reserve(0, torch.empty(B, nh, 1, hs))
+    keys, values, cached = past.reserve(0, (B, nh, 1, hs), fused)
     values[0, :, :length + 1 - 4] = 1e30  # the first sequence's padding: any weight on it would show
-    context = layer_ops.attention_step(fused, keys, values, cached, bias, isa=isa)
+    context = step_ops.attention_step(fused, keys, values, cached, bias, isa=isa)
     assert context.isfinite().all() and context.abs().max() < 100
 
 
@@ -86,16 +86,16 @@ def test_masked_positions_get_no_weight(isa):
 def test_attention_step_refuses_what_does_not_fit():
     B, nh, hs = 1, 2, 8
     past = cache_with(B, nh, hs, 3, 8, torch.Generator().manual_seed(0))
-    keys, values, cached = past.reserve(0, torch.empty(B, nh, 1, hs))
+    keys, values, cached = past.reserve(0, (B, nh, 1, hs), torch.empty(0))
     fused, bias = torch.zeros(B, 1, 3 * nh * hs), torch.zeros(B, nh, 1, cached + 1)
     with pytest.raises(ValueError, match="bias"):
-        layer_ops.attention_step(fused, keys, values, cached, bias[..., :-1])
+        step_ops.attention_step(fused, keys, values, cached, bias[..., :-1])
     with pytest.raises(ValueError, match="capacity"):
-        layer_ops.attention_step(fused, keys, values, keys.shape[2], torch.zeros(B, nh, 1, keys.shape[2] + 1))
+        step_ops.attention_step(fused, keys, values, keys.shape[2], torch.zeros(B, nh, 1, keys.shape[2] + 1))
     with pytest.raises(ValueError, match="contiguous"):
-        layer_ops.attention_step(fused, keys[:, :, :5], values[:, :, :5], cached, bias)
+        step_ops.attention_step(fused, keys[:, :, :5], values[:, :, :5], cached, bias)
     with pytest.raises(ValueError):
-        layer_ops.attention_step(fused.double(), keys, values, cached, bias)
+        step_ops.attention_step(fused.double(), keys, values, cached, bias)
 
 
 @needs_kernels
@@ -106,18 +106,37 @@ def test_gelu_matches_torch(n, isa):
     x = torch.randn(n, generator=g) * 4
     x[: min(n, 4)] = torch.tensor([0.0, -30.0, 30.0, 1e-20])[: min(n, 4)]
     expected = F.gelu(x.double(), approximate="tanh")
-    ours = layer_ops.gelu_tanh(x, isa=isa)
+    ours = step_ops.gelu_tanh(x, isa=isa)
     assert ours.dtype == torch.float32 and ours.shape == x.shape
     # as close as torch's own fp32 kernel: within 1.1e-7 |x| of the exact value (2.5e-7 allowed);
     # the residual stream it is added to has x's scale
     assert ((ours.double() - expected).abs() <= 2.5e-7 * x.double().abs()).all()
 
 
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("V", [1, 7, 8, 250880 + 3])
+def test_argmax_is_torchs(V, isa):
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(6, V, generator=g)
+    logits[1] = 0.5                                       # all equal: the first
+    logits[2, V // 2:] = logits[2].max() + 1              # ties at the top: the first of them
+    logits[3, -1] = float("nan")                          # a NaN: its index, as torch says
+    logits[4] = float("-inf")
+    logits[5, V // 3] = float("inf")
+    expected = logits.argmax(dim=-1)
+    assert torch.equal(step_ops.argmax_rows(logits, isa=isa), expected)
+    wider = torch.cat([logits, torch.full((6, 5), float("inf"))], dim=1)[:, :V]  # a strided view
+    assert torch.equal(step_ops.argmax_rows(wider, isa=isa), expected)
+    with pytest.raises(ValueError):
+        step_ops.argmax_rows(logits[:, :0])
+
+
 def test_kv_cache_reserve_grows_and_keeps_what_it_holds():
     past = KVCache(2)
     first = torch.randn(1, 2, 3, 4)
     past.append(1, first, -first)
-    keys, values, start = past.reserve(1, torch.empty(1, 2, 5, 4))
+    keys, values, start = past.reserve(1, (1, 2, 5, 4), first)
     assert start == 3 and past.length == 8 and keys.shape[2] >= 8 and keys.is_contiguous()
     assert torch.equal(keys[:, :, :3], first) and torch.equal(values[:, :, :3], -first)
 
@@ -131,14 +150,14 @@ def test_decoding_steps_give_what_torchs_ops_give(tmp_path, monkeypatch):
     mask = torch.ones_like(ids)
     mask[1, :2] = mask[2, :4] = 0
     steps = []  # the cached length of each call: the kernel runs for decoding steps only
-    attention_step = layer_ops.attention_step
-    monkeypatch.setattr(layer_ops, "attention_step", lambda *args: steps.append(args[3]) or attention_step(*args))
+    attention_step = step_ops.attention_step
+    monkeypatch.setattr(step_ops, "attention_step", lambda *args: steps.append(args[3]) or attention_step(*args))
     with runtime.load(tmp_path / "dst") as model:
         ours = model.generate_ids(ids, mask, max_new_tokens=8)
         assert steps == [length for length in range(6, 13) for _ in range(2)]  # 7 steps after the prompt, 2 blocks
         _, past = model.forward(ids, mask)
         step, _ = model.forward(ours[:, 6:7], torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1), past)
-        monkeypatch.setattr(layer_ops, "takes", lambda *tensors: False)
+        monkeypatch.setattr(step_ops, "takes", lambda *tensors: False)
         assert torch.equal(model.generate_ids(ids, mask, max_new_tokens=8), ours)
         _, past = model.forward(ids, mask)
         expected, _ = model.forward(ours[:, 6:7], torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1), past)

@@ -1,10 +1,11 @@
-/* A block's work besides its matrix products, on CPU in fp32: a decoding step's attention over the
- * KV cache, and BLOOM's GELU.
+/* What a decoding step computes besides its matrix products, on CPU in fp32: the attention over
+ * the KV cache, BLOOM's GELU (which every pass uses), and the greedy choice of the next token.
  *
  * Why: these are tiny next to the products, but torch runs each as several ops with its own
- * dispatch, and in a decoding step (one token per sequence) that overhead is the cost: for 16
- * sequences of bloom-560m, torch's fused attention and GELU took a fifth of a step
- * (bench/profile_step.py). Here each is one call.
+ * dispatch, or on one thread with scalar code (argmax over a 250880-token vocabulary took 0.2 ms),
+ * and in a decoding step (one token per sequence) that is their whole cost: for 16 sequences of
+ * bloom-560m, torch's fused attention and GELU took a fifth of a step (bench/profile_step.py).
+ * Here each is one call.
  *
  * attention_step: for each sequence b and head h, the step's key and value (from the fused QKV
  * projection, laid out per head as [q, k, v]) are written into the cache at position `length`,
@@ -15,8 +16,12 @@
  * gelu_tanh: x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³))), computed as x / (1 + exp(-2u)), the same
  * function without tanh's cancellation near 0.
  *
+ * argmax_rows: each row's index of its largest value, the first one where several are equal, and
+ * of its first NaN where there is one, as torch.argmax answers.
+ *
  * AVX2+FMA code (a target attribute, as in the other kernels) where the head size is a multiple of
- * 8, portable C elsewhere. Sequences × heads, and GELU's elements, are shared out among threads.
+ * 8, portable C elsewhere. Sequences × heads, GELU's elements and argmax's rows are shared out
+ * among threads.
  */
 #include "kernels.h"
 
@@ -28,6 +33,7 @@
  * counts the cached keys and values it reads, GELU the elements it computes (an exp each). */
 enum { ATTENTION_MIN_BYTES_PER_THREAD = 256 * 1024 };
 enum { GELU_GRAIN = 4096, GELU_MIN_ELEMENTS_PER_THREAD = 16384 };
+enum { ARGMAX_MIN_BYTES_PER_THREAD = 1024 * 1024 };
 
 /* Below this, exp's result is under fp32's smallest normal: the kernels return 0, as expf does
  * (to within subnormals), so masked positions (bias = fp32's minimum) get no weight at all. */
@@ -47,6 +53,13 @@ typedef struct {
     float *out;
     int64_t n;
 } Gelu;
+
+typedef struct {
+    const float *x;   /* (rows, n) */
+    int64_t *out;     /* (rows,) */
+    int64_t n;
+    int vector;
+} Argmax;
 
 /* ------------------------------------------------------------------------------ scalar path */
 
@@ -103,6 +116,19 @@ static void scalar_attention(const Attention *a, int64_t item, float *scores)
             out[d] += scores[s] * values[s * hs + d];
     for (int64_t d = 0; d < hs; d++)
         out[d] /= total;
+}
+
+/* The row's first NaN, else its first largest value. */
+static int64_t scalar_argmax(const float *x, int64_t n)
+{
+    int64_t best = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (x[i] != x[i])
+            return i;
+        if (x[i] > x[best])
+            best = i;
+    }
+    return best;
 }
 
 static void scalar_gelu(const void *job, int64_t begin, int64_t end)
@@ -174,6 +200,42 @@ AVX2_TARGET static void avx2_attention(const Attention *a, int64_t item, float *
     }
 }
 
+/* The largest value 8 lanes at a time (and whether there is a NaN), then the first index holding
+ * it: two passes over a row that stays in cache, each far faster than one scalar pass. */
+AVX2_TARGET static int64_t avx2_argmax(const float *x, int64_t n)
+{
+    if (n < 8)
+        return scalar_argmax(x, n);
+    __m256 top = _mm256_loadu_ps(x), nan = _mm256_cmp_ps(top, top, _CMP_UNORD_Q);
+    int64_t i = 8;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        top = _mm256_max_ps(top, v);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    if (_mm256_movemask_ps(nan))
+        return scalar_argmax(x, n);  /* the first NaN */
+    float best = x[0];
+    float lanes[8];
+    _mm256_storeu_ps(lanes, top);
+    for (int l = 0; l < 8; l++)
+        best = lanes[l] > best ? lanes[l] : best;
+    for (; i < n; i++) {
+        if (x[i] != x[i])
+            return scalar_argmax(x, n);
+        best = x[i] > best ? x[i] : best;
+    }
+    const __m256 target = _mm256_set1_ps(best);
+    for (i = 0; i + 8 <= n; i += 8) {
+        const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), target, _CMP_EQ_OQ));
+        if (hit)
+            return i + __builtin_ctz((unsigned)hit);
+    }
+    for (; x[i] != best; i++)
+        ;
+    return i;
+}
+
 AVX2_TARGET static void avx2_gelu(const void *job, int64_t begin, int64_t end)
 {
     const Gelu *g = job;
@@ -221,6 +283,21 @@ static void attention_items(const void *job, int64_t begin, int64_t end)
     free(scores);
 }
 
+/* run_parallel's RangeFunction: rows [begin, end). */
+static void argmax_items(const void *job, int64_t begin, int64_t end)
+{
+    const Argmax *a = job;
+    for (int64_t row = begin; row < end; row++) {
+#ifdef HAVE_X86_KERNELS
+        if (a->vector) {
+            a->out[row] = avx2_argmax(a->x + row * a->n, a->n);
+            continue;
+        }
+#endif
+        a->out[row] = scalar_argmax(a->x + row * a->n, a->n);
+    }
+}
+
 /* ------------------------------------------------------------------------------ Python glue */
 
 PyObject *attention_step(PyObject *self, PyObject *args)
@@ -262,6 +339,24 @@ PyObject *gelu_tanh(PyObject *self, PyObject *args)
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_parallel(run, &g, (n + GELU_GRAIN - 1) / GELU_GRAIN, GELU_GRAIN, threads, GELU_MIN_ELEMENTS_PER_THREAD);
+    Py_END_ALLOW_THREADS
+    if (status)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+PyObject *argmax_rows(PyObject *self, PyObject *args)
+{
+    unsigned long long x, out;
+    long long rows, n;
+    int threads, isa;
+    if (!PyArg_ParseTuple(args, "KLLKii", &x, &rows, &n, &out, &threads, &isa))
+        return NULL;
+    Argmax a = {.x = (const float *)(uintptr_t)x, .out = (int64_t *)(uintptr_t)out, .n = n,
+                .vector = isa != ISA_SCALAR && cpu_has_avx2()};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_parallel(argmax_items, &a, rows, n * (int64_t)sizeof(float), threads, ARGMAX_MIN_BYTES_PER_THREAD);
     Py_END_ALLOW_THREADS
     if (status)
         return PyErr_NoMemory();
