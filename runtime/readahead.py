@@ -4,11 +4,14 @@ STREAM_PIECE_BYTES: the memory streaming takes is bounded by these constants, no
 A piece is a row range of one matrix of a file (its stored tensors' rows: int8 rows and their
 scales; 4-bit packed rows and the absmax of their blocks), as many rows as fit in
 STREAM_PIECE_BYTES, cut where the weight's `row_multiple` allows (multiples of ROW_MULTIPLE rows;
-for 4-bit weights whole blocks and whole GEMM calls, `StoredWeight.row_slice`). A matrix no larger than that is one piece. The pieces of all streamed
-files form one cycle in the order a forward pass multiplies by them (blocks, then the embedding
-matrix as the tied lm_head). A `StreamedWeight` computes its product piece by piece (the output
-features are the concatenation over its row ranges), bit for bit the product of the whole matrix;
-pieces the residency plan pins (`residency`) are read once like a pinned file and leave the cycle.
+for 4-bit weights whole blocks, `StoredWeight.row_slice`). A matrix no larger than that is one
+piece. The pieces of all streamed files form one cycle in the order a forward pass multiplies by
+them (blocks, then the embedding matrix as the tied lm_head). A `StreamedWeight` computes its
+product piece by piece (the output features are the concatenation over its row ranges): bit for
+bit the product of the whole matrix where the compiled kernels multiply (fp32 sums row by row),
+to within rounding where a large batch goes to torch's GEMM (a 4-bit or a bf16 prefill), whose
+summation order may depend on the matrix's shape. Pieces the residency plan pins (`residency`)
+are read once like a pinned file and leave the cycle.
 Layer norms and biases of a streamed file, and the few embedding rows a step looks up, are read
 through the file mapping: a few pages, not the file.
 

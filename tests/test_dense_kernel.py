@@ -134,6 +134,23 @@ def test_bad_arguments_raise_typed_errors():
     with pytest.raises(QuantizationError, match="not available"):
         dense.dense_matmul(torch.zeros(1, 32), weight, isa="avx9000")
     assert dense.dense_matmul(torch.zeros(0, 32), weight).shape == (0, 8)
+    with pytest.raises(QuantizationError, match="scale"):  # a kept matrix is checked when it is made
+        dense.DenseMatrix(weight, torch.ones(8, dtype=torch.float64))
+
+
+@needs_dense
+def test_a_kept_matrix_multiplies_like_the_function_and_holds_its_own_copy_of_a_strided_weight():
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)
+    weight, scale = wide[:, 16:80], torch.rand(40, generator=g)  # strided rows
+    matrix = dense.DenseMatrix(weight, scale)
+    assert matrix.weight.is_contiguous() and torch.equal(matrix.weight, weight)
+    for x in (torch.randn(3, 64, generator=g), torch.randn(2, 5, 64, generator=g).to(torch.bfloat16),
+              torch.randn(64, 2, generator=g).T):  # fp32, bf16, strided x
+        out = matrix.matmul(x)
+        assert out.dtype == torch.float32 and out.shape == (*x.shape[:-1], 40)
+        assert torch.equal(out, dense.dense_matmul(x, weight, scale))
+        assert_close_to_reference(out, x, weight.float(), scale)
 
 
 # ------------------------------------------------------------------------------ weight records
@@ -145,8 +162,8 @@ def test_int8_weight_multiplies_in_fp32_with_the_kernel_and_falls_back_to_torch(
     reference = dequantize_int8(CB, SCB, torch.float32)
     calls = []
     if kernels.available():
-        real = dense.dense_matmul
-        monkeypatch.setattr(dense, "dense_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real = dense.DenseMatrix.matmul
+        monkeypatch.setattr(dense.DenseMatrix, "matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
     for x in (torch.randn(2, 1, 64, generator=g), torch.randn(2, 40, 64, generator=g)):  # decode, prefill
         assert_close_to_reference(record.matmul(x), x, reference)
     assert len(calls) == 2 * int(kernels.available())
@@ -170,7 +187,7 @@ def test_int8_weight_multiplies_many_bf16_rows_with_a_bf16_gemm_on_its_codes(mon
     CB, SCB = quantize_int8(torch.randn(300, 64, generator=g), "source")
     record = Int8Weight(CB, SCB)
     x = torch.randn(2, dense.SMALL_BATCH_ROWS, 64, generator=g).to(torch.bfloat16)  # more rows than the kernel's
-    monkeypatch.setattr(dense, "dense_matmul", lambda *a, **k: pytest.fail("many bf16 rows took the fp32 kernel"))
+    monkeypatch.setattr(dense.DenseMatrix, "matmul", lambda *a, **k: pytest.fail("many bf16 rows took the fp32 kernel"))
     out = record.matmul(x)
     assert out.dtype == torch.bfloat16 and out.shape == (2, dense.SMALL_BATCH_ROWS, 300)
     # exact products of the codes, fp32 sums rounded to bf16, scaled by SCB / 127, rounded again
@@ -178,7 +195,7 @@ def test_int8_weight_multiplies_many_bf16_rows_with_a_bf16_gemm_on_its_codes(mon
     exact = (flat @ CB.double().T) * (SCB.double() / 127)
     bound = exact.abs() * 2 ** -7 + 1e-6 * (flat.abs() @ CB.double().abs().T) * (SCB.double() / 127)
     assert ((out.reshape(exact.shape).double() - exact).abs() <= bound).all()
-    monkeypatch.setattr(fourbit, "DEQUANTIZE_TILE_BYTES", 1)  # tiles of the fewest rows (GEMM_ROWS): two for 300
+    monkeypatch.setattr(fourbit, "DEQUANTIZE_TILE_BYTES", 1)  # tiles of the fewest rows (TILE_ROWS): two for 300
     assert ((record.matmul(x).reshape(exact.shape).double() - exact).abs() <= bound).all()
 
 

@@ -166,7 +166,7 @@ def test_quantizer_marks_non_finite_blocks(bad):
 def test_large_batches_go_through_dequantized_tiles(monkeypatch):
     stored, weight = quantized("nf4", 64, True, (1024, 4096))
     matrix = fourbit_matrix(stored)
-    monkeypatch.setattr(fourbit, "GEMM_ROWS", 96)
+    monkeypatch.setattr(fourbit, "TILE_ROWS", 96)
     monkeypatch.setattr(fourbit, "DEQUANTIZE_TILE_BYTES", 300 * 4096 * 4)  # tiles of 288 rows: 3, then 160
     x = torch.randn(2, fourbit.SMALL_BATCH_ROWS + 1, 4096, generator=torch.Generator().manual_seed(3))
     out = fourbit.fourbit_matmul(x, matrix)

@@ -65,12 +65,25 @@ def run(model):
     return model(decode), model(prefill), model.generate_ids(decode, max_new_tokens=3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+# compute dtype, prefill dtype: fp32 throughout goes through the compiled kernels only; a bf16
+# prefill (PREFILL_ROWS+ rows) goes to torch's GEMM, as do 4-bit tiles in either
+COMPUTE = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16)}
+
+
+def through_the_kernels_only(name: str, compute: str) -> bool:
+    return compute == "fp32" and not name.startswith("nf4")
+
+
+@pytest.mark.parametrize("compute", list(COMPUTE))
 @pytest.mark.parametrize("name", list(DIRECTORIES))
-def test_logits_are_identical_pinned_streamed_whole_and_in_the_smallest_pieces(directories, monkeypatch, name, dtype):
+def test_logits_are_the_same_pinned_streamed_whole_and_in_the_smallest_pieces(directories, monkeypatch, name, compute):
+    """Bit for bit wherever the kernels multiply (decoding steps; an fp32 prefill of int8 and
+    16-bit weights). torch's GEMM may round a piece's rows differently from the whole matrix's (its
+    blocking depends on the shape): there, to within rounding, and the same greedy tokens."""
+    dtype, prefill_dtype = COMPUTE[compute]
     results = {}
     for how in ("pinned", "whole", "pieces"):
-        with loaded(directories[name], how, monkeypatch, dtype=dtype) as model:
+        with loaded(directories[name], how, monkeypatch, dtype=dtype, prefill_dtype=prefill_dtype) as model:
             plan = model.checkpoint.residency
             pieces = model.checkpoint.pieces
             matrices = {(piece.unit, piece.module) for piece in pieces}
@@ -82,8 +95,18 @@ def test_logits_are_identical_pinned_streamed_whole_and_in_the_smallest_pieces(d
                 assert (len(pieces) == len(matrices)) == (how == "whole") and len(matrices) >= 4 * GEOMETRY[1]
             results[how] = run(model)
     for how in ("whole", "pieces"):
-        for ours, expected in zip(results[how], results["pinned"]):
-            assert torch.equal(ours, expected), how
+        assert_same_results(results[how], results["pinned"], through_the_kernels_only(name, compute))
+
+
+def assert_same_results(ours, expected, exact_prefill: bool):
+    """`run`'s results: decoding logits and greedy tokens bit for bit, prefill logits too where
+    `exact_prefill`, else to within 1 % of the largest logit."""
+    (decode, prefill, ids), (expected_decode, expected_prefill, expected_ids) = ours, expected
+    assert torch.equal(decode, expected_decode) and torch.equal(ids, expected_ids)
+    if exact_prefill:
+        assert torch.equal(prefill, expected_prefill)
+    else:
+        assert (prefill - expected_prefill).abs().max() <= 1e-2 * expected_prefill.abs().max()
 
 
 def test_a_misaligned_stored_tensor_is_read_in_pieces_and_copied_into_place(tmp_path, monkeypatch):
@@ -95,7 +118,7 @@ def test_a_misaligned_stored_tensor_is_read_in_pieces_and_copied_into_place(tmp_
         expected = run(model)
     with loaded(tmp_path / "nf4", "pieces", monkeypatch) as model:
         assert any(piece.copies for piece in model.checkpoint.pieces)
-        assert all(torch.equal(ours, theirs) for ours, theirs in zip(run(model), expected))
+        assert_same_results(run(model), expected, exact_prefill=False)  # 4-bit tiles: torch's GEMM
 
 
 @pytest.mark.parametrize("quant", ["none-fp32", "none-bf16", "int8", "nf4", "nf4-dq", "fp4-dq"])

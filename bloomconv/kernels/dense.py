@@ -18,13 +18,16 @@ torch.Size([1, 64])
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
 from bloomconv.errors import QuantizationError
 
 from . import _isa_code, _kernels, kernel_threads
 
-__all__ = ["SMALL_BATCH_ROWS", "dense_matmul", "supports"]
+__all__ = ["SMALL_BATCH_ROWS", "DenseMatrix", "dense_matmul", "supports"]
 
 # Above this many activation rows, a weight already in the compute dtype (bf16 x bf16) goes to
 # torch's GEMM, which overtakes the kernel once the multiply, not reading the weight, is the cost;
@@ -38,7 +41,57 @@ _KINDS = {torch.int8: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/dense.c's 
 
 def supports(weight: torch.Tensor) -> bool:
     """Whether `dense_matmul` takes this weight: a 2-D int8/bf16/fp16 matrix in CPU memory."""
-    return weight.dtype in _KINDS and weight.dim() == 2 and weight.device.type == "cpu"
+    return weight.dtype in _KINDS and weight.dim() == 2 and weight.is_cpu
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseMatrix:
+    """One int8/bf16/fp16 matrix (out, in), with its int8 row scales, as the kernel reads it.
+
+    Checked once, on construction (a non-contiguous weight is copied), so that a product checks
+    only x: a decoding step multiplies each matrix once per token, and per-call checks of the
+    weight were a measurable part of a step. Storage records keep one per weight.
+    """
+
+    weight: torch.Tensor                # (out, in) int8, bf16 or fp16, CPU
+    scale: torch.Tensor | None = None   # (out,) fp32: each row's sum is multiplied by it
+
+    def __post_init__(self):
+        rows, cols = self.weight.shape if self.weight.dim() == 2 else (-1, -1)
+        if not supports(self.weight):
+            raise QuantizationError("weight", f"cannot multiply by a {self.weight.dtype} weight of shape "
+                                    f"{tuple(self.weight.shape)} on {self.weight.device}",
+                                    "Pass a 2-D int8/bf16/fp16 CPU weight.")
+        if self.scale is not None and (self.scale.dtype != torch.float32 or self.scale.numel() != rows):
+            raise QuantizationError("weight", f"scale must be {rows} fp32 values, got {self.scale.dtype} × "
+                                    f"{self.scale.numel()}", "Pass one fp32 scale per weight row (SCB / 127 for "
+                                    "LLM.int8()).")
+        object.__setattr__(self, "weight", self.weight.contiguous())
+        if self.scale is not None:
+            object.__setattr__(self, "scale", self.scale.contiguous())
+
+    @functools.cached_property
+    def _arguments(self) -> tuple:
+        """csrc/dense.c's matrix arguments: weight, rows, cols, kind, scale."""
+        return (self.weight.data_ptr(), *self.weight.shape, _KINDS[self.weight.dtype],
+                0 if self.scale is None else self.scale.data_ptr())
+
+    def matmul(self, x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
+        """x (..., in) of any float dtype @ weight.T [* scale] -> (..., out) fp32, with
+        `kernel_threads()` threads; `isa` forces an instruction set from `bloomconv.kernels.isas()`."""
+        code = _isa_code(isa)
+        _, rows, cols = self._arguments[:3]
+        if x.shape[-1] != cols:
+            raise QuantizationError("weight", f"cannot multiply x of shape {tuple(x.shape)} by a {self.weight.dtype} "
+                                    f"weight of shape {tuple(self.weight.shape)}",
+                                    f"Pass activations whose last dimension is {cols}.")
+        if x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous():
+            x = x.to(device="cpu", dtype=torch.float32).contiguous()                     # (..., in)
+        out = torch.empty(x.shape[:-1] + (rows,), dtype=torch.float32)                    # (..., out)
+        if out.numel():
+            _kernels.dense_matmul(x.data_ptr(), out.numel() // rows, out.data_ptr(), kernel_threads(), code,
+                                  *self._arguments)
+        return out
 
 
 def dense_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, *,
@@ -47,23 +100,6 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
 
     `weight` is int8, bf16 or fp16 (memory-mapped is fine; a non-contiguous one is copied). Uses
     `kernel_threads()` threads; `isa` forces an instruction set from `bloomconv.kernels.isas()`.
+    For a matrix multiplied again and again, keep its `DenseMatrix`.
     """
-    code = _isa_code(isa)
-    rows, cols = weight.shape if weight.dim() == 2 else (-1, -1)
-    if not supports(weight) or x.shape[-1] != cols:
-        raise QuantizationError("weight", f"cannot multiply x of shape {tuple(x.shape)} by a {weight.dtype} weight "
-                                f"of shape {tuple(weight.shape)} on {weight.device}",
-                                "Pass a 2-D int8/bf16/fp16 CPU weight whose rows match x's last dimension.")
-    if scale is not None and (scale.dtype != torch.float32 or scale.numel() != rows):
-        raise QuantizationError("weight", f"scale must be {rows} fp32 values, got {scale.dtype} × {scale.numel()}",
-                                "Pass one fp32 scale per weight row (SCB / 127 for LLM.int8()).")
-    batch = x.shape[:-1].numel()
-    flat = x.reshape(batch, cols).to(device="cpu", dtype=torch.float32).contiguous()      # (M, in)
-    weight = weight.contiguous()
-    scale = None if scale is None else scale.contiguous()
-    out = torch.empty(flat.shape[0], rows, dtype=torch.float32)                          # (M, out)
-    if out.numel():
-        _kernels.dense_matmul(flat.data_ptr(), flat.shape[0], out.data_ptr(), kernel_threads(), code,
-                              weight.data_ptr(), rows, cols, _KINDS[weight.dtype],
-                              0 if scale is None else scale.data_ptr())
-    return out.reshape(*x.shape[:-1], rows)
+    return DenseMatrix(weight, scale).matmul(x, isa=isa)

@@ -25,8 +25,8 @@ a multiple of 32. Rows are shared out among `kernel_threads()` threads.
 
 Batches: up to SMALL_BATCH_ROWS rows of x share each decoded weight (decoded once per call); a
 larger batch (prefill) is compute-bound, so the matrix is dequantized a tile at a time (about
-DEQUANTIZE_TILE_BYTES, at least GEMM_ROWS rows: `tile_rows`), by the same C code, and each tile
-goes to torch's GEMM in calls of GEMM_ROWS rows (in bf16 for bf16 x: `fourbit_matmul`).
+DEQUANTIZE_TILE_BYTES, in whole TILE_ROWS: `tile_rows`), by the same C code, and each tile goes
+to torch's GEMM in one call (in bf16 for bf16 x: `fourbit_matmul`).
 Double-quantized absmax is decoded inside the kernel per block, so nothing is cached and no fp32
 absmax vector is materialised.
 
@@ -44,6 +44,7 @@ torch.Size([3, 64])
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +61,9 @@ __all__ = ["DEQUANTIZE_TILE_BYTES", "SMALL_BATCH_ROWS", "FourBitMatrix", "Nested
 # wins once the multiply, not reading the weight, is the cost: around 32 rows the two cost the same.
 SMALL_BATCH_ROWS = 32
 DEQUANTIZE_TILE_BYTES = 8 * 1024 * 1024  # fp32 tile for the large-batch path
-# Rows per GEMM of the large-batch path, whatever the tile: a matrix multiplied whole and the same
-# matrix multiplied in row slices (a 4-bit weight's `row_multiple` is a multiple of this) then
-# make the same GEMM calls, and torch's GEMM, whose rounding may depend on the shape, gives the
-# same bits. Fewer, larger calls are faster; a tile holds at least this many rows.
-GEMM_ROWS = 256
+# A large-batch tile holds a whole multiple of this many rows (at least one): one GEMM call per
+# tile, as large as DEQUANTIZE_TILE_BYTES allows, since larger calls are faster.
+TILE_ROWS = 256
 
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/fourbit.c's ROUND_*
 
@@ -118,8 +117,10 @@ class FourBitMatrix:
                                         f"on {tensor.device} (contiguous: {tensor.is_contiguous()}); a "
                                         f"{rows}×{cols} matrix needs {numel} contiguous {dtype} on the CPU", fix)
 
+    @functools.cached_property
     def _arguments(self) -> tuple:
-        """csrc/fourbit.c's MATRIX_FORMAT arguments."""
+        """csrc/fourbit.c's MATRIX_FORMAT arguments (computed once: a decoding step multiplies each
+        matrix once per token)."""
         if isinstance(self.absmax, NestedAbsmax):
             n = self.absmax
             absmax = (0, n.codes.data_ptr(), n.absmax.data_ptr(), n.code.data_ptr(), n.offset, NESTED_BLOCK_SIZE)
@@ -131,8 +132,8 @@ class FourBitMatrix:
 
 def tile_rows(cols: int) -> int:
     """Rows of the fp32 tile the large-batch path dequantizes at a time for rows of `cols`: about
-    DEQUANTIZE_TILE_BYTES, in whole GEMM_ROWS (at least one)."""
-    return max(1, DEQUANTIZE_TILE_BYTES // (4 * cols) // GEMM_ROWS) * GEMM_ROWS
+    DEQUANTIZE_TILE_BYTES, in whole TILE_ROWS (at least one)."""
+    return max(1, DEQUANTIZE_TILE_BYTES // (4 * cols) // TILE_ROWS) * TILE_ROWS
 
 
 def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = None) -> torch.Tensor:
@@ -161,7 +162,7 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
         return out.zero_().reshape(*x.shape[:-1], rows)
     if batch <= SMALL_BATCH_ROWS:
         _kernels.fourbit_matmul(flat.data_ptr(), batch, out.data_ptr(), kernel_threads(), isa_code,
-                                *matrix._arguments())
+                                *matrix._arguments)
     else:
         step = tile_rows(cols)
         # weights quantized from bf16 dequantize straight to bf16 for bf16 products; others are rounded
@@ -170,10 +171,7 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
         for start in range(0, rows, step):
             ids = torch.arange(start, min(start + step, rows))
             _dequantize_into(matrix, ids, tile[:ids.numel()], isa_code)
-            weights = tile[:ids.numel()].to(gemm_dtype)
-            for first in range(0, ids.numel(), GEMM_ROWS):
-                last = min(first + GEMM_ROWS, ids.numel())
-                out[:, start + first:start + last] = F.linear(flat, weights[first:last])
+            out[:, start:start + ids.numel()] = F.linear(flat, tile[:ids.numel()].to(gemm_dtype))
     return out.reshape(*x.shape[:-1], rows)
 
 
@@ -235,4 +233,4 @@ def _output(tensor: torch.Tensor | None, numel: int, dtype: torch.dtype, name: s
 def _dequantize_into(matrix: FourBitMatrix, ids: torch.Tensor, out: torch.Tensor, isa_code: int) -> None:
     """Rows `ids` into `out`: fp32, or bf16 for a matrix whose weights are rounded to bf16."""
     _kernels.fourbit_dequantize(ids.data_ptr(), ids.numel(), out.data_ptr(), kernel_threads(), isa_code,
-                                *matrix._arguments(), out.dtype == torch.bfloat16)
+                                *matrix._arguments, out.dtype == torch.bfloat16)

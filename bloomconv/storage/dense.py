@@ -7,6 +7,7 @@ have to widen the weight first; a bf16 weight times many bf16 rows goes to torch
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,15 @@ class DenseWeight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if dense_kernel_takes(x, w) and (w.dtype != x.dtype or x.shape[:-1].numel() <= dense.SMALL_BATCH_ROWS):
-            return dense.dense_matmul(x, w).to(x.dtype)  # fp32 products and sums
+            return self.kernel_matrix.matmul(x).to(x.dtype)  # fp32 products and sums
         if w.dtype == x.dtype:
             return F.linear(x, w)
         return linear_in_pieces(x, w.shape, lambda start, end: w[start:end].to(x.dtype))
+
+    @functools.cached_property
+    def kernel_matrix(self) -> dense.DenseMatrix:
+        """The weight as the dense kernel reads it, checked once."""
+        return dense.DenseMatrix(self.weight)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.weight[ids].to(dtype)

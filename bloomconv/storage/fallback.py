@@ -20,7 +20,7 @@ CONVERT_CHUNK_BYTES = 64 * 1024 * 1024
 
 def dense_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the dense kernel can compute this product (built, on the CPU, an int8/16-bit weight)."""
-    return kernels.available() and x.device.type == "cpu" and dense.supports(weight)
+    return kernels.available() and x.is_cpu and dense.supports(weight)
 
 
 def linear_in_pieces(x: torch.Tensor, shape: tuple[int, int], piece: Callable[[int, int], torch.Tensor],

@@ -613,7 +613,7 @@ class FourBitWeight:
                                             self.state.shape, self.state.dtype)
 
     def uses_fused_kernel(self, x: torch.Tensor) -> bool:
-        return kernels.available() and x.device.type == "cpu" and self.stored["weight"].device.type == "cpu"
+        return kernels.available() and x.is_cpu and self.stored["weight"].is_cpu
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_fused_kernel(x):
@@ -654,8 +654,7 @@ class FourBitWeight:
     @property
     def row_multiple(self) -> int:
         unit = self.state.block_size * (NESTED_BLOCK_SIZE if self.state.nested else 1)
-        # whole blocks, whole nested blocks of absmax, and the large-batch product's whole GEMM calls
-        return slice_granularity(*self.shape, unit, multiple=fourbit_kernel.GEMM_ROWS)
+        return slice_granularity(*self.shape, unit)  # whole blocks, whole nested blocks of absmax
 
     def row_slice(self, start: int, end: int) -> "FourBitWeight":
         rows, cols = self.shape

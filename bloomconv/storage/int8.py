@@ -238,7 +238,7 @@ class Int8Weight:
             return self._bf16_products(x)
         if dense_kernel_takes(x, self.CB):
             # int8 widened in registers, fp32 sums, each row's sum scaled by SCB / 127
-            return dense.dense_matmul(x, self.CB, self.row_scale).to(x.dtype)
+            return self.kernel_matrix.matmul(x).to(x.dtype)
         if not self.uses_int8pack(x):  # also on accelerators: exact, dequantized on the device in pieces
             return linear_in_pieces(x, self.CB.shape,
                                      lambda start, end: dequantize_int8(self.CB[start:end], self.SCB[start:end],
@@ -272,6 +272,11 @@ class Int8Weight:
     def row_scale(self) -> torch.Tensor:
         """SCB / 127 (fp32): what each row's integer sum is multiplied by."""
         return self.SCB * (1 / 127)
+
+    @functools.cached_property
+    def kernel_matrix(self) -> dense.DenseMatrix:
+        """The codes and row scales as the dense kernel reads them, checked once."""
+        return dense.DenseMatrix(self.CB, self.row_scale)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int8(self.CB, self.SCB, dtype)
