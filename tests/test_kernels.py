@@ -96,6 +96,20 @@ def test_matmul_matches_linear_on_dequantized_weight(quant_type, block_size, dou
 
 
 @needs_kernels
+@pytest.mark.skipif("avx512" not in kernels.isas(), reason="CPU lacks avx512")
+def test_avx512_decoding_sums_each_row_alike_whatever_the_batch():
+    """Groups of 8 x rows, each row with its own two running sums: a row of a batch of 17 (two
+    whole groups and one row) comes out bit for bit as that row alone."""
+    stored, weight = quantized("nf4", 32, True, (3072, 1024))
+    matrix = fourbit_matrix(stored)
+    x = torch.randn(17, 1024, generator=torch.Generator().manual_seed(4))
+    batched = fourbit.fourbit_matmul(x, matrix, isa="avx512")
+    alone = torch.cat([fourbit.fourbit_matmul(x[i:i + 1], matrix, isa="avx512") for i in range(17)])
+    assert torch.equal(batched, alone)
+    assert_matches_reference(batched, x, weight)
+
+
+@needs_kernels
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["", "dq"])

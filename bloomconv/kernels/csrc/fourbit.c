@@ -23,7 +23,9 @@
 #include <string.h>
 
 enum { ROUND_NONE = 0, ROUND_BF16 = 1, ROUND_FP16 = 2 };
-enum { AVX512_MAX_BATCH = 4 };  /* x rows the AVX-512 matvec takes; more go to the AVX2 matmul */
+enum { AVX512_GROUP = 8 };      /* x rows the AVX-512 matvec multiplies per pass over a weight row */
+enum { AVX512_ROWS = 16 };      /* weight rows it takes through each group of x rows in turn */
+enum { AVX512_GROUP_BYTES = 32 * 1024 };  /* a group of x rows this size or less stays in L1 */
 enum { CHUNK = 32 };            /* elements decoded per AVX2 step: 16 packed bytes */
 /* Decoding is compute-bound, so a second thread pays off from small matrices on. */
 enum { MIN_BYTES_PER_THREAD = 64 * 1024 };
@@ -429,7 +431,7 @@ AVX2_TARGET static void avx2_dequantize(const Task *t) { DISPATCH_ROUNDING(dequa
 
 /* ----------------------------------------------------------------------------- AVX-512 path
  *
- * Decoding steps (up to AVX512_MAX_BATCH rows of x). A block's 16 possible weights
+ * Decoding steps (any batch, AVX512_GROUP rows of x per pass). A block's 16 possible weights
  * round(code[q] * absmax) fill exactly one 16-lane register, so a code becomes its weight with one
  * vpermps, which reads only the low 4 bits of each index: 16 packed bytes widened to 16 dwords
  * give the odd elements' weights as they are and the even elements' after a 4-bit shift. 32
@@ -462,46 +464,66 @@ static void layout_x_even_odd(const float *x, float *dst, int64_t batch, int64_t
             }
 }
 
-/* `batch` (a constant once inlined) rows of x; two running sums per row (even, odd elements). */
-AVX512_TARGET static ALWAYS_INLINE void matvec512_impl(const Task *t, int rounding, const int batch)
+/* Weight row r times `batch` (a constant once inlined, at most AVX512_GROUP) rows of x from row
+ * `first` on; two running sums per x row (even, odd elements), so that registers hold them all and
+ * each x row's sum is computed alike whatever the batch. */
+AVX512_TARGET static ALWAYS_INLINE void matvec512_group(const Task *t, int64_t r, int64_t first, int rounding,
+                                                        const int batch)
 {
     const Matrix *w = t->w;
     const int64_t K = w->cols, N = w->rows, mask = ((int64_t)1 << w->block_shift) - 1;
     const __m512 code = _mm512_loadu_ps(w->code);
-    for (int64_t r = t->begin; r < t->end; r++) {
-        const int64_t first = r * K;
-        __m512 acc[AVX512_MAX_BATCH][2], table = _mm512_setzero_ps();
-        for (int b = 0; b < batch; b++)
-            acc[b][0] = acc[b][1] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < K; c += CHUNK) {
-            const int64_t e = first + c;
-            if (c == 0 || (e & mask) == 0)
-                table = block_table(w, code, e >> w->block_shift, rounding);
-            if (((e >> 1) & 63) == 0)  /* once per cache line; into L2, as dense.c explains */
-                _mm_prefetch((const char *)w->packed + (e >> 1) + PREFETCH_BYTES, _MM_HINT_T1);
-            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (e >> 1))));
-            const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-            const __m512 odd = _mm512_permutexvar_ps(bytes, table);
-            for (int b = 0; b < batch; b++) {
-                const float *x = t->x + b * K + c;
-                acc[b][0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x), acc[b][0]);
-                acc[b][1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + CHUNK / 2), acc[b][1]);
-            }
+    const int64_t start = r * K;
+    __m512 acc[AVX512_GROUP][2], table = _mm512_setzero_ps();
+    for (int b = 0; b < batch; b++)
+        acc[b][0] = acc[b][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < K; c += CHUNK) {
+        const int64_t e = start + c;
+        if (c == 0 || (e & mask) == 0)
+            table = block_table(w, code, e >> w->block_shift, rounding);
+        if (((e >> 1) & 63) == 0)  /* once per cache line; into L2, as dense.c explains */
+            _mm_prefetch((const char *)w->packed + (e >> 1) + PREFETCH_BYTES, _MM_HINT_T1);
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (e >> 1))));
+        const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+        const __m512 odd = _mm512_permutexvar_ps(bytes, table);
+        for (int b = 0; b < batch; b++) {
+            const float *x = t->x + (first + b) * K + c;
+            acc[b][0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x), acc[b][0]);
+            acc[b][1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + CHUNK / 2), acc[b][1]);
         }
-        for (int b = 0; b < batch; b++)
-            t->out[b * N + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
+    }
+    for (int b = 0; b < batch; b++)
+        t->out[(first + b) * N + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
+}
+
+#define MATVEC512_GROUP(t, r, first, rounding, n)                                                 \
+    switch (n) {                                                                                  \
+    case 8: matvec512_group(t, r, first, rounding, 8); break;                                     \
+    case 7: matvec512_group(t, r, first, rounding, 7); break;                                     \
+    case 6: matvec512_group(t, r, first, rounding, 6); break;                                     \
+    case 5: matvec512_group(t, r, first, rounding, 5); break;                                     \
+    case 4: matvec512_group(t, r, first, rounding, 4); break;                                     \
+    case 3: matvec512_group(t, r, first, rounding, 3); break;                                     \
+    case 2: matvec512_group(t, r, first, rounding, 2); break;                                     \
+    default: matvec512_group(t, r, first, rounding, 1); break;                                    \
+    }
+
+/* AVX512_ROWS weight rows at a time against every x row, AVX512_GROUP x rows per pass: a group of x
+ * (8 rows of 1024 columns: 32 KB) stays in L1 over those weight rows, and their packed bytes stay
+ * in L1/L2 from one group to the next, so a batch reads the matrix from memory once. */
+AVX512_TARGET static ALWAYS_INLINE void matvec512_impl(const Task *t, int rounding)
+{
+    for (int64_t r0 = t->begin; r0 < t->end; r0 += AVX512_ROWS) {
+        const int64_t r1 = t->end - r0 < AVX512_ROWS ? t->end : r0 + AVX512_ROWS;
+        for (int64_t first = 0; first < t->batch; first += AVX512_GROUP) {
+            const int64_t n = t->batch - first < AVX512_GROUP ? t->batch - first : AVX512_GROUP;
+            for (int64_t r = r0; r < r1; r++)
+                MATVEC512_GROUP(t, r, first, rounding, n)
+        }
     }
 }
 
-#define MATVEC512_BATCH(t, rounding)                                                              \
-    switch ((t)->batch) {                                                                         \
-    case 4: matvec512_impl(t, rounding, 4); break;                                                \
-    case 3: matvec512_impl(t, rounding, 3); break;                                                \
-    case 2: matvec512_impl(t, rounding, 2); break;                                                \
-    default: matvec512_impl(t, rounding, 1); break;                                               \
-    }
-
-AVX512_TARGET static void avx512_matvec(const Task *t) { DISPATCH_ROUNDING(MATVEC512_BATCH, t) }
+AVX512_TARGET static void avx512_matvec(const Task *t) { DISPATCH_ROUNDING(matvec512_impl, t) }
 #endif
 
 /* ------------------------------------------------------------------------------- quantize */
@@ -752,10 +774,13 @@ static int use_avx2(int isa, const Matrix *w)
 }
 
 /* Where AVX-512 is asked for (or left to choose) but the job is one it does not take, the AVX2
- * code runs: dequantizing, and batches over AVX512_MAX_BATCH. */
+ * code runs: dequantizing, and batches over AVX512_GROUP rows whose groups of x do not fit in
+ * AVX512_GROUP_BYTES (there the AVX-512 matvec rereads them from L2 for every weight row, and the
+ * AVX2 matmul, which decodes a row once into L1 for all of x, was faster: README). */
 static int use_avx512(int isa, const Matrix *w, int64_t batch)
 {
-    return (isa == ISA_AUTO || isa == ISA_AVX512) && cpu_has_avx512() && use_avx2(isa, w) && batch <= AVX512_MAX_BATCH;
+    const int fits = batch <= AVX512_GROUP || AVX512_GROUP * w->cols * (int64_t)sizeof(float) <= AVX512_GROUP_BYTES;
+    return (isa == ISA_AUTO || isa == ISA_AVX512) && cpu_has_avx512() && use_avx2(isa, w) && fits;
 }
 #endif
 
