@@ -10,6 +10,7 @@ turn within each repeat so a burst of load from other jobs hits them all alike):
                      quantized from bf16 weights as BLOOM's are (so each weight is rounded to bf16)
     nf4 preset       the same for what `quantize --bits 4` stores: its block size (32) and double-
                      quantized absmax (transformers' bnb_4bit_use_double_quant)
+    nf4 preset avx2  the same on the AVX2 code (where the CPU has AVX-512, which runs by default)
     dequant+linear   F.linear(x, dequantize_4bit(stored).float()): the runtime's old 4-bit path
     fp32 linear      F.linear on the fp32 matrix
     bf16 linear      F.linear on the bf16 matrix, bf16 x
@@ -77,6 +78,8 @@ def methods(rows: int, cols: int, batch: int) -> dict[str, tuple[object, int]]:
     if kernels.available():
         out["nf4 kernel"] = (lambda: fourbit.fourbit_matmul(x, matrix), four_bit)
         out["nf4 preset"] = (lambda: fourbit.fourbit_matmul(x, matrix_dq), four_bit_dq)
+        if "avx512" in kernels.isas():  # the AVX-512 code against the AVX2 code it replaces for batches
+            out["nf4 preset avx2"] = (lambda: fourbit.fourbit_matmul(x, matrix_dq, isa="avx2"), four_bit_dq)
     out["dequant+linear"] = (lambda: F.linear(x, dequantize_4bit(stored).to(x.dtype)), four_bit)
     out["fp32 linear"] = (lambda: F.linear(x, weight), weight.numel() * 4)
     out["bf16 linear"] = (lambda: F.linear(x_bf16, weight_bf16), weight.numel() * 2)
