@@ -97,12 +97,14 @@ def test_matmul_matches_linear_on_dequantized_weight(quant_type, block_size, dou
 
 @needs_kernels
 @pytest.mark.skipif("avx512" not in kernels.isas(), reason="CPU lacks avx512")
-def test_avx512_decoding_sums_each_row_alike_whatever_the_batch():
-    """Groups of 8 x rows, each row with its own two running sums: a row of a batch of 17 (two
-    whole groups and one row) comes out bit for bit as that row alone."""
-    stored, weight = quantized("nf4", 32, True, (3072, 1024))
+@pytest.mark.parametrize("shape", [(3072, 1024), (512, 4160)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_avx512_decoding_sums_each_row_alike_whatever_the_batch(shape):
+    """Groups of 8 x rows, each row with its own two running sums kept across slabs of columns: a
+    row of a batch of 17 (two whole groups and one row; 4160 columns: five slabs for 8 rows, one
+    for one) comes out bit for bit as that row alone."""
+    stored, weight = quantized("nf4", 32, True, shape)
     matrix = fourbit_matrix(stored)
-    x = torch.randn(17, 1024, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(17, shape[1], generator=torch.Generator().manual_seed(4))
     batched = fourbit.fourbit_matmul(x, matrix, isa="avx512")
     alone = torch.cat([fourbit.fourbit_matmul(x[i:i + 1], matrix, isa="avx512") for i in range(17)])
     assert torch.equal(batched, alone)

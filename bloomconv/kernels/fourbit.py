@@ -14,8 +14,8 @@ first. A torch C++ extension would tie the build to torch's headers and ninja; p
 How: AVX2 decodes 32 codes (16 bytes) per step with `vpshufb` table lookups, 4 for the byte planes
 of the fp32 code table then byte/word interleaves; for weights quantized from bf16 (BLOOM's) each
 block first builds the table of its 16 possible bf16 weights, so a step is 2 lookups and no
-multiply. With AVX-512 (decoding steps: x in groups of 8 rows; AVX2 for more than 8 rows of over
-1024 columns, whose groups would not stay in L1) the block's 16 possible weights fill
+multiply. With AVX-512 (decoding steps: x in groups of 8 rows, over slabs of columns that stay in
+L1) the block's 16 possible weights fill
 one register and a code becomes its weight with one `vpermps`: 16 packed bytes widened to dwords, a
 shift, two permutes per 32 weights, far fewer instructions than with AVX2 (bench/bench_kernels.py
 times the kernels against the alternatives). Every weight is exactly `code[q] * absmax` in fp32,

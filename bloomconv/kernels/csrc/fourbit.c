@@ -25,7 +25,7 @@
 enum { ROUND_NONE = 0, ROUND_BF16 = 1, ROUND_FP16 = 2 };
 enum { AVX512_GROUP = 8 };      /* x rows the AVX-512 matvec multiplies per pass over a weight row */
 enum { AVX512_ROWS = 16 };      /* weight rows it takes through each group of x rows in turn */
-enum { AVX512_GROUP_BYTES = 32 * 1024 };  /* a group of x rows this size or less stays in L1 */
+enum { AVX512_GROUP_BYTES = 32 * 1024 };  /* a slab of a group of x rows, in L1 */
 enum { CHUNK = 32 };            /* elements decoded per AVX2 step: 16 packed bytes */
 /* Decoding is compute-bound, so a second thread pays off from small matrices on. */
 enum { MIN_BYTES_PER_THREAD = 64 * 1024 };
@@ -465,21 +465,24 @@ static void layout_x_even_odd(const float *x, float *dst, int64_t batch, int64_t
 }
 
 /* Weight row r times `batch` (a constant once inlined, at most AVX512_GROUP) rows of x from row
- * `first` on; two running sums per x row (even, odd elements), so that registers hold them all and
- * each x row's sum is computed alike whatever the batch. */
-AVX512_TARGET static ALWAYS_INLINE void matvec512_group(const Task *t, int64_t r, int64_t first, int rounding,
-                                                        const int batch)
+ * `first` on, over columns [c0, c1): two running sums per x row (even, odd elements), taken from
+ * `saved` where c0 > 0 and left there where c1 < K, so that a row is summed in the same order
+ * whatever the batch and however its columns are cut. */
+AVX512_TARGET static ALWAYS_INLINE void matvec512_group(const Task *t, int64_t r, int64_t first, int64_t c0,
+                                                        int64_t c1, __m512 *saved, int rounding, const int batch)
 {
     const Matrix *w = t->w;
     const int64_t K = w->cols, N = w->rows, mask = ((int64_t)1 << w->block_shift) - 1;
     const __m512 code = _mm512_loadu_ps(w->code);
     const int64_t start = r * K;
     __m512 acc[AVX512_GROUP][2], table = _mm512_setzero_ps();
-    for (int b = 0; b < batch; b++)
-        acc[b][0] = acc[b][1] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < K; c += CHUNK) {
+    for (int b = 0; b < batch; b++) {
+        acc[b][0] = c0 ? saved[2 * b] : _mm512_setzero_ps();
+        acc[b][1] = c0 ? saved[2 * b + 1] : _mm512_setzero_ps();
+    }
+    for (int64_t c = c0; c < c1; c += CHUNK) {
         const int64_t e = start + c;
-        if (c == 0 || (e & mask) == 0)
+        if (c == c0 || (e & mask) == 0)
             table = block_table(w, code, e >> w->block_shift, rounding);
         if (((e >> 1) & 63) == 0)  /* once per cache line; into L2, as dense.c explains */
             _mm_prefetch((const char *)w->packed + (e >> 1) + PREFETCH_BYTES, _MM_HINT_T1);
@@ -492,33 +495,47 @@ AVX512_TARGET static ALWAYS_INLINE void matvec512_group(const Task *t, int64_t r
             acc[b][1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + CHUNK / 2), acc[b][1]);
         }
     }
-    for (int b = 0; b < batch; b++)
-        t->out[(first + b) * N + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
+    for (int b = 0; b < batch; b++) {
+        if (c1 < K) {
+            saved[2 * b] = acc[b][0];
+            saved[2 * b + 1] = acc[b][1];
+        } else {
+            t->out[(first + b) * N + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
+        }
+    }
 }
 
-#define MATVEC512_GROUP(t, r, first, rounding, n)                                                 \
+#define MATVEC512_GROUP(n, ...)                                                                   \
     switch (n) {                                                                                  \
-    case 8: matvec512_group(t, r, first, rounding, 8); break;                                     \
-    case 7: matvec512_group(t, r, first, rounding, 7); break;                                     \
-    case 6: matvec512_group(t, r, first, rounding, 6); break;                                     \
-    case 5: matvec512_group(t, r, first, rounding, 5); break;                                     \
-    case 4: matvec512_group(t, r, first, rounding, 4); break;                                     \
-    case 3: matvec512_group(t, r, first, rounding, 3); break;                                     \
-    case 2: matvec512_group(t, r, first, rounding, 2); break;                                     \
-    default: matvec512_group(t, r, first, rounding, 1); break;                                    \
+    case 8: matvec512_group(__VA_ARGS__, 8); break;                                               \
+    case 7: matvec512_group(__VA_ARGS__, 7); break;                                               \
+    case 6: matvec512_group(__VA_ARGS__, 6); break;                                               \
+    case 5: matvec512_group(__VA_ARGS__, 5); break;                                               \
+    case 4: matvec512_group(__VA_ARGS__, 4); break;                                               \
+    case 3: matvec512_group(__VA_ARGS__, 3); break;                                               \
+    case 2: matvec512_group(__VA_ARGS__, 2); break;                                               \
+    default: matvec512_group(__VA_ARGS__, 1); break;                                              \
     }
 
-/* AVX512_ROWS weight rows at a time against every x row, AVX512_GROUP x rows per pass: a group of x
- * (8 rows of 1024 columns: 32 KB) stays in L1 over those weight rows, and their packed bytes stay
- * in L1/L2 from one group to the next, so a batch reads the matrix from memory once. */
+/* AVX512_ROWS weight rows at a time against every x row, AVX512_GROUP x rows per pass, over slabs
+ * of columns: a group's slab of x (AVX512_GROUP_BYTES at most: 8 rows of 1024 columns) stays in L1
+ * over those weight rows, whose running sums wait in `saved` (L1 too) for the next slab, and their
+ * packed bytes stay in L1/L2 from one group to the next, so a batch reads the matrix from memory
+ * once. */
 AVX512_TARGET static ALWAYS_INLINE void matvec512_impl(const Task *t, int rounding)
 {
+    __m512 saved[AVX512_ROWS][2 * AVX512_GROUP];
+    const int64_t K = t->w->cols;
     for (int64_t r0 = t->begin; r0 < t->end; r0 += AVX512_ROWS) {
         const int64_t r1 = t->end - r0 < AVX512_ROWS ? t->end : r0 + AVX512_ROWS;
         for (int64_t first = 0; first < t->batch; first += AVX512_GROUP) {
             const int64_t n = t->batch - first < AVX512_GROUP ? t->batch - first : AVX512_GROUP;
-            for (int64_t r = r0; r < r1; r++)
-                MATVEC512_GROUP(t, r, first, rounding, n)
+            const int64_t slab = AVX512_GROUP_BYTES / ((int64_t)sizeof(float) * n) / CHUNK * CHUNK;
+            for (int64_t c0 = 0; c0 < K; c0 += slab) {
+                const int64_t c1 = K - c0 < slab ? K : c0 + slab;
+                for (int64_t r = r0; r < r1; r++)
+                    MATVEC512_GROUP(n, t, r, first, c0, c1, saved[r - r0], rounding)
+            }
         }
     }
 }
@@ -774,13 +791,10 @@ static int use_avx2(int isa, const Matrix *w)
 }
 
 /* Where AVX-512 is asked for (or left to choose) but the job is one it does not take, the AVX2
- * code runs: dequantizing, and batches over AVX512_GROUP rows whose groups of x do not fit in
- * AVX512_GROUP_BYTES (there the AVX-512 matvec rereads them from L2 for every weight row, and the
- * AVX2 matmul, which decodes a row once into L1 for all of x, was faster: README). */
-static int use_avx512(int isa, const Matrix *w, int64_t batch)
+ * code runs: dequantizing. */
+static int use_avx512(int isa, const Matrix *w)
 {
-    const int fits = batch <= AVX512_GROUP || AVX512_GROUP * w->cols * (int64_t)sizeof(float) <= AVX512_GROUP_BYTES;
-    return (isa == ISA_AUTO || isa == ISA_AVX512) && cpu_has_avx512() && use_avx2(isa, w) && fits;
+    return (isa == ISA_AUTO || isa == ISA_AVX512) && cpu_has_avx512() && use_avx2(isa, w);
 }
 #endif
 
@@ -846,7 +860,7 @@ PyObject *fourbit_matmul(PyObject *self, PyObject *args)
 #ifdef HAVE_X86_KERNELS
     void (*layout)(const float *, float *, int64_t, int64_t) = NULL;
     int64_t laid_out_rows = batch;
-    if (use_avx512(isa, &w, batch)) {
+    if (use_avx512(isa, &w)) {
         layout = layout_x_even_odd;
         task.run = avx512_matvec;
     } else if (use_avx2(isa, &w)) {
