@@ -13,7 +13,7 @@ measurement runs in a fresh process (this script with --child-*), in a memory cg
    --slice-memory-limit (1 GB): time and peak RssAnon of the writer.
 2. Conversion, page cache dropped before each command, --repeats rounds of: for each of convert,
    quantize --bits 8 (the int8 preset: embeddings quantized) and quantize --bits 4 (the nf4
-   preset), `cp -r` + `sync` of the slice, then the conversion (the library call the CLI makes,
+   preset: int8 embeddings), `cp -r` + `sync` of the slice, then the conversion (the library call the CLI makes,
    `bloomconv.convert` / `bloomconv.quantize(bits=...)`). Per pair: wall time (process start to
    exit) ÷ the copy's, peak RssAnon (the process; every process of its cgroup), peak RSS (wait4),
    bytes the process read from disk during the call ÷ the slice's size (/proc/self/io: imports

@@ -81,6 +81,7 @@ def scheme(bits: int, quant_type: str | None = None, block_size: int | None = No
         options = {"bits": 8, "embeddings": embeddings}
         name = "int8" + ("+emb" if embeddings else "")
     else:
+        embeddings = embeddings or False  # named after what it stores: no suffix, 16-bit embeddings
         options = {"bits": 4, "quant_type": quant_type, "block_size": block_size, "double_quant": double_quant,
                    "embeddings": embeddings}
         name = (f"{quant_type}-b{block_size}" + ("-dq" if double_quant else "")

@@ -206,16 +206,20 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+# a 4-bit preset's variants: its embeddings (the tied lm_head) int8 (the preset's own) or 16-bit
+EMBEDDING_VARIANTS = {"": None, "int8emb": "int8", "emb16": False}
+
+
 def converted(src: Path, dst: Path, preset: str | None) -> Path:
-    """`src` converted into `dst` with a quantization preset (None: as stored; "nf4+int8emb": the
-    nf4 preset with int8 embeddings), made once."""
+    """`src` converted into `dst` with a quantization preset (None: as stored; "nf4+emb16": the
+    nf4 preset with 16-bit embeddings, the layout transformers loads), made once."""
     from bloomconv.converters.convert import convert
     from bloomconv.errors import DestinationError
-    from bloomconv.settings import INT8_EMBEDDINGS, QuantSettings
+    from bloomconv.settings import QuantSettings
     kind, _, extra = (preset or "").partition("+")
-    if extra not in ("", "int8emb"):
-        raise SystemExit(f"preset {preset!r}: the one variant is nf4+int8emb (or fp4+int8emb)")
-    settings = QuantSettings(kind, embeddings=INT8_EMBEDDINGS if extra == "int8emb" else None) if preset else None
+    if extra not in EMBEDDING_VARIANTS:
+        raise SystemExit(f"preset {preset!r}: the variants are nf4+emb16 and nf4+int8emb (or fp4+…)")
+    settings = QuantSettings(kind, embeddings=EMBEDDING_VARIANTS[extra]) if preset else None
     try:
         convert(src, dst, quantization=settings)
     except DestinationError:  # made with other settings (a preset changed): make it again
@@ -323,7 +327,8 @@ def in_memory(args, work: Path) -> dict:
 
 # our format -> the llama.cpp formats it is measured against (nf4: the default 4-bit preset; Q4_0 and
 # Q4_K_M store the tied output head as Q6_K)
-LLAMA_PAIRS = {"none": ("bf16",), "int8": ("Q8_0",), "nf4": ("Q4_0", "Q4_K_M"), "nf4+int8emb": ("Q4_0", "Q4_K_M")}
+LLAMA_PAIRS = {"none": ("bf16",), "int8": ("Q8_0",), "nf4": ("Q4_0", "Q4_K_M"), "nf4+emb16": ("Q4_0", "Q4_K_M"),
+               "nf4+int8emb": ("Q4_0", "Q4_K_M")}
 FP32_PREFILL_LABEL = "fp32-prefill"  # label of the runs with prefill_dtype=float32 (--fp32-prefill)
 
 
@@ -457,7 +462,8 @@ def main() -> None:
                         help="compute dtype of --large (float32 converts each streamed bf16 matrix)")
     parser.add_argument("--memory-geometry", type=parse_geometry, default=(1024, 24, 16, 250880))
     parser.add_argument("--presets", default="none,int8,nf4",
-                        help="none (as stored), int8, nf4, fp4, nf4+int8emb (nf4 blocks, int8 embeddings)")
+                        help="none (as stored), int8, nf4, fp4 (the presets: 4-bit blocks, int8 embeddings), "
+                             "nf4+emb16 (16-bit embeddings, as transformers loads)")
     parser.add_argument("--batches", default="1,16", help="decode batch sizes of --in-memory")
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--prefill-tokens", default="128,512", help="prompt lengths of the prefill runs")

@@ -54,7 +54,7 @@ class Sizes:
     @classmethod
     def full(cls) -> "Sizes":
         return cls(conversion_geometries=[(1024, 24, 16, 250880), (2048, 48, 16, 16384)],
-                   runtime_geometry=(1024, 24, 16, 250880), runtime_presets=("none", "int8", "nf4", "nf4+int8emb"),
+                   runtime_geometry=(1024, 24, 16, 250880), runtime_presets=("none", "int8", "nf4", "nf4+emb16"),
                    decode_tokens=64, large_geometry=(2048, 48, 16, 16384),
                    cgroup_limit="1.5GB", budgets=("400MB", "800MB"), large_batches=(1, 8, 32), large_tokens=6,
                    quality_models=Path("/work/quality-models"), slice_blocks=2, disk_probe_bytes=2 << 30)

@@ -107,7 +107,8 @@ def _summary(manifest, started: float) -> str:
 @click.option("--embeddings/--no-embeddings", default=None,
               help="Quantize the (tied) word embeddings too  [default: the preset's]")
 @click.option("--int8-embeddings", is_flag=True,
-              help="4-bit: store the (tied) word embeddings int8, as the int8 preset does; bloomconv runtime only")
+              help="4-bit: store the (tied) word embeddings int8, as the int8 preset does (the 4-bit default; bloomconv "
+                   "runtime only: --no-embeddings keeps them 16-bit, which transformers loads)")
 @click.option("--int8-scale-from", type=click.Choice(["float16", "source"]),
               help="int8 (and --int8-embeddings): take row absmax from the fp16 cast (as transformers does; refuses values "
                    "beyond fp16 range) or from the source dtype  [default: float16]")

@@ -119,6 +119,9 @@ def _local_name(name: str) -> str:
     return local if head == "h" and index.isdigit() else name
 
 
+_RUNTIME_ONLY = "quantized embeddings (bloomconv runtime only; `quantize --no-embeddings` writes the layout it loads)"
+
+
 def transformers_support(manifest: Manifest) -> str:
     """What `transformers.BloomForCausalLM.from_pretrained(DIR)` does with the directory (tested in
     tests/test_shipping.py): it loads and computes what the runtime computes, or it refuses."""
@@ -128,5 +131,5 @@ def transformers_support(manifest: Manifest) -> str:
     if not quantization.embeddings:
         return f"loads with bitsandbytes ({quantization.quant_type.value} blocks)"
     if manifest.format_version == 1:  # its config.json still names bitsandbytes: loads, then fails
-        return "fails at the first forward pass: quantized embeddings (bloomconv runtime only)"
-    return "refused: quantized embeddings (bloomconv runtime only)"
+        return "fails at the first forward pass: " + _RUNTIME_ONLY
+    return "refused: " + _RUNTIME_ONLY

@@ -5,11 +5,11 @@ The defaults of each quantization type are the presets — the same for `bloomco
 is checked here, whatever the entry point.
 
 >>> QuantSettings(QuantType.NF4)            # doctest: +NORMALIZE_WHITESPACE
-QuantSettings(quant_type=<QuantType.NF4: 'nf4'>, block_size=32, double_quant=True, embeddings=False,
-              int8_scale_from=None, method='rtn', calibration_sha256=None, calibration_tokens=None)
->>> QuantSettings(QuantType.NF4, int8_scale_from="source")
+QuantSettings(quant_type=<QuantType.NF4: 'nf4'>, block_size=32, double_quant=True, embeddings='int8',
+              int8_scale_from='float16', method='rtn', calibration_sha256=None, calibration_tokens=None)
+>>> QuantSettings(QuantType.NF4, embeddings=False, int8_scale_from="source")
 Traceback (most recent call last):
-bloomconv.errors.OptionsError: int8_scale_from applies to int8 only (--bits 8, or --int8-embeddings), not nf4. Drop it, or quantize with --bits 8.
+bloomconv.errors.OptionsError: int8_scale_from applies to int8 only (--bits 8, or 4-bit with int8 embeddings), not nf4 with 16-bit embeddings. Drop it.
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ PRESETS: dict[QuantType, dict] = {
     QuantType.INT8: {"block_size": None, "double_quant": False, "embeddings": True, "int8_scale_from": "float16"},
     # 4-bit: the smallest round-to-nearest layout no worse than bitsandbytes' NF4 block 64 on every
     # model of bench/bench_quality.py (worst case, not mean); block 32 divides every hidden size
-    # bitsandbytes' CPU decoder reads correctly (see inspection.py)
-    QuantType.NF4: {"block_size": 32, "double_quant": True, "embeddings": False, "int8_scale_from": None},
-    QuantType.FP4: {"block_size": 32, "double_quant": True, "embeddings": False, "int8_scale_from": None},
+    # bitsandbytes' CPU decoder reads correctly (see inspection.py). The embeddings int8, as the
+    # int8 preset stores them: the tied lm_head is read whole at every step; --no-embeddings keeps
+    # them 16-bit, the layout transformers loads
+    QuantType.NF4: {"block_size": 32, "double_quant": True, "embeddings": INT8_EMBEDDINGS, "int8_scale_from": None},
+    QuantType.FP4: {"block_size": 32, "double_quant": True, "embeddings": INT8_EMBEDDINGS, "int8_scale_from": None},
 }
 _FIELDS = ("quant_type", "block_size", "double_quant", "embeddings", "int8_scale_from")
 # How weights are rounded onto the stored grid; every method stores the same layout:
@@ -78,16 +80,16 @@ class QuantSettings:
                 raise OptionsError("block size applies to 4-bit (nf4, fp4) only, not int8. Drop it, or use --bits 4.")
             if self.double_quant:
                 raise OptionsError("double quant applies to 4-bit (nf4, fp4) only, not int8. Drop it, or use --bits 4.")
-        else:
-            if self.int8_scale_from is not None and self.embeddings != INT8_EMBEDDINGS:
-                raise OptionsError(f"int8_scale_from applies to int8 only (--bits 8, or --int8-embeddings), not "
-                                   f"{kind}. Drop it, or quantize with --bits 8.")
-            if self.block_size is not None and self.block_size not in BLOCK_SIZES_4BIT:
-                raise OptionsError(f"4-bit block size {self.block_size} is not one bitsandbytes supports. "
-                                   f"Use one of {', '.join(map(str, BLOCK_SIZES_4BIT))}.")
+        elif self.block_size is not None and self.block_size not in BLOCK_SIZES_4BIT:
+            raise OptionsError(f"4-bit block size {self.block_size} is not one bitsandbytes supports. "
+                               f"Use one of {', '.join(map(str, BLOCK_SIZES_4BIT))}.")
         for field, default in PRESETS[self.quant_type].items():
             if getattr(self, field) is None:
                 set_(field, default)
+        if (self.quant_type is not QuantType.INT8 and self.int8_scale_from is not None
+                and self.embeddings != INT8_EMBEDDINGS):
+            raise OptionsError(f"int8_scale_from applies to int8 only (--bits 8, or 4-bit with int8 embeddings), not "
+                               f"{kind} with {'4-bit' if self.embeddings else '16-bit'} embeddings. Drop it.")
         if not isinstance(self.double_quant, bool):
             raise OptionsError(f"double_quant must be true or false, not {self.double_quant!r}.")
         if self.embeddings == INT8_EMBEDDINGS and self.quant_type is QuantType.INT8:

@@ -14,7 +14,7 @@ from bloomconv.errors import (EXIT_CODES, BloomconvError, ManifestError, Options
                               VerificationError, exit_code)
 from bloomconv.format import QuantType
 from bloomconv.manifest import read_manifest
-from bloomconv.settings import PRESETS, QuantSettings
+from bloomconv.settings import INT8_EMBEDDINGS, PRESETS, QuantSettings
 
 
 def call_every_public_function(directory, tmp_path, round_: int) -> None:
@@ -62,7 +62,10 @@ def test_the_core_never_imports_the_runtime_or_the_converters():
 
 def test_library_defaults_are_the_presets():
     for quant_type, preset in PRESETS.items():
-        assert QuantSettings(quant_type).to_dict() == {"quant_type": quant_type.value, **preset}
+        expected = {"quant_type": quant_type.value, **preset}
+        if preset["embeddings"] == INT8_EMBEDDINGS:  # int8 embeddings take the int8 preset's scale source
+            expected["int8_scale_from"] = PRESETS[QuantType.INT8]["int8_scale_from"]
+        assert QuantSettings(quant_type).to_dict() == expected
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -83,12 +86,14 @@ def test_cli_and_library_store_the_same_settings(release_checkpoint, tmp_path, a
 
 @pytest.mark.parametrize("args, message", [
     (["--recipe", "bloom-560m-nf4", "--quant-type", "fp4"], "quant type fp4 contradicts it"),
-    (["--recipe", "bloom-560m-nf4", "--int8-scale-from", "source"], "int8_scale_from applies to int8 only"),
+    (["--recipe", "bloom-560m-nf4", "--no-embeddings", "--int8-scale-from", "source"],
+     "int8_scale_from applies to int8 only"),
     (["--recipe", "bloom-560m-int8", "--block-size", "64"], "block size applies to 4-bit"),
     (["--recipe", "bloom-560m-int8", "--bits", "8"], "either bits"),
     (["--bits", "8", "--quant-type", "nf4"], "does not go with 8 bits"),
     (["--bits", "8", "--double-quant"], "double quant applies to 4-bit"),
-    (["--bits", "4", "--int8-scale-from", "source"], "int8_scale_from applies to int8 only"),
+    (["--bits", "4", "--no-embeddings", "--int8-scale-from", "source"], "int8_scale_from applies to int8 only"),
+    (["--bits", "4", "--embeddings", "--int8-scale-from", "source"], "int8_scale_from applies to int8 only"),
     (["--bits", "4", "--block-size", "48"], "block size 48 is not one bitsandbytes supports"),
     ([], "either bits"),
 ])
@@ -103,7 +108,7 @@ def test_library_validates_like_the_cli(release_checkpoint, tmp_path):
     with pytest.raises(OptionsError, match="contradicts"):
         bloomconv.quantize(release_checkpoint, tmp_path / "x", recipe="bloom-560m-nf4", quant_type="fp4")
     with pytest.raises(OptionsError, match="applies to int8 only"):
-        bloomconv.quantize(release_checkpoint, tmp_path / "x", bits=4, int8_scale_from="source")
+        bloomconv.quantize(release_checkpoint, tmp_path / "x", bits=4, embeddings=False, int8_scale_from="source")
     with pytest.raises(RecipeError, match="is for bloom-560m"):
         bloomconv.quantize(release_checkpoint, tmp_path / "x", recipe="bloom-560m-nf4", block_size=64)
     assert not (tmp_path / "x").exists()

@@ -84,7 +84,7 @@ def test_repr_names_directory_geometry_quantization_and_residency(model, tmp_pat
     quantize(model.checkpoint.directory, tmp_path / "nf4", bits=4)
     with streaming_everything(tmp_path / "nf4") as nf4:
         text = repr(nf4)
-    assert "nf4, block 32, double quant, embeddings kept" in text and "0 files in RAM" in text, text
+    assert "nf4, block 32, double quant, embeddings int8" in text and "0 files in RAM" in text, text
     assert "4 streamed from disk" in text, text
 
 

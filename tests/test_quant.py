@@ -385,7 +385,7 @@ def _source_names(n_layer=2):
 @pytest.mark.parametrize("settings_", [
     QuantSettings(QuantType.INT8),
     QuantSettings(QuantType.INT8, int8_scale_from="source", embeddings=True),
-    QuantSettings(QuantType.NF4, 64),
+    QuantSettings(QuantType.NF4, 64, embeddings=False),
     QuantSettings(QuantType.FP4, 32, double_quant=True, embeddings=True),
 ], ids=["int8", "int8-source-emb", "nf4", "fp4-dq-emb"])
 def test_encode_selects_exactly_the_linear_weights(settings_):
@@ -395,7 +395,7 @@ def test_encode_selects_exactly_the_linear_weights(settings_):
     for name in _source_names():
         tensor = normal_weight((16, 64) if name.endswith("weight") else (64,), torch.bfloat16)
         stored = encode_for_storage(name, tensor, settings_)
-        assert is_quantized_weight(name, settings_.embeddings) == (name in quantized)
+        assert is_quantized_weight(name, bool(settings_.embeddings)) == (name in quantized)
         if name not in quantized:
             assert len(stored) == 1 and stored[0][0] == name and stored[0][1] is tensor
             assert stored[0][2] is QuantType.NONE
@@ -429,7 +429,8 @@ def test_config_with_quantization_is_a_bitsandbytes_config():
     assert int8["model_type"] == "bloom"
     config = BitsAndBytesConfig.from_dict(int8["quantization_config"])
     assert config.load_in_8bit and not config.load_in_4bit and config.llm_int8_skip_modules == ["lm_head"]
-    nf4 = json.loads(config_with_quantization(source, QuantSettings(QuantType.NF4, 64, double_quant=True)))
+    nf4 = json.loads(config_with_quantization(source, QuantSettings(QuantType.NF4, 64, double_quant=True,
+                                                                    embeddings=False)))
     config = BitsAndBytesConfig.from_dict(nf4["quantization_config"])
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     with pytest.raises(OptionsError, match="not a quantization"):
@@ -449,8 +450,8 @@ def fp32_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("settings_", [
     QuantSettings(QuantType.INT8, embeddings=False),  # transformers keeps word_embeddings an nn.Embedding
-    QuantSettings(QuantType.NF4, 64, double_quant=True),
-    QuantSettings(QuantType.FP4, 32),
+    QuantSettings(QuantType.NF4, 64, double_quant=True, embeddings=False),
+    QuantSettings(QuantType.FP4, 32, embeddings=False),
 ], ids=["int8", "nf4-dq", "fp4"])
 def test_transformers_loads_a_quantized_directory(fp32_checkpoint, tmp_path, settings_):
     from transformers import BloomForCausalLM

@@ -259,8 +259,8 @@ def test_gptq_refuses_clearly(trained, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("options", [
-    dict(bits=4, block_size=64, method="search"), dict(bits=8, embeddings=False, method="search"),
-    dict(bits=4, quant_type="fp4", block_size=64, calibration_tokens=1024),
+    dict(bits=4, block_size=64, embeddings=False, method="search"), dict(bits=8, embeddings=False, method="search"),
+    dict(bits=4, quant_type="fp4", block_size=64, embeddings=False, calibration_tokens=1024),
     dict(bits=8, embeddings=False, calibration_tokens=1024)], ids=["nf4-search", "int8-search", "fp4-gptq", "int8-gptq"])
 def test_transformers_and_bitsandbytes_load_the_new_methods(trained, tmp_path, options):
     import bloomconv

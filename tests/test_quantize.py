@@ -62,7 +62,8 @@ def test_quantized_values_dequantize_close_to_the_source(int8_dir, release_check
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--bits", "4"], QuantSettings(QuantType.NF4, 32, True, False)),
+    (["--bits", "4"], QuantSettings(QuantType.NF4, 32, True, "int8")),
+    (["--bits", "4", "--no-embeddings"], QuantSettings(QuantType.NF4, 32, True, False)),
     (["--bits", "8", "--no-embeddings"], QuantSettings(QuantType.INT8, embeddings=False)),
     (["--bits", "4", "--quant-type", "fp4", "--block-size", "128", "--no-double-quant", "--embeddings"],
      QuantSettings(QuantType.FP4, 128, False, True)),
@@ -76,7 +77,8 @@ def test_4bit_options_are_recorded(release_checkpoint, tmp_path, args, expected)
     if expected.quant_type.is_4bit:
         assert f"{LINEAR}.weight.quant_state.bitsandbytes__{expected.quant_type.value}" in names
         assert (f"{LINEAR}.weight.nested_absmax" in names) == expected.double_quant
-        assert ("transformer.word_embeddings.weight.absmax" in names) == expected.embeddings
+        assert ("transformer.word_embeddings.weight.absmax" in names) == (expected.embeddings is True)
+        assert ("transformer.word_embeddings.SCB" in names) == (expected.embeddings == "int8")
     else:
         assert ("transformer.word_embeddings.SCB" in names) == expected.embeddings
     assert verify(tmp_path / "q").ok
@@ -84,10 +86,12 @@ def test_4bit_options_are_recorded(release_checkpoint, tmp_path, args, expected)
 
 def test_4bit_with_int8_embeddings_stores_the_int8_presets_embeddings_next_to_the_4bit_blocks(
         release_checkpoint, int8_dir, tmp_path):
-    for name, args in (("mixed", ["--bits", "4", "--int8-embeddings"]), ("nf4", ["--bits", "4"])):
+    for name, args in (("mixed", ["--bits", "4"]), ("explicit", ["--bits", "4", "--int8-embeddings"]),
+                       ("nf4", ["--bits", "4", "--no-embeddings"])):
         result = run("quantize", "--quiet", *args, str(release_checkpoint), str(tmp_path / name))
         assert result.exit_code == 0, result.output
-    mixed = read_manifest(tmp_path / "mixed")
+    mixed = read_manifest(tmp_path / "mixed")  # the 4-bit preset
+    assert mixed.quantization == read_manifest(tmp_path / "explicit").quantization
     assert mixed.quantization == QuantSettings(QuantType.NF4, embeddings="int8")
     assert mixed.quantization.to_dict()["embeddings"] == "int8"
     tags = {t.name: t.quant for f in mixed.files for t in f.tensors}
@@ -97,7 +101,8 @@ def test_4bit_with_int8_embeddings_stores_the_int8_presets_embeddings_next_to_th
             twin = int8_dir if f.name.startswith("embeddings") else tmp_path / "nf4"
             assert (tmp_path / "mixed" / f.name).read_bytes() == (twin / f.name).read_bytes(), f.name
     assert verify(tmp_path / "mixed").ok
-    assert bloomconv.inspect(tmp_path / "mixed")["transformers"] == "refused: quantized embeddings (bloomconv runtime only)"
+    assert bloomconv.inspect(tmp_path / "mixed")["transformers"] == (
+        "refused: quantized embeddings (bloomconv runtime only; `quantize --no-embeddings` writes the layout it loads)")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -112,8 +117,9 @@ def test_int8_embeddings_contradictions_are_refused(release_checkpoint, tmp_path
 def test_int8_embeddings_take_the_int8_presets_options_and_a_weight_only_method():
     with pytest.raises(OptionsError, match="true, false or 'int8'"):
         QuantSettings(QuantType.NF4, embeddings="fp4")
-    with pytest.raises(OptionsError, match="applies to int8 only"):
-        QuantSettings(QuantType.NF4, int8_scale_from="source")
+    for embeddings in (False, True):
+        with pytest.raises(OptionsError, match="applies to int8 only"):
+            QuantSettings(QuantType.NF4, embeddings=embeddings, int8_scale_from="source")
     digest = "0" * 64
     for method, expected in (("rtn", "rtn"), ("search", "search"), ("gptq", "search")):
         settings = QuantSettings(QuantType.NF4, embeddings="int8", int8_scale_from="source", method=method,

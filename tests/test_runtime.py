@@ -306,9 +306,9 @@ QUANTIZED = {
     # name: (settings, logits tolerance relative to the largest logit)
     "int8": (QuantSettings(QuantType.INT8, embeddings=False), 1e-5),
     "int8+embeddings": (QuantSettings(QuantType.INT8, embeddings=True), 1e-5),
-    "nf4": (QuantSettings(QuantType.NF4), 1e-5),
-    "nf4+int8 embeddings": (QuantSettings(QuantType.NF4, embeddings="int8"), 1e-5),
-    "fp4": (QuantSettings(QuantType.FP4, block_size=128, double_quant=False), 1e-5),
+    "nf4": (QuantSettings(QuantType.NF4, embeddings=False), 1e-5),
+    "nf4+int8 embeddings": (QuantSettings(QuantType.NF4), 1e-5),  # the preset
+    "fp4": (QuantSettings(QuantType.FP4, block_size=128, double_quant=False, embeddings=False), 1e-5),
 }
 
 

@@ -246,7 +246,8 @@ def test_quantized_embeddings_are_refused_by_transformers(release_checkpoint, tm
     with pytest.raises(ValueError, match="quant_method"):
         BloomForCausalLM.from_pretrained(dst)
     assert "bloomconv" in json.loads((dst / "config.json").read_text())["quantization_config"]["bloomconv"]
-    assert bloomconv.inspect(dst)["transformers"] == "refused: quantized embeddings (bloomconv runtime only)"
+    assert bloomconv.inspect(dst)["transformers"] == (
+        "refused: quantized embeddings (bloomconv runtime only; `quantize --no-embeddings` writes the layout it loads)")
 
 
 def test_inspect_says_a_format_1_directory_with_quantized_embeddings_fails_in_transformers(release_checkpoint,
@@ -255,7 +256,8 @@ def test_inspect_says_a_format_1_directory_with_quantized_embeddings_fails_in_tr
     convert(release_checkpoint, tmp_path / "q", quantization=QuantSettings(QuantType.INT8))
     downgrade_to_format_1(tmp_path / "q")
     assert bloomconv.inspect(tmp_path / "q")["transformers"] == (
-        "fails at the first forward pass: quantized embeddings (bloomconv runtime only)")
+        "fails at the first forward pass: quantized embeddings (bloomconv runtime only; `quantize --no-embeddings` "
+        "writes the layout it loads)")
 
 
 def test_inspect_says_transformers_loads_the_others(converted, release_checkpoint, tmp_path):
@@ -320,9 +322,10 @@ def test_an_unfinished_job_is_named_by_its_command_and_source(release_checkpoint
     (QuantSettings(QuantType.INT8, embeddings=False, int8_scale_from="source"),
      "quantize --bits 8 --no-embeddings --int8-scale-from source"),
     (QuantSettings(QuantType.NF4), "quantize --bits 4 --quant-type nf4"),
-    (QuantSettings(QuantType.NF4, embeddings="int8"), "quantize --bits 4 --quant-type nf4 --int8-embeddings"),
+    (QuantSettings(QuantType.NF4, embeddings="int8"), "quantize --bits 4 --quant-type nf4"),
+    (QuantSettings(QuantType.NF4, embeddings=False), "quantize --bits 4 --quant-type nf4 --no-embeddings"),
     (QuantSettings(QuantType.NF4, embeddings="int8", int8_scale_from="source"),
-     "quantize --bits 4 --quant-type nf4 --int8-embeddings --int8-scale-from source"),
+     "quantize --bits 4 --quant-type nf4 --int8-scale-from source"),
     (QuantSettings(QuantType.FP4, 64, double_quant=False, embeddings=True),
      "quantize --bits 4 --quant-type fp4 --block-size 64 --no-double-quant --embeddings"),
 ])
