@@ -97,12 +97,14 @@ def test_matmul_matches_linear_on_dequantized_weight(quant_type, block_size, dou
 
 @needs_kernels
 @pytest.mark.skipif("avx512" not in kernels.isas(), reason="CPU lacks avx512")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3072, 1024), (512, 4160)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_avx512_decoding_sums_each_row_alike_whatever_the_batch(shape):
+def test_avx512_decoding_sums_each_row_alike_whatever_the_batch(shape, dtype):
     """Groups of 8 x rows, each row with its own two running sums kept across slabs of columns: a
     row of a batch of 17 (two whole groups and one row; 4160 columns: five slabs for 8 rows, one
-    for one) comes out bit for bit as that row alone."""
-    stored, weight = quantized("nf4", 32, True, shape)
+    for one) comes out bit for bit as that row alone (which blocks of 32 take through a loop of
+    their own; 4160 columns: 130 blocks a row, so its tail of 2 too)."""
+    stored, weight = quantized("nf4", 32, True, shape, dtype)
     matrix = fourbit_matrix(stored)
     x = torch.randn(17, shape[1], generator=torch.Generator().manual_seed(4))
     batched = fourbit.fourbit_matmul(x, matrix, isa="avx512")

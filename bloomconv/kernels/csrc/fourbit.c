@@ -7,9 +7,10 @@
  * was quantized from), exactly what dequantize_4bit (bloomconv.storage) computes; only the order of
  * the fp32 sums differs from F.linear on the dequantized matrix.
  *
- * Three implementations, chosen at run time: AVX-512 for decoding steps (up to 4 rows of x) and
- * AVX2+FMA for the rest (both for rows of a multiple of 32 elements; compiled per function with a
- * target attribute, so the build needs no -march flag) and portable C (any shape). Weight rows
+ * Three implementations, chosen at run time: AVX-512 for decoding steps (any batch the matmul
+ * entry point is given; batch 1 of blocks of 32 through a loop of its own) and AVX2+FMA where the
+ * CPU lacks it (both for rows of a multiple of 32 elements; compiled per function with a target
+ * attribute, so the build needs no -march flag) and portable C (any shape). Weight rows
  * are shared out among `threads` threads (parallel.c).
  *
  * Called from Python with raw data pointers (bloomconv/kernels/fourbit.py validates every
@@ -517,6 +518,42 @@ AVX512_TARGET static ALWAYS_INLINE void matvec512_group(const Task *t, int64_t r
     default: matvec512_group(__VA_ARGS__, 1); break;                                              \
     }
 
+/* One row of x against weight rows [begin, end) whose blocks are single chunks (blocks of 32): each
+ * chunk starts a block, so a row is walked with pointers, with no test for a new block, a new slab
+ * or a new cache line (prefetched once per 4 chunks, 64 bytes). matvec512_group spends as many
+ * instructions on that bookkeeping as on decoding, and at batch 1 instructions are what the time
+ * goes by. The weights, and the sums in their order, are matvec512_group's with one row of x. */
+AVX512_TARGET static ALWAYS_INLINE void matvec512_single_blocks(const Task *t, int rounding)
+{
+    const Matrix *w = t->w;
+    const int64_t K = w->cols, blocks = K / CHUNK;
+    const __m512 code = _mm512_loadu_ps(w->code);
+    for (int64_t r = t->begin; r < t->end; r++) {
+        const uint8_t *p = w->packed + (r * K >> 1);
+        const float *x = t->x;
+        int64_t block = r * blocks;
+        __m512 even_sum = _mm512_setzero_ps(), odd_sum = _mm512_setzero_ps();
+#define SINGLE_BLOCK_CHUNK(j)                                                                     \
+        {                                                                                         \
+            const __m512 table = block_table(w, code, block + (j), rounding);                      \
+            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * (j)))); \
+            even_sum = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table),   \
+                                       _mm512_loadu_ps(x + CHUNK * (j)), even_sum);                 \
+            odd_sum = _mm512_fmadd_ps(_mm512_permutexvar_ps(bytes, table),                         \
+                                      _mm512_loadu_ps(x + CHUNK * (j) + CHUNK / 2), odd_sum);        \
+        }
+        const uint8_t *end4 = p + (blocks & ~(int64_t)3) * (CHUNK / 2);
+        for (; p < end4; p += 4 * (CHUNK / 2), x += 4 * CHUNK, block += 4) {
+            _mm_prefetch((const char *)p + PREFETCH_BYTES, _MM_HINT_T1);
+            SINGLE_BLOCK_CHUNK(0) SINGLE_BLOCK_CHUNK(1) SINGLE_BLOCK_CHUNK(2) SINGLE_BLOCK_CHUNK(3)
+        }
+        for (int64_t j = 0; j < (blocks & 3); j++)
+            SINGLE_BLOCK_CHUNK(j)
+#undef SINGLE_BLOCK_CHUNK
+        t->out[r] = _mm512_reduce_add_ps(_mm512_add_ps(even_sum, odd_sum));
+    }
+}
+
 /* AVX512_ROWS weight rows at a time against every x row, AVX512_GROUP x rows per pass, over slabs
  * of columns: a group's slab of x (AVX512_GROUP_BYTES at most: 8 rows of 1024 columns) stays in L1
  * over those weight rows, whose running sums wait in `saved` (L1 too) for the next slab, and their
@@ -524,6 +561,10 @@ AVX512_TARGET static ALWAYS_INLINE void matvec512_group(const Task *t, int64_t r
  * once. */
 AVX512_TARGET static ALWAYS_INLINE void matvec512_impl(const Task *t, int rounding)
 {
+    if (t->batch == 1 && t->w->block_shift == 5) {
+        matvec512_single_blocks(t, rounding);
+        return;
+    }
     __m512 saved[AVX512_ROWS][2 * AVX512_GROUP];
     const int64_t K = t->w->cols;
     for (int64_t r0 = t->begin; r0 < t->end; r0 += AVX512_ROWS) {
