@@ -13,7 +13,7 @@ import sys
 from setuptools import Extension, setup
 
 FLAGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off"]
-SOURCES = [f"bloomconv/kernels/csrc/{name}.c" for name in ("module", "fourbit", "dense", "int8", "step_ops", "parallel")]
+SOURCES = [f"bloomconv/kernels/csrc/{name}.c" for name in ("module", "fourbit", "dense", "int8", "step_ops", "tiles", "parallel")]
 
 setup(ext_modules=[
     Extension("bloomconv.kernels._kernels", sources=SOURCES, depends=["bloomconv/kernels/csrc/kernels.h"],

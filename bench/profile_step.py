@@ -78,9 +78,9 @@ def instrumented(timers: Timers):
             def __init__(self, weights):
                 self._weights = weights
 
-            def matmul(self, x):
+            def matmul(self, x, products=None):
                 with timers.part("lm_head", weight_bytes(self._weights)):
-                    return self._weights.matmul(x)
+                    return self._weights.matmul(x, products)
 
             def __getattr__(self, name):
                 return getattr(self._weights, name)

@@ -32,6 +32,7 @@ from bloomconv.process_stats import available_memory
 from bloomconv.settings import QuantSettings
 from bloomconv.storage import decode_module, storage_for
 from bloomconv.storage.base import CHUNK_ELEMENTS
+from bloomconv.storage.fallback import products_in
 from bloomconv.storage.gptq import gptq_quantize
 from bloomconv.runtime.model import KVCache, Transformer
 from bloomconv.runtime.records import BLOCK_LINEARS, BlockWeights, LayerNormWeights, LinearWeights
@@ -192,7 +193,9 @@ class _Recording:
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, products: torch.dtype | None = None) -> torch.Tensor:
+        if products not in (None, x.dtype):  # the inputs as the products see them
+            return products_in(products, x, self.matmul, lambda rounded: None)
         rows = x.reshape(-1, x.shape[-1]).float()                                           # (B*T, in)
         self.hessian.addmm_(rows.T, rows)
         self.count += rows.shape[0]

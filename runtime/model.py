@@ -138,6 +138,11 @@ class Transformer:
         self.prefill_dtype = prefill_dtype or default_prefill_dtype(dtype, self.device,
                                                                     checkpoint.manifest.model["dtype"])
         self.copies_to_device = self.device.type != "cpu"  # see _on_device; tests set it on the CPU too
+        # every weight exact in bf16 (stored bf16, int8 codes or 4-bit weights quantized from bf16)
+        # and the kernels multiply bf16 on AMX tiles here: the choice is the directory's, not a
+        # record's, so that each piece of a streamed matrix multiplies alike
+        self.bf16_tiles = (self.device.type == "cpu" and checkpoint.manifest.model["dtype"] == dtype_name(torch.bfloat16)
+                           and kernels.bf16_tiles())
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -203,7 +208,8 @@ class Transformer:
                 # standard strides: with a size-1 dim strided otherwise, F.linear goes through bmm and
                 # copies the whole lm_head weight per call (50x slower for bf16)
                 x = x[:, -1:].clone(memory_format=torch.contiguous_format)
-            return embedding_weights(next(weights)).word_embeddings.matmul(x)            # (B, T, vocab)
+            head = embedding_weights(next(weights)).word_embeddings
+            return head.matmul(x, self.products_dtype(x, head=True))                        # (B, T, vocab)
 
     def _on_device(self, units: list[str]) -> Iterator[UnitBytes]:
         """Each unit's tensors on the compute device, in the order of a pass.
@@ -262,11 +268,21 @@ class Transformer:
         h = gelu(self._linear(h, w.dense_h_to_4h))                                       # (B, T, 4H)
         return x + self._linear(h, w.dense_4h_to_h)                                     # (B, T, H)
 
+    def products_dtype(self, x: torch.Tensor, *, head: bool = False) -> torch.dtype:
+        """The dtype of the products of x (B, T, H) with a weight: prefill_dtype for passes over more
+        than PREFILL_ROWS rows (not the lm_head, whose logits stay in full precision), and for a
+        decoding step of kernels.BF16_TILE_ROWS..PREFILL_ROWS sequences (one row each; the lm_head
+        too) where bf16 products run on AMX tiles, several times the fp32 kernels' rate; else x's."""
+        rows = x.shape[:-1].numel()
+        if rows > PREFILL_ROWS:
+            return x.dtype if head else self.prefill_dtype
+        step = x.shape[-2] == 1 and rows >= kernels.BF16_TILE_ROWS
+        return self.prefill_dtype if step and self.bf16_tiles and self.prefill_dtype == torch.bfloat16 else x.dtype
+
     def _layer_norm(self, x: torch.Tensor, w: LayerNormWeights) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], *w.in_dtype(x.dtype), self.geometry.layer_norm_epsilon)
 
     def _linear(self, x: torch.Tensor, w: LinearWeights) -> torch.Tensor:
-        if self.prefill_dtype != x.dtype and x.shape[:-1].numel() > PREFILL_ROWS:
-            # the product in prefill_dtype (bf16: torch's bf16 GEMM), the bias and the rest in x's dtype
-            return w.weight.matmul(x.to(self.prefill_dtype)).to(x.dtype).add_(w.bias_in(x.dtype))
-        return w.weight.matmul(x).add_(w.bias_in(x.dtype))  # matmul returns a new tensor: add in place
+        # the product in products_dtype (bf16: torch's bf16 GEMM or AMX tiles), the bias and the
+        # rest in x's dtype; matmul returns a new tensor: add in place
+        return w.weight.matmul(x, self.products_dtype(x)).add_(w.bias_in(x.dtype))

@@ -211,11 +211,11 @@ class StreamedWeight:
     def __init__(self, shape: tuple[int, int], parts: tuple[tuple[tuple[int, int], Taker], ...], whole):
         self.shape, self.parts, self._whole = shape, parts, whole
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, products: torch.dtype | None = None) -> torch.Tensor:
         out = None
         for (start, end), take in self.parts:
             with take() as weight:
-                part = weight.matmul(x)                                                  # (..., end - start)
+                part = weight.matmul(x, products)                                        # (..., end - start)
             if len(self.parts) == 1:
                 return part
             if out is None:

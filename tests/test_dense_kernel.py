@@ -230,3 +230,28 @@ def test_bf16_dot_products_is_what_the_cpu_says():
     flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
     expected = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16"} <= flags
     assert kernels.bf16_dot_products() == expected
+
+
+@needs_dense
+@pytest.mark.skipif(not kernels.bf16_tiles(), reason="CPU or OS without AMX-BF16 tiles")
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3072, 1024), (1030, 64), (40, 4160)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_a_decoding_steps_bf16_rows_multiply_on_amx_tiles(shape, dtype):
+    """4..64 rows of bf16 x times int8 (scaled) or bf16 weights: bf16 products on AMX tiles (x as
+    given, weights exact in bf16), fp32 sums, each row's result that row's alone; fewer rows, fp16
+    weights or a forced ISA: the fp32 kernel."""
+    g = torch.Generator().manual_seed(3)
+    weight = random_weight(*shape, dtype, g)
+    scale = torch.rand(shape[0], generator=g) if dtype == torch.int8 else None
+    matrix = dense.DenseMatrix(weight, scale)
+    x = torch.randn(dense.SMALL_BATCH_ROWS, shape[1], generator=g).to(torch.bfloat16)
+    assert matrix.multiplies_on_tiles(x.shape[0]) and not matrix.multiplies_on_tiles(kernels.BF16_TILE_ROWS - 1)
+    out = matrix.matmul(x)
+    assert_close_to_reference(out, x, weight.float(), scale)
+    for rows in (slice(0, 4), slice(4, 21), slice(21, 53), slice(53, 64)):  # 4, 17, 32, 11 rows: alike
+        assert torch.equal(matrix.matmul(x[rows]), out[rows])
+    forced = matrix.matmul(x, isa="avx512")
+    assert not torch.equal(forced, out)
+    assert_close_to_reference(forced, x, weight.float(), scale)
+    assert not dense.DenseMatrix(weight.to(torch.float16) if dtype == torch.bfloat16 else weight.float().half())\
+        .multiplies_on_tiles(x.shape[0])  # fp16 weights would be rounded

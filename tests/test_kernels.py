@@ -197,7 +197,7 @@ def test_many_bf16_rows_multiply_in_bf16_on_weights_quantized_from_bf16():
     stored, weight = quantized("nf4", 64, True, (512, 1024), torch.bfloat16)
     matrix = fourbit_matrix(stored)
     assert torch.equal(weight.to(torch.bfloat16).float(), weight)  # bf16 holds every weight
-    x = torch.randn(fourbit.SMALL_BATCH_ROWS + 1, 1024, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(fourbit.TILE_BATCH_ROWS + 1, 1024, generator=torch.Generator().manual_seed(6))  # past both kernels
     rounded = x.to(torch.bfloat16)
     out = fourbit.fourbit_matmul(rounded, matrix)
     assert out.dtype == torch.bfloat16
@@ -210,8 +210,33 @@ def test_many_bf16_rows_multiply_in_bf16_on_weights_quantized_from_bf16():
         tile = torch.empty(4, 1024, dtype=torch.bfloat16)
         fourbit._dequantize_into(matrix, rows, tile, kernels._isa_code(isa))
         assert torch.equal(tile.float(), weight[rows]), isa
-    few = rounded[:fourbit.SMALL_BATCH_ROWS]  # a decoding step's rows: the fused kernel, fp32 sums
+    few = rounded[:kernels.BF16_TILE_ROWS - 1]  # a decoding step's rows: the fused kernel, fp32 sums
     assert_matches_reference(fourbit.fourbit_matmul(few, matrix), few.float(), weight)
+    few = rounded[:fourbit.SMALL_BATCH_ROWS]  # AMX tiles where the CPU has them (below), else the same
+    if not kernels.bf16_tiles():
+        assert_matches_reference(fourbit.fourbit_matmul(few, matrix), few.float(), weight)
+
+
+@needs_kernels
+@pytest.mark.skipif(not kernels.bf16_tiles(), reason="CPU or OS without AMX-BF16 tiles")
+@pytest.mark.parametrize("shape", [(3072, 1024), (1000, 96), (40, 4160)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_a_decoding_steps_bf16_rows_multiply_on_amx_tiles(shape):
+    """4..64 rows of bf16 x: bf16 products (x as given, weights exact), fp32 sums returned as they
+    are; each row's result depends on that row alone (16-row tiles of x, 16-row tiles of weights:
+    1000 and 40 weight rows end in a partial tile, 96 columns are 3 tiles)."""
+    stored, weight = quantized("nf4", 32, True, shape, torch.bfloat16)
+    matrix = fourbit_matrix(stored)
+    x = torch.randn(fourbit.TILE_BATCH_ROWS, shape[1], generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    out = fourbit.fourbit_matmul(x, matrix)
+    assert out.dtype == torch.float32 and fourbit.multiplies_on_tiles(x.shape[0], matrix)
+    assert_matches_reference(out, x.float(), weight)
+    for rows in (slice(0, 4), slice(4, 21), slice(21, 53), slice(53, 64)):  # 4, 17, 32, 11 rows: alike
+        assert torch.equal(fourbit.fourbit_matmul(x[rows], matrix), out[rows])
+    forced = fourbit.fourbit_matmul(x[:32], matrix, isa="avx512")  # a forced ISA: the fp32 kernel
+    assert not torch.equal(forced, out[:32])
+    assert_matches_reference(forced, x[:32].float(), weight)
+    fp32_weights = fourbit_matrix(quantized("nf4", 32, True, shape)[0])
+    assert not fourbit.multiplies_on_tiles(x.shape[0], fp32_weights)  # bf16 would round the weights
 
 
 @needs_kernels

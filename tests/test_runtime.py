@@ -29,7 +29,7 @@ from bloomconv.manifest import read_manifest
 from bloomconv.settings import QuantSettings
 from bloomconv.storage.int8 import dequantize_int8, quantize_int8
 from bloomconv import kernels
-from bloomconv.kernels import dense
+from bloomconv.kernels import dense, fourbit
 from bloomconv.runtime import files, memory, readahead, residency
 
 from .conftest import load_dequantized, streaming_everything
@@ -356,6 +356,30 @@ def test_bf16_prefill_products_stay_close_and_leave_decoding_steps_as_they_were(
         assert torch.equal(mixed.forward(step, past=past)[0], exact.forward(step, past=same_past)[0])  # 2 rows
     with pytest.raises(OptionsError, match="prefill_dtype"):
         runtime.load(directory, prefill_dtype=torch.float16)
+
+
+@pytest.mark.skipif(not kernels.bf16_tiles(), reason="CPU or OS without AMX-BF16 tiles")
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_a_batched_decoding_step_multiplies_on_amx_tiles_in_bf16(bf16_pair, bits):
+    """Weights exact in bf16 (stored bf16, int8, 4-bit from bf16), one token per sequence, 4..64
+    sequences: bf16 products (prefill_dtype) on AMX tiles, the lm_head's too, close to fp32's;
+    fewer sequences, a prompt's rows, or prefill_dtype=torch.float32: fp32 products, as before."""
+    directory = bf16_pair[0]
+    if bits is not None:
+        directory = bf16_pair[0].parent / f"bits{bits}"
+        if not directory.exists():
+            quantize(bf16_pair[0].parent / "src", directory, bits=bits)
+    tokens = torch.randint(4, 1024, (16, 5), generator=torch.Generator().manual_seed(8))
+    with runtime.load(directory) as tiles, runtime.load(directory, prefill_dtype=torch.float32) as exact:
+        assert tiles.transformer.bf16_tiles and tiles.transformer.prefill_dtype == torch.bfloat16
+        for batch in (kernels.BF16_TILE_ROWS - 1, kernels.BF16_TILE_ROWS, 16):  # one token per sequence
+            logits, expected = tiles.forward(tokens[:batch, :1])[0], exact.forward(tokens[:batch, :1])[0]
+            if batch < kernels.BF16_TILE_ROWS:
+                assert torch.equal(logits, expected)
+            else:
+                difference = (logits - expected).abs().max()
+                assert 0 < difference < 0.02 * expected.abs().max(), difference
+        assert torch.equal(tiles.forward(tokens[:4])[0], exact.forward(tokens[:4])[0])  # 4 prompts of 5 tokens
 
 
 @pytest.mark.parametrize("has_bf16_dot", [True, False])

@@ -22,6 +22,7 @@ it runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 from collections.abc import Iterator
 
@@ -34,7 +35,8 @@ try:
 except ImportError:  # installed without a C compiler
     _kernels = None
 
-__all__ = ["available", "bf16_dot_products", "isas", "kernel_threads", "kernels_own_the_cores"]
+__all__ = ["BF16_TILE_ROWS", "available", "bf16_dot_products", "bf16_tiles", "isas", "kernel_threads",
+           "kernels_own_the_cores"]
 
 _ISA_CODES = {None: 0, "scalar": 1, "avx2": 2, "avx512": 3}  # csrc/kernels.h's ISA_*
 
@@ -56,6 +58,18 @@ def bf16_dot_products() -> bool:
     """Whether this CPU multiplies bf16 pairs into fp32 sums in one instruction (AVX512-BF16), as
     torch's bf16 GEMM then does; False where the kernels were not built (the CPU is not asked)."""
     return _kernels is not None and _kernels.bf16_dot_products()
+
+
+@functools.cache
+def bf16_tiles() -> bool:
+    """Whether the kernels multiply bf16 on AMX tiles here (AMX-BF16, and the OS lets the process
+    use the tile registers; asked once): a batched decoding step's bf16 products (csrc/tiles.c)."""
+    return _kernels is not None and _kernels.amx_bf16_tiles()
+
+
+# From this many rows of bf16 x, AMX tiles beat the fp32 kernels (with fewer, x has too few rows to
+# pay for a tile: 3 rows of 4-bit weights cost the same both ways; bench/bench_kernels.py).
+BF16_TILE_ROWS = 4
 
 
 def kernel_threads() -> int:

@@ -25,7 +25,7 @@ import torch
 
 from bloomconv.errors import QuantizationError
 
-from . import _isa_code, _kernels, kernel_threads
+from . import BF16_TILE_ROWS, _isa_code, _kernels, bf16_tiles, kernel_threads
 
 __all__ = ["SMALL_BATCH_ROWS", "DenseMatrix", "dense_matmul", "supports"]
 
@@ -78,20 +78,28 @@ class DenseMatrix:
 
     def matmul(self, x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
         """x (..., in) of any float dtype @ weight.T [* scale] -> (..., out) fp32, with
-        `kernel_threads()` threads; `isa` forces an instruction set from `bloomconv.kernels.isas()`."""
+        `kernel_threads()` threads; `isa` forces an instruction set from `bloomconv.kernels.isas()`.
+        bf16 x of BF16_TILE_ROWS to SMALL_BATCH_ROWS rows times int8 or bf16 weights multiplies in
+        bf16 products on AMX tiles where the CPU has them (`multiplies_on_tiles`; fp32 sums)."""
         code = _isa_code(isa)
         _, rows, cols = self._arguments[:3]
         if x.shape[-1] != cols:
             raise QuantizationError("weight", f"cannot multiply x of shape {tuple(x.shape)} by a {self.weight.dtype} "
                                     f"weight of shape {tuple(self.weight.shape)}",
                                     f"Pass activations whose last dimension is {cols}.")
+        tiles = isa is None and x.dtype == torch.bfloat16 and self.multiplies_on_tiles(x.shape[:-1].numel())
         if x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous():
             x = x.to(device="cpu", dtype=torch.float32).contiguous()                     # (..., in)
         out = torch.empty(x.shape[:-1] + (rows,), dtype=torch.float32)                    # (..., out)
         if out.numel():
-            _kernels.dense_matmul(x.data_ptr(), out.numel() // rows, out.data_ptr(), kernel_threads(), code,
-                                  *self._arguments)
+            multiply = _kernels.dense_matmul_bf16_tiles if tiles else _kernels.dense_matmul
+            multiply(x.data_ptr(), out.numel() // rows, out.data_ptr(), kernel_threads(), code, *self._arguments)
         return out
+
+    def multiplies_on_tiles(self, batch: int) -> bool:
+        """Whether `batch` rows of bf16 x go to the AMX kernel (bf16 products: `matmul`)."""
+        return (BF16_TILE_ROWS <= batch <= SMALL_BATCH_ROWS and self.weight.dtype in (torch.int8, torch.bfloat16)
+                and self.weight.shape[1] % 32 == 0 and bf16_tiles())
 
 
 def dense_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, *,

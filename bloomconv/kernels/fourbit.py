@@ -27,7 +27,11 @@ a multiple of 32. Rows are shared out among `kernel_threads()` threads.
 Batches: up to SMALL_BATCH_ROWS rows of x share each decoded weight (decoded once per call); a
 larger batch (prefill) is compute-bound, so the matrix is dequantized a tile at a time (about
 DEQUANTIZE_TILE_BYTES, in whole TILE_ROWS: `tile_rows`), by the same C code, and each tile goes
-to torch's GEMM in one call (in bf16 for bf16 x: `fourbit_matmul`).
+to torch's GEMM in one call (in bf16 for bf16 x: `fourbit_matmul`). bf16 x of BF16_TILE_ROWS to
+TILE_BATCH_ROWS rows (a batched decoding step whose caller chose bf16 products) multiplies on AMX
+tiles where the CPU has them (`bf16_tiles`): 16 weight rows by 32 columns decoded as above into
+one tile, times x's tiles, fp32 sums kept in tile registers across the row; decoding, not
+multiplying, is then the cost, as at batch 1 (up to TILE_BATCH_ROWS rows).
 Double-quantized absmax is decoded inside the kernel per block, so nothing is cached and no fp32
 absmax vector is materialised.
 
@@ -53,14 +57,15 @@ import torch.nn.functional as F
 from bloomconv.errors import QuantizationError
 from bloomconv.format import BLOCK_SIZES_4BIT, NESTED_BLOCK_SIZE
 
-from . import _isa_code, _kernels, kernel_threads
+from . import BF16_TILE_ROWS, _isa_code, _kernels, bf16_tiles, kernel_threads
 
 __all__ = ["DEQUANTIZE_TILE_BYTES", "SMALL_BATCH_ROWS", "FourBitMatrix", "NestedAbsmax", "fourbit_dequantize",
-           "fourbit_matmul", "fourbit_quantize_blocks", "tile_rows"]
+           "fourbit_matmul", "fourbit_quantize_blocks", "multiplies_on_tiles", "tile_rows"]
 
 # Rows of x multiplied by the fused kernel; a larger batch dequantizes tiles for torch's GEMM, which
 # wins once the multiply, not reading the weight, is the cost: around 32 rows the two cost the same.
 SMALL_BATCH_ROWS = 32
+TILE_BATCH_ROWS = 64  # rows of x the AMX kernel takes (4 tiles of 16; csrc/tiles.c)
 DEQUANTIZE_TILE_BYTES = 8 * 1024 * 1024  # fp32 tile for the large-batch path
 # A large-batch tile holds a whole multiple of this many rows (at least one): one GEMM call per
 # tile, as large as DEQUANTIZE_TILE_BYTES allows, since larger calls are faster.
@@ -131,6 +136,12 @@ class FourBitMatrix:
                 _ROUNDING[self.weight_dtype])
 
 
+def multiplies_on_tiles(batch: int, matrix: FourBitMatrix) -> bool:
+    """Whether `batch` rows of bf16 x times `matrix` go to the AMX kernel (`fourbit_matmul`)."""
+    return (BF16_TILE_ROWS <= batch <= TILE_BATCH_ROWS and matrix.weight_dtype == torch.bfloat16
+            and matrix.shape[1] % 32 == 0 and bf16_tiles())
+
+
 def tile_rows(cols: int) -> int:
     """Rows of the fp32 tile the large-batch path dequantizes at a time for rows of `cols`: about
     DEQUANTIZE_TILE_BYTES, in whole TILE_ROWS (at least one)."""
@@ -144,7 +155,9 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
     More than SMALL_BATCH_ROWS rows of bf16 x multiply in bf16 instead, and the result is bf16:
     tiles of weights quantized from bf16 are dequantized straight to bf16 (exact; others are
     rounded to it) for torch's bf16 GEMM, twice the fp32 GEMM's rate where the CPU has bf16 dot
-    products.
+    products. bf16 x of BF16_TILE_ROWS to TILE_BATCH_ROWS rows, where `multiplies_on_tiles`, multiplies
+    on AMX tiles instead: weights quantized from bf16, bf16 products, and the fp32 sums come back
+    as they are (fp32).
 
     Uses `kernel_threads()` threads. `isa` forces an instruction set from `bloomconv.kernels.isas()`
     (the default takes the fastest; rows whose length is not a multiple of 32 always run scalar code).
@@ -155,13 +168,17 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
                                 "matrix", f"Pass activations whose last dimension is {cols}.")
     isa_code = _isa_code(isa)
     batch = x.shape[:-1].numel()
-    # fp32 products, but bf16 ones for many bf16 rows (torch's bf16 GEMM)
-    gemm_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and batch > SMALL_BATCH_ROWS else torch.float32
+    # fp32 products, but bf16 ones for bf16 rows on AMX tiles, or many of them (torch's bf16 GEMM)
+    tiles = isa is None and x.dtype == torch.bfloat16 and multiplies_on_tiles(batch, matrix)
+    gemm_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and batch > SMALL_BATCH_ROWS and not tiles else torch.float32
     flat = x.reshape(batch, cols).to(device="cpu", dtype=gemm_dtype).contiguous()       # (M, in)
     out = torch.empty(batch, rows, dtype=gemm_dtype)                                    # (M, out)
     if out.numel() == 0 or cols == 0:
         return out.zero_().reshape(*x.shape[:-1], rows)
-    if batch <= SMALL_BATCH_ROWS:
+    if tiles:  # flat holds x exactly
+        _kernels.fourbit_matmul_bf16_tiles(flat.data_ptr(), batch, out.data_ptr(), kernel_threads(), isa_code,
+                                           *matrix._arguments)
+    elif batch <= SMALL_BATCH_ROWS:
         _kernels.fourbit_matmul(flat.data_ptr(), batch, out.data_ptr(), kernel_threads(), isa_code,
                                 *matrix._arguments)
     else:

@@ -94,8 +94,9 @@ class StoredWeight(Protocol):
 
     shape: tuple[int, int]
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) @ W.T -> (..., out), a new tensor in x's dtype."""
+    def matmul(self, x: torch.Tensor, products: torch.dtype | None = None) -> torch.Tensor:
+        """x (..., in) @ W.T -> (..., out), a new tensor in x's dtype; `products` (None: x's dtype)
+        the dtype x is rounded to for the products (bf16: a bf16 prefill, see `products_in`)."""
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of W in `dtype`, shaped (*ids.shape, in): the embedding lookup."""

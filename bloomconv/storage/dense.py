@@ -16,7 +16,7 @@ from bloomconv.format import QuantType
 from bloomconv.kernels import dense
 
 from .base import NO_REPORT, Lookup, Storage, register, slice_granularity, stream_as_stored
-from .fallback import dense_kernel_takes, linear_in_pieces
+from .fallback import dense_kernel_takes, dense_on_tiles, linear_in_pieces, products_in
 
 __all__ = ["DenseStorage", "DenseWeight"]
 
@@ -29,7 +29,10 @@ class DenseWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, products: torch.dtype | None = None) -> torch.Tensor:
+        if products not in (None, x.dtype):
+            return products_in(products, x, self.matmul,
+                               lambda rounded: dense_on_tiles(rounded, self.weight, lambda: self.kernel_matrix))
         w = self.weight
         if dense_kernel_takes(x, w) and (w.dtype != x.dtype or x.shape[:-1].numel() <= dense.SMALL_BATCH_ROWS):
             return self.kernel_matrix.matmul(x).to(x.dtype)  # fp32 products and sums

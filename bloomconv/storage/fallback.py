@@ -11,16 +11,35 @@ from bloomconv.kernels import dense
 
 from .base import ROW_MULTIPLE
 
-__all__ = ["CONVERT_CHUNK_BYTES", "dense_kernel_takes", "linear_in_pieces"]
+__all__ = ["CONVERT_CHUNK_BYTES", "dense_kernel_takes", "dense_on_tiles", "linear_in_pieces", "products_in"]
 
 # Largest piece of a weight converted to the compute dtype at once (bf16 storage, fp32 compute):
 # bounds anonymous memory whatever the matrix size (the tied lm_head is vocab × hidden).
 CONVERT_CHUNK_BYTES = 64 * 1024 * 1024
 
 
+def products_in(dtype: torch.dtype, x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor],
+                on_tiles: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
+    """A record's product with x rounded to `dtype`, the result in x's dtype: `on_tiles(rounded)`,
+    the kernels' AMX product (fp32 sums, returned as they are) where they take it, else None; or
+    the record's own product of the rounded x (torch's GEMM in that dtype for many rows), widened."""
+    rounded = x.to(dtype)
+    product = on_tiles(rounded)
+    return (product if product is not None else matmul(rounded)).to(x.dtype)
+
+
 def dense_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the dense kernel can compute this product (built, on the CPU, an int8/16-bit weight)."""
     return kernels.available() and x.is_cpu and dense.supports(weight)
+
+
+def dense_on_tiles(x: torch.Tensor, weight: torch.Tensor,
+                   matrix: Callable[[], dense.DenseMatrix]) -> torch.Tensor | None:
+    """`products_in`'s `on_tiles` for a record the dense kernel multiplies (`weight`, its stored
+    matrix; `matrix()`, the record's DenseMatrix): the AMX product of bf16 x, or None."""
+    if dense_kernel_takes(x, weight) and matrix().multiplies_on_tiles(x.shape[:-1].numel()):
+        return matrix().matmul(x)
+    return None
 
 
 def linear_in_pieces(x: torch.Tensor, shape: tuple[int, int], piece: Callable[[int, int], torch.Tensor],

@@ -49,7 +49,7 @@ from bloomconv.settings import QuantSettings
 
 from .base import (CHUNK_ELEMENTS, NO_REPORT, STREAM_PIECE_ELEMENTS, Lookup, ReadReport, Storage, check_float_weight,
                    register, slice_granularity)
-from .fallback import linear_in_pieces
+from .fallback import linear_in_pieces, products_in
 
 __all__ = ["FP4Storage", "FourBitGrid", "FourBitState", "FourBitStorage", "FourBitWeight", "NF4Storage", "NestedScales",
            "block_errors", "code_table", "dequantize_4bit", "dynamic_map", "pack_nibbles", "quantize_4bit",
@@ -615,13 +615,21 @@ class FourBitWeight:
     def uses_fused_kernel(self, x: torch.Tensor) -> bool:
         return kernels.available() and x.is_cpu and self.stored["weight"].is_cpu
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, products: torch.dtype | None = None) -> torch.Tensor:
+        if products not in (None, x.dtype):
+            return products_in(products, x, self.matmul, self._on_tiles)
         if self.uses_fused_kernel(x):
             return fourbit_kernel.fourbit_matmul(x, self.matrix).to(x.dtype)
         if x.device.type != "cpu":
             return self.bitsandbytes_matmul(x)
         return linear_in_pieces(x, self.shape, lambda start, end: self.row_slice(start, end).dequantize(x.dtype),
                                 self.row_multiple)
+
+    def _on_tiles(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`products_in`'s AMX product of bf16 x (fp32 sums), or None."""
+        if self.uses_fused_kernel(x) and fourbit_kernel.multiplies_on_tiles(x.shape[:-1].numel(), self.matrix):
+            return fourbit_kernel.fourbit_matmul(x, self.matrix)
+        return None
 
     def bitsandbytes_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T through `bitsandbytes.matmul_4bit`, on whatever device the tensors are (on CUDA its

@@ -35,7 +35,7 @@ from bloomconv.settings import QuantSettings
 
 from .base import (CHUNK_ELEMENTS, NO_REPORT, STREAM_PIECE_ELEMENTS, Lookup, ReadReport, Storage, check_float_weight,
                    register, slice_granularity)
-from .fallback import dense_kernel_takes, linear_in_pieces
+from .fallback import dense_kernel_takes, dense_on_tiles, linear_in_pieces, products_in
 
 __all__ = ["Int8Grid", "Int8Storage", "Int8Weight", "check_int8_weight", "dequantize_int8", "int8_codes", "quantize_int8",
            "quantize_int8_rows", "searched_row_scales"]
@@ -233,7 +233,10 @@ class Int8Weight:
         return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and hasattr(torch, "_weight_int8pack_mm")
                 and self.CB.shape[1] % _INT8PACK_ALIGN == 0)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, products: torch.dtype | None = None) -> torch.Tensor:
+        if products not in (None, x.dtype):
+            return products_in(products, x, self.matmul,
+                               lambda rounded: dense_on_tiles(rounded, self.CB, lambda: self.kernel_matrix))
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[:-1].numel() > dense.SMALL_BATCH_ROWS:
             return self._bf16_products(x)
         if dense_kernel_takes(x, self.CB):

@@ -209,9 +209,43 @@ static RangeFunction pick(int isa, const Job *j)
     return scalar_groups;
 }
 
+/* --------------------------------------------------------------------------------- AMX tiles */
+#ifdef HAVE_AMX_KERNELS
+/* tiles.c's decoders: weight rows as bf16 (int8 codes are exact in bf16; bf16 weights as stored),
+ * each row's next bytes prefetched (16 rows are read side by side, 32 columns at a time). */
+enum { TILE_PREFETCH_BYTES = 512 };
+
+AMX_TARGET static void decode_int8_tile(const void *matrix, int64_t row, int rows, int64_t col,
+                                        uint16_t (*dst)[TILE_COLS])
+{
+    const Job *j = matrix;
+    for (int i = 0; i < rows; i++) {
+        const int8_t *w = (const int8_t *)j->w + (row + i) * j->cols + col;
+        _mm_prefetch((const char *)w + TILE_PREFETCH_BYTES, _MM_HINT_T0);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16))));
+        _mm512_store_si512(dst[i], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
+AMX_TARGET static void decode_bf16_tile(const void *matrix, int64_t row, int rows, int64_t col,
+                                        uint16_t (*dst)[TILE_COLS])
+{
+    const Job *j = matrix;
+    for (int i = 0; i < rows; i++) {
+        const uint16_t *w = (const uint16_t *)j->w + (row + i) * j->cols + col;
+        _mm_prefetch((const char *)w + 2 * TILE_PREFETCH_BYTES, _MM_HINT_T0);
+        _mm512_store_si512(dst[i], _mm512_loadu_si512(w));
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------------------ Python glue */
 
-PyObject *dense_matmul(PyObject *self, PyObject *args)
+static PyObject *tiles_matmul_call(Job job, int threads);
+
+/* dense_matmul and dense_matmul_bf16_tiles (`tiles`). */
+static PyObject *matmul_call(PyObject *args, int tiles)
 {
     unsigned long long x, out, weight, scale;
     long long batch, rows, cols;
@@ -219,13 +253,15 @@ PyObject *dense_matmul(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "KLKiiKLLiK", &x, &batch, &out, &threads, &isa, &weight, &rows, &cols, &kind,
                           &scale))
         return NULL;
+    Job job = {.w = (const void *)(uintptr_t)weight, .kind = kind, .scale = (const float *)(uintptr_t)scale,
+               .x = (const float *)(uintptr_t)x, .out = (float *)(uintptr_t)out, .batch = batch, .rows = rows,
+               .cols = cols};
+    if (tiles)
+        return tiles_matmul_call(job, threads);
     if (kind < KIND_INT8 || kind > KIND_FP16 || isa < ISA_AUTO || isa > ISA_AVX512) {
         PyErr_SetString(PyExc_ValueError, "unknown weight kind or instruction set");
         return NULL;
     }
-    Job job = {.w = (const void *)(uintptr_t)weight, .kind = kind, .scale = (const float *)(uintptr_t)scale,
-               .x = (const float *)(uintptr_t)x, .out = (float *)(uintptr_t)out, .batch = batch, .rows = rows,
-               .cols = cols};
     RangeFunction run = pick(isa, &job);
     if (!run) {
         PyErr_SetString(PyExc_ValueError, "this CPU lacks the requested instruction set");
@@ -239,4 +275,31 @@ PyObject *dense_matmul(PyObject *self, PyObject *args)
     if (status)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+PyObject *dense_matmul(PyObject *self, PyObject *args) { return matmul_call(args, 0); }
+
+PyObject *dense_matmul_bf16_tiles(PyObject *self, PyObject *args) { return matmul_call(args, 1); }
+
+static PyObject *tiles_matmul_call(Job job, int threads)
+{
+#ifdef HAVE_AMX_KERNELS
+    const int kind = job.kind;
+    const int64_t batch = job.batch, cols = job.cols;
+    if (!cpu_has_amx_bf16() || (kind != KIND_INT8 && kind != KIND_BF16) || cols % TILE_COLS != 0 || batch < 1 ||
+        batch > TILE_X_ROWS * TILE_MAX_X) {
+        PyErr_SetString(PyExc_ValueError, "AMX tiles take 1-64 rows of x and int8 or bf16 weights in rows of a "
+                                          "multiple of 32, on a CPU with AMX-BF16");
+        return NULL;
+    }
+    TileJob tiles = {.decode = kind == KIND_INT8 ? decode_int8_tile : decode_bf16_tile, .matrix = &job,
+                     .scale = job.scale, .batch = batch, .rows = job.rows, .cols = cols, .out = job.out};
+    if (tiles_matmul(&tiles, job.x, threads, cols * (kind == KIND_INT8 ? 1 : 2), MIN_BYTES_PER_THREAD))
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    (void)job; (void)threads;
+    PyErr_SetString(PyExc_ValueError, "this build has no AMX kernels");
+    return NULL;
+#endif
 }

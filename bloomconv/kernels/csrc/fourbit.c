@@ -584,6 +584,25 @@ AVX512_TARGET static ALWAYS_INLINE void matvec512_impl(const Task *t, int roundi
 AVX512_TARGET static void avx512_matvec(const Task *t) { DISPATCH_ROUNDING(matvec512_impl, t) }
 #endif
 
+#ifdef HAVE_AMX_KERNELS
+/* tiles.c's decoder: weight rows as matvec512_group decodes them, even elements first (x is laid
+ * out to match), as bf16 (exact: the weights were rounded to bf16). */
+AMX_TARGET static void decode_tile(const void *matrix, int64_t row, int rows, int64_t col, uint16_t (*dst)[TILE_COLS])
+{
+    const Matrix *w = matrix;
+    const __m512 code = _mm512_loadu_ps(w->code);
+    for (int i = 0; i < rows; i++) {
+        const int64_t e = (row + i) * w->cols + col;
+        const __m512 table = block_table(w, code, e >> w->block_shift, ROUND_BF16);
+        _mm_prefetch((const char *)w->packed + (e >> 1) + PREFETCH_BYTES, _MM_HINT_T1);
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (e >> 1))));
+        const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+        const __m512 odd = _mm512_permutexvar_ps(bytes, table);
+        _mm512_store_si512(dst[i], (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------------------- quantize */
 
 /* bitsandbytes' CPU `quantize_4bit`, bit for bit (_quantize_4bit_chunk in bloomconv.storage is the
@@ -886,7 +905,10 @@ static int parse_call(PyObject *args, unsigned long long *first, long long *coun
     return 1;
 }
 
-PyObject *fourbit_matmul(PyObject *self, PyObject *args)
+static PyObject *tiles_matmul_call(unsigned long long x, long long batch, unsigned long long out, int threads, Matrix w);
+
+/* fourbit_matmul and fourbit_matmul_bf16_tiles (`tiles`). */
+static PyObject *matmul_call(PyObject *args, int tiles)
 {
     unsigned long long x, out;
     long long batch;
@@ -894,6 +916,8 @@ PyObject *fourbit_matmul(PyObject *self, PyObject *args)
     Matrix w;
     if (!parse_call(args, &x, &batch, &out, &threads, &isa, &w, NULL))
         return NULL;
+    if (tiles)
+        return tiles_matmul_call(x, batch, out, threads, w);
     const int64_t rows = w.rows, cols = w.cols;
     Task task = {.w = &w, .x = (const float *)(uintptr_t)x, .batch = batch, .out = (float *)(uintptr_t)out};
     float *laid_out = NULL;
@@ -925,6 +949,37 @@ PyObject *fourbit_matmul(PyObject *self, PyObject *args)
     if (status)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+PyObject *fourbit_matmul(PyObject *self, PyObject *args) { return matmul_call(args, 0); }
+
+PyObject *fourbit_matmul_bf16_tiles(PyObject *self, PyObject *args) { return matmul_call(args, 1); }
+
+static PyObject *tiles_matmul_call(unsigned long long x, long long batch, unsigned long long out, int threads, Matrix w)
+{
+#ifdef HAVE_AMX_KERNELS
+    if (!cpu_has_amx_bf16() || w.rounding != ROUND_BF16 || w.cols % TILE_COLS != 0 || batch < 1 ||
+        batch > TILE_X_ROWS * TILE_MAX_X) {
+        PyErr_SetString(PyExc_ValueError, "AMX tiles take 1-64 rows of x and 4-bit weights rounded to bf16 in rows "
+                                          "of a multiple of 32, on a CPU with AMX-BF16");
+        return NULL;
+    }
+    float *even_odd = malloc((size_t)(batch * w.cols) * sizeof(float));
+    if (!even_odd)
+        return PyErr_NoMemory();
+    layout_x_even_odd((const float *)(uintptr_t)x, even_odd, batch, w.cols);
+    TileJob job = {.decode = decode_tile, .matrix = &w, .batch = batch, .rows = w.rows, .cols = w.cols,
+                   .out = (float *)(uintptr_t)out};
+    const int status = tiles_matmul(&job, even_odd, threads, (w.cols + 1) / 2, MIN_BYTES_PER_THREAD);
+    free(even_odd);
+    if (status)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    (void)x; (void)out; (void)batch; (void)threads; (void)w;
+    PyErr_SetString(PyExc_ValueError, "this build has no AMX kernels");
+    return NULL;
+#endif
 }
 
 PyObject *fourbit_dequantize(PyObject *self, PyObject *args)

@@ -60,10 +60,38 @@ static inline int cpu_has_bf16_dot(void)
     unsigned int eax, ebx, ecx, edx;
     return cpu_has_avx512() && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 5) & 1);
 }
+
+/* AMX tiles of bf16 products (AMX-TILE + AMX-BF16; gcc 11 and clang 12 compile them, and the Linux
+ * kernel must let the process use the tile registers: cpu_has_amx_bf16 asks it, once). */
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                           (!defined(__clang__) && __GNUC__ >= 11))
+#define HAVE_AMX_KERNELS 1
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16,avx2,fma,f16c")))
+#endif
+INTERNAL int cpu_has_amx_bf16(void);
+
+#ifdef HAVE_AMX_KERNELS
+/* tiles.c: bf16 products on AMX tiles (up to TILE_MAX_X tiles of TILE_X_ROWS rows of x). */
+enum { TILE_X_ROWS = 16, TILE_MAX_X = 4, TILE_COLS = 32 };
+/* Weight rows [row, row + rows) (rows <= 16), columns [col, col + 32), as bf16 into dst. */
+typedef void (*TileDecoder)(const void *matrix, int64_t row, int rows, int64_t col, uint16_t (*dst)[TILE_COLS]);
+typedef struct {
+    TileDecoder decode;
+    const void *matrix;
+    const float *scale;            /* (rows,) a row's sums are multiplied by, or NULL */
+    int64_t batch, rows, cols;     /* M, N, K (K a multiple of TILE_COLS) */
+    float *out;                    /* (M, N) fp32 */
+    const uint32_t *x_tiles;       /* set by tiles_matmul */
+} TileJob;
+/* out = x (batch, cols) fp32, rounded to bf16, @ the decoded weights^T: 0, or 1 when out of memory. */
+INTERNAL int tiles_matmul(TileJob *job, const float *x, int threads, int64_t bytes_per_row,
+                          int64_t min_bytes_per_thread);
+#endif
 #else
 static inline int cpu_has_avx2(void) { return 0; }
 static inline int cpu_has_avx512(void) { return 0; }
 static inline int cpu_has_bf16_dot(void) { return 0; }
+static inline int cpu_has_amx_bf16(void) { return 0; }
 #endif
 
 /* ------------------------------------------------------------------------------ conversions */
@@ -151,6 +179,8 @@ INTERNAL int run_parallel(RangeFunction run, const void *job, int64_t count, int
 INTERNAL PyObject *int8_quantize(PyObject *self, PyObject *args);
 /* fourbit.c */
 INTERNAL PyObject *fourbit_matmul(PyObject *self, PyObject *args);
+INTERNAL PyObject *fourbit_matmul_bf16_tiles(PyObject *self, PyObject *args);
+INTERNAL PyObject *dense_matmul_bf16_tiles(PyObject *self, PyObject *args);
 INTERNAL PyObject *fourbit_dequantize(PyObject *self, PyObject *args);
 INTERNAL PyObject *fourbit_quantize(PyObject *self, PyObject *args);
 /* dense.c */

@@ -11,6 +11,11 @@ PyDoc_STRVAR(fourbit_matmul_doc,
 "given by address. matrix: packed, rows, cols, block_size, code, absmax, absmax_codes, nested_absmax,\n"
 "nested_code, nested_offset, nested_block_size, rounding (pointers as ints, 0 for none).");
 
+PyDoc_STRVAR(fourbit_matmul_bf16_tiles_doc,
+"fourbit_matmul_bf16_tiles(x, batch, out, threads, isa, *matrix) -> None\n\n"
+"As fourbit_matmul, for 1-64 rows of x and weights rounded to bf16, in bf16 products on AMX tiles\n"
+"(x rounded to bf16, fp32 sums); only where amx_bf16_tiles().");
+
 PyDoc_STRVAR(fourbit_dequantize_doc,
 "fourbit_dequantize(row_ids, count, out, threads, isa, *matrix[, to_bf16]) -> None\n\n"
 "out (count, cols) fp32 (bf16 with to_bf16, for weights rounded to bf16) = the 4-bit matrix's rows\n"
@@ -32,6 +37,11 @@ PyDoc_STRVAR(dense_matmul_doc,
 "dense_matmul(x, batch, out, threads, isa, weight, rows, cols, kind, scale) -> None\n\n"
 "out (batch, rows) fp32 = x (batch, cols) fp32 @ W.T [* scale]; W (rows, cols) int8 (kind 0), bf16 (1)\n"
 "or fp16 (2); scale (rows,) fp32 or 0. All contiguous, given by address.");
+
+PyDoc_STRVAR(dense_matmul_bf16_tiles_doc,
+"dense_matmul_bf16_tiles(x, batch, out, threads, isa, weight, rows, cols, kind, scale) -> None\n\n"
+"As dense_matmul, for 1-64 rows of x and int8 or bf16 weights, in bf16 products on AMX tiles (x\n"
+"rounded to bf16, fp32 sums); only where amx_bf16_tiles().");
 
 PyDoc_STRVAR(attention_step_doc,
 "attention_step(fused, batch, heads, head_size, keys, values, capacity, length, bias, out, threads, isa)\n"
@@ -59,10 +69,14 @@ static PyObject *isas(PyObject *self, PyObject *unused)
     return cpu_has_avx2() ? Py_BuildValue("(ss)", "avx2", "scalar") : Py_BuildValue("(s)", "scalar");
 }
 
+static PyObject *amx_bf16_tiles(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_has_amx_bf16()); }
 static PyObject *bf16_dot_products(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_has_bf16_dot()); }
 
 static PyMethodDef methods[] = {
     {"fourbit_matmul", fourbit_matmul, METH_VARARGS, fourbit_matmul_doc},
+    {"fourbit_matmul_bf16_tiles", fourbit_matmul_bf16_tiles, METH_VARARGS, fourbit_matmul_bf16_tiles_doc},
+    {"dense_matmul_bf16_tiles", dense_matmul_bf16_tiles, METH_VARARGS, dense_matmul_bf16_tiles_doc},
+    {"amx_bf16_tiles", amx_bf16_tiles, METH_NOARGS, "Whether this CPU and OS multiply bf16 AMX tiles."},
     {"fourbit_dequantize", fourbit_dequantize, METH_VARARGS, fourbit_dequantize_doc},
     {"fourbit_quantize", fourbit_quantize, METH_VARARGS, fourbit_quantize_doc},
     {"int8_quantize", int8_quantize, METH_VARARGS, int8_quantize_doc},
