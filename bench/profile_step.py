@@ -1,6 +1,6 @@
 """Where one decoding step's time goes, part by part.
 
-    python bench/profile_step.py DIR [--batch 1] [--steps 16] [--threads 2]
+    python bench/profile_step.py DIR [--batch 1] [--steps 16] [--threads 2] [--prefill-dtype float32]
 
 Loads a converted directory, prefills a 16-token random prompt, then times `--steps` greedy
 decoding steps twice: plain (the step time), and with each part of the forward pass wrapped in a
@@ -123,8 +123,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prefill-dtype", choices=["float32", "bfloat16"],
+                        help="load(prefill_dtype=...): float32 keeps a batched step's products in fp32 on AMX CPUs")
     args = parser.parse_args()
-    with bloomconv.load(args.directory, threads=args.threads) as model:
+    options = {"prefill_dtype": getattr(torch, args.prefill_dtype)} if args.prefill_dtype else {}
+    with bloomconv.load(args.directory, threads=args.threads, **options) as model:
         step_seconds(model, args.batch, 4)  # warm: the weights in RAM, torch's kernels chosen
         plain = min(step_seconds(model, args.batch, args.steps) for _ in range(3))
         timers = Timers()
