@@ -5,7 +5,7 @@ installed metadata, so nothing is imported but torch (already needed for the ker
 
 >>> report = environment_report()                                          # doctest: +SKIP
 >>> report["kernels"], report["packages"]["bitsandbytes"]                   # doctest: +SKIP
-({'built': True, 'isas': ['avx512', 'avx2', 'scalar'], 'threads': 16}, '0.50.2')
+({'built': True, 'isas': ['avx512', 'avx2', 'scalar'], 'bf16_tiles': True, 'threads': 16}, '0.50.2')
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def environment_report() -> dict:
     """A JSON-ready description of this installation; a package that is not installed is None.
 
     Keys: bloomconv (version, location), python (version, implementation, executable),
-    packages (name -> version), kernels (built, isas, threads), torch (cuda, cpu_capability),
+    packages (name -> version), kernels (built, isas, AMX bf16 tiles, threads), torch (cuda, cpu_capability),
     cuda_devices (index, name, capability, memory_bytes) or cuda_error, platform (system,
     machine, cpus, usable_cpus, memory_bytes).
     """
@@ -40,7 +40,8 @@ def environment_report() -> dict:
         "python": {"version": platform.python_version(), "implementation": platform.python_implementation(),
                    "executable": sys.executable},
         "packages": {name: _installed_version(name) for name in PACKAGES},
-        "kernels": {"built": kernels.available(), "isas": list(kernels.isas()), "threads": kernels.kernel_threads()},
+        "kernels": {"built": kernels.available(), "isas": list(kernels.isas()), "bf16_tiles": kernels.bf16_tiles(),
+                    "threads": kernels.kernel_threads()},
         "torch": {"cuda": torch.version.cuda, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "platform": {"system": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                      "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

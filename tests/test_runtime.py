@@ -358,17 +358,23 @@ def test_bf16_prefill_products_stay_close_and_leave_decoding_steps_as_they_were(
         runtime.load(directory, prefill_dtype=torch.float16)
 
 
+def bf16_directory(bf16_pair, bits: int | None):
+    """bf16_pair's directory, or its source quantized with `bits` (made once)."""
+    if bits is None:
+        return bf16_pair[0]
+    directory = bf16_pair[0].parent / f"bits{bits}"
+    if not directory.exists():
+        quantize(bf16_pair[0].parent / "src", directory, bits=bits)
+    return directory
+
+
 @pytest.mark.skipif(not kernels.bf16_tiles(), reason="CPU or OS without AMX-BF16 tiles")
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_a_batched_decoding_step_multiplies_on_amx_tiles_in_bf16(bf16_pair, bits):
     """Weights exact in bf16 (stored bf16, int8, 4-bit from bf16), one token per sequence, 4..64
     sequences: bf16 products (prefill_dtype) on AMX tiles, the lm_head's too, close to fp32's;
     fewer sequences, a prompt's rows, or prefill_dtype=torch.float32: fp32 products, as before."""
-    directory = bf16_pair[0]
-    if bits is not None:
-        directory = bf16_pair[0].parent / f"bits{bits}"
-        if not directory.exists():
-            quantize(bf16_pair[0].parent / "src", directory, bits=bits)
+    directory = bf16_directory(bf16_pair, bits)
     tokens = torch.randint(4, 1024, (16, 5), generator=torch.Generator().manual_seed(8))
     with runtime.load(directory) as tiles, runtime.load(directory, prefill_dtype=torch.float32) as exact:
         assert tiles.transformer.bf16_tiles and tiles.transformer.prefill_dtype == torch.bfloat16
@@ -380,6 +386,17 @@ def test_a_batched_decoding_step_multiplies_on_amx_tiles_in_bf16(bf16_pair, bits
                 difference = (logits - expected).abs().max()
                 assert 0 < difference < 0.02 * expected.abs().max(), difference
         assert torch.equal(tiles.forward(tokens[:4])[0], exact.forward(tokens[:4])[0])  # 4 prompts of 5 tokens
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_without_amx_tiles_a_batched_decoding_step_keeps_fp32_products(bf16_pair, monkeypatch, bits):
+    """A CPU (or OS) without the tiles: a step of 16 sequences multiplies as prefill_dtype=float32 does."""
+    monkeypatch.setattr(kernels, "bf16_tiles", lambda: False)
+    directory = bf16_directory(bf16_pair, bits)
+    tokens = torch.randint(4, 1024, (16, 1), generator=torch.Generator().manual_seed(8))
+    with runtime.load(directory) as model, runtime.load(directory, prefill_dtype=torch.float32) as exact:
+        assert not model.transformer.bf16_tiles
+        assert torch.equal(model.forward(tokens)[0], exact.forward(tokens)[0])
 
 
 @pytest.mark.parametrize("has_bf16_dot", [True, False])
