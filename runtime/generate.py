@@ -272,7 +272,8 @@ class Bloom:
                 f"({(residency.pinned_bytes + residency.pinned_piece_bytes) / 1e6:,.1f} MB), "
                 f"{len(residency.streamed)} streamed from disk, budget "
                 f"{residency.budget / 1e6:,.1f} MB; computes {dtype_name(self.transformer.dtype)}"
-                + (f" (prefill products {dtype_name(self.transformer.prefill_dtype)})"
+                + (f" (prefill products {dtype_name(self.transformer.prefill_dtype)}"
+                   + (", batched steps' too, on AMX tiles" if self.transformer.products_on_tiles else "") + ")"
                    if self.transformer.prefill_dtype != self.transformer.dtype else "")
                 + f" on {self.transformer.device})")
 

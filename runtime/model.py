@@ -268,6 +268,11 @@ class Transformer:
         h = gelu(self._linear(h, w.dense_h_to_4h))                                       # (B, T, 4H)
         return x + self._linear(h, w.dense_4h_to_h)                                     # (B, T, H)
 
+    @property
+    def products_on_tiles(self) -> bool:
+        """Whether batched decoding steps multiply in bf16 on AMX tiles (`products_dtype`)."""
+        return self.bf16_tiles and self.prefill_dtype == torch.bfloat16
+
     def products_dtype(self, x: torch.Tensor, *, head: bool = False) -> torch.dtype:
         """The dtype of the products of x (B, T, H) with a weight: prefill_dtype for passes over more
         than PREFILL_ROWS rows (not the lm_head, whose logits stay in full precision), and for a
@@ -277,7 +282,7 @@ class Transformer:
         if rows > PREFILL_ROWS:
             return x.dtype if head else self.prefill_dtype
         step = x.shape[-2] == 1 and rows >= kernels.BF16_TILE_ROWS
-        return self.prefill_dtype if step and self.bf16_tiles and self.prefill_dtype == torch.bfloat16 else x.dtype
+        return self.prefill_dtype if step and self.products_on_tiles else x.dtype
 
     def _layer_norm(self, x: torch.Tensor, w: LayerNormWeights) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], *w.in_dtype(x.dtype), self.geometry.layer_norm_epsilon)

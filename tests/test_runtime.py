@@ -377,7 +377,8 @@ def test_a_batched_decoding_step_multiplies_on_amx_tiles_in_bf16(bf16_pair, bits
     directory = bf16_directory(bf16_pair, bits)
     tokens = torch.randint(4, 1024, (16, 5), generator=torch.Generator().manual_seed(8))
     with runtime.load(directory) as tiles, runtime.load(directory, prefill_dtype=torch.float32) as exact:
-        assert tiles.transformer.bf16_tiles and tiles.transformer.prefill_dtype == torch.bfloat16
+        assert tiles.transformer.products_on_tiles and "batched steps' too, on AMX tiles" in repr(tiles)
+        assert not exact.transformer.products_on_tiles and "AMX" not in repr(exact)
         for batch in (kernels.BF16_TILE_ROWS - 1, kernels.BF16_TILE_ROWS, 16):  # one token per sequence
             logits, expected = tiles.forward(tokens[:batch, :1])[0], exact.forward(tokens[:batch, :1])[0]
             if batch < kernels.BF16_TILE_ROWS:
@@ -395,7 +396,7 @@ def test_without_amx_tiles_a_batched_decoding_step_keeps_fp32_products(bf16_pair
     directory = bf16_directory(bf16_pair, bits)
     tokens = torch.randint(4, 1024, (16, 1), generator=torch.Generator().manual_seed(8))
     with runtime.load(directory) as model, runtime.load(directory, prefill_dtype=torch.float32) as exact:
-        assert not model.transformer.bf16_tiles
+        assert not model.transformer.products_on_tiles and "AMX" not in repr(model)
         assert torch.equal(model.forward(tokens)[0], exact.forward(tokens)[0])
 
 
