@@ -412,7 +412,8 @@ def example(dst, geometry, layout, dtype, seed):
 @click.option("--prefill-dtype", type=click.Choice(["float32", "bfloat16"]), help="Dtype of the matrix products "
               "of the prompt's pass (over 64 tokens): bfloat16 rounds their inputs and results to bf16 (torch's "
               "bf16 GEMM, as torch.autocast does), the rest stays in --dtype; float32 matches transformers' "
-              "fp32 prefill.  [default: bfloat16 for float32 compute on a CPU with AVX512-BF16 over bf16 "
+              "fp32 prefill. bfloat16 also multiplies decoding steps of 4+ sequences on AMX tiles where the CPU "
+              "has them.  [default: bfloat16 for float32 compute on a CPU with AVX512-BF16 over bf16 "
               "weights, else --dtype]")
 @click.option("--verify", "verify_mode", type=click.Choice(["fast", "full"]), default="fast", show_default=True,
               help="fast: sizes and headers; full: hash every file first.")
