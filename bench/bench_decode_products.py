@@ -25,19 +25,11 @@ import torch
 
 import bloomconv
 from bloomconv import kernels
-from bloomconv.errors import DestinationError
 
-SCHEMES = {"bf16": None, "int8 preset": 8, "nf4 preset": 4}
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_runtime import converted  # noqa: E402
 
-
-def converted(source: Path, work: Path, bits: int | None) -> Path:
-    directory = work / f"{source.name}-{'bf16' if bits is None else f'bits{bits}'}"
-    if not (directory / "manifest.json").exists():
-        try:
-            (bloomconv.convert(source, directory) if bits is None else bloomconv.quantize(source, directory, bits=bits))
-        except DestinationError:  # an interrupted run: finish it
-            (bloomconv.convert(source, directory) if bits is None else bloomconv.quantize(source, directory, bits=bits))
-    return directory
+SCHEMES = {"bf16": None, "int8 preset": "int8", "nf4 preset": "nf4"}  # name: bench_runtime's preset
 
 
 def step_logits(model, windows: torch.Tensor) -> torch.Tensor:
@@ -57,8 +49,8 @@ def kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 def measure(source: Path, work: Path, batch: int, tokens: int) -> dict:
     ids = None
     results, unquantized = {}, None
-    for name, bits in SCHEMES.items():
-        directory = converted(source, work, bits)
+    for name, preset in SCHEMES.items():
+        directory = converted(source, work / f"{source.name}-{preset or 'bf16'}", preset)
         with bloomconv.load(directory) as default, bloomconv.load(directory, prefill_dtype=torch.float32) as exact:
             if ids is None:
                 text = (source / "heldout.txt").read_text()

@@ -66,9 +66,10 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     4-bit weights quantized from bf16 stay exact; fp16- and fp32-stored weights are rounded to
     bf16 a piece at a time, or, fp16 with the compiled kernels, multiplied in fp32 by the rounded
     x), as torch.autocast does for linear layers; layer norms, attention and the residual stream
-    stay fp32. Decoding steps keep fp32 products, except 4-bit weights (from bf16) in steps of 4 or
-    more sequences (`fourbit.BF16_TILE_ROWS`) on a CPU with AMX tiles: they multiply in
-    prefill_dtype too when it is bfloat16 (AMX tiles, several times the fp32 rate there).
+    stay fp32. Decoding steps keep fp32 products, except steps of 4 to 64 sequences
+    (`kernels.BF16_TILE_ROWS`, `kernels.TILE_BATCH_ROWS`) over bf16-stored weights (and int8 or
+    4-bit ones quantized from them) on a CPU with AMX tiles: they multiply in prefill_dtype too when
+    it is bfloat16 (AMX tiles, several times the fp32 rate there; the lm_head too).
     `ram_budget`: the memory this model may take, e.g. "12GB", "800MB", "1.5GiB" or an int: the
     weights held in RAM, the buffers the rest streams through every forward pass, and the KV
     cache and working set of `max_tokens` tokens (see `checkpoint`); the process's own memory

@@ -35,7 +35,7 @@ try:
 except ImportError:  # installed without a C compiler
     _kernels = None
 
-__all__ = ["BF16_TILE_ROWS", "available", "bf16_dot_products", "bf16_tiles", "isas", "kernel_threads",
+__all__ = ["BF16_TILE_ROWS", "TILE_BATCH_ROWS", "available", "bf16_dot_products", "bf16_tiles", "isas", "kernel_threads",
            "kernels_own_the_cores"]
 
 _ISA_CODES = {None: 0, "scalar": 1, "avx2": 2, "avx512": 3}  # csrc/kernels.h's ISA_*
@@ -68,8 +68,10 @@ def bf16_tiles() -> bool:
 
 
 # From this many rows of bf16 x, AMX tiles beat the fp32 kernels (with fewer, x has too few rows to
-# pay for a tile: 3 rows of 4-bit weights cost the same both ways; bench/bench_kernels.py).
+# pay for a tile: 3 rows of 4-bit weights cost the same both ways; bench/bench_kernels.py), up to
+# the most the tile kernel takes (4 tiles of 16 rows of x; csrc/tiles.c).
 BF16_TILE_ROWS = 4
+TILE_BATCH_ROWS = 64
 
 
 def kernel_threads() -> int:

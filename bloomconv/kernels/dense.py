@@ -25,7 +25,7 @@ import torch
 
 from bloomconv.errors import QuantizationError
 
-from . import BF16_TILE_ROWS, _isa_code, _kernels, bf16_tiles, kernel_threads
+from . import BF16_TILE_ROWS, TILE_BATCH_ROWS, _isa_code, _kernels, bf16_tiles, kernel_threads
 
 __all__ = ["SMALL_BATCH_ROWS", "DenseMatrix", "dense_matmul", "supports"]
 
@@ -79,7 +79,7 @@ class DenseMatrix:
     def matmul(self, x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
         """x (..., in) of any float dtype @ weight.T [* scale] -> (..., out) fp32, with
         `kernel_threads()` threads; `isa` forces an instruction set from `bloomconv.kernels.isas()`.
-        bf16 x of BF16_TILE_ROWS to SMALL_BATCH_ROWS rows times int8 or bf16 weights multiplies in
+        bf16 x of BF16_TILE_ROWS to TILE_BATCH_ROWS rows times int8 or bf16 weights multiplies in
         bf16 products on AMX tiles where the CPU has them (`multiplies_on_tiles`; fp32 sums)."""
         code = _isa_code(isa)
         _, rows, cols = self._arguments[:3]
@@ -98,7 +98,7 @@ class DenseMatrix:
 
     def multiplies_on_tiles(self, batch: int) -> bool:
         """Whether `batch` rows of bf16 x go to the AMX kernel (bf16 products: `matmul`)."""
-        return (BF16_TILE_ROWS <= batch <= SMALL_BATCH_ROWS and self.weight.dtype in (torch.int8, torch.bfloat16)
+        return (BF16_TILE_ROWS <= batch <= TILE_BATCH_ROWS and self.weight.dtype in (torch.int8, torch.bfloat16)
                 and self.weight.shape[1] % 32 == 0 and bf16_tiles())
 
 

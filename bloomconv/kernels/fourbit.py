@@ -31,7 +31,7 @@ to torch's GEMM in one call (in bf16 for bf16 x: `fourbit_matmul`). bf16 x of BF
 TILE_BATCH_ROWS rows (a batched decoding step whose caller chose bf16 products) multiplies on AMX
 tiles where the CPU has them (`bf16_tiles`): 16 weight rows by 32 columns decoded as above into
 one tile, times x's tiles, fp32 sums kept in tile registers across the row; decoding, not
-multiplying, is then the cost, as at batch 1 (up to TILE_BATCH_ROWS rows).
+multiplying, is then the cost, as at batch 1.
 Double-quantized absmax is decoded inside the kernel per block, so nothing is cached and no fp32
 absmax vector is materialised.
 
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from bloomconv.errors import QuantizationError
 from bloomconv.format import BLOCK_SIZES_4BIT, NESTED_BLOCK_SIZE
 
-from . import BF16_TILE_ROWS, _isa_code, _kernels, bf16_tiles, kernel_threads
+from . import BF16_TILE_ROWS, TILE_BATCH_ROWS, _isa_code, _kernels, bf16_tiles, kernel_threads
 
 __all__ = ["DEQUANTIZE_TILE_BYTES", "SMALL_BATCH_ROWS", "FourBitMatrix", "NestedAbsmax", "fourbit_dequantize",
            "fourbit_matmul", "fourbit_quantize_blocks", "multiplies_on_tiles", "tile_rows"]
@@ -65,7 +65,6 @@ __all__ = ["DEQUANTIZE_TILE_BYTES", "SMALL_BATCH_ROWS", "FourBitMatrix", "Nested
 # Rows of x multiplied by the fused kernel; a larger batch dequantizes tiles for torch's GEMM, which
 # wins once the multiply, not reading the weight, is the cost: around 32 rows the two cost the same.
 SMALL_BATCH_ROWS = 32
-TILE_BATCH_ROWS = 64  # rows of x the AMX kernel takes (4 tiles of 16; csrc/tiles.c)
 DEQUANTIZE_TILE_BYTES = 8 * 1024 * 1024  # fp32 tile for the large-batch path
 # A large-batch tile holds a whole multiple of this many rows (at least one): one GEMM call per
 # tile, as large as DEQUANTIZE_TILE_BYTES allows, since larger calls are faster.

@@ -455,6 +455,15 @@ AVX512_TARGET static ALWAYS_INLINE __m512 block_table(const Matrix *w, __m512 co
     return table;
 }
 
+/* The 32 weights of 16 packed bytes through their block's table: the even elements (high nibbles)
+ * and the odd ones (low nibbles), 16 each, as x is laid out (layout_x_even_odd). */
+AVX512_TARGET static ALWAYS_INLINE void decode_chunk512(const uint8_t *packed, __m512 table, __m512 *even, __m512 *odd)
+{
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)packed));
+    *even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+    *odd = _mm512_permutexvar_ps(bytes, table);
+}
+
 static void layout_x_even_odd(const float *x, float *dst, int64_t batch, int64_t cols)
 {
     for (int64_t m = 0; m < batch; m++)
@@ -487,9 +496,8 @@ AVX512_TARGET static ALWAYS_INLINE void matvec512_group(const Task *t, int64_t r
             table = block_table(w, code, e >> w->block_shift, rounding);
         if (((e >> 1) & 63) == 0)  /* once per cache line; into L2, as dense.c explains */
             _mm_prefetch((const char *)w->packed + (e >> 1) + PREFETCH_BYTES, _MM_HINT_T1);
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (e >> 1))));
-        const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-        const __m512 odd = _mm512_permutexvar_ps(bytes, table);
+        __m512 even, odd;
+        decode_chunk512(w->packed + (e >> 1), table, &even, &odd);
         for (int b = 0; b < batch; b++) {
             const float *x = t->x + (first + b) * K + c;
             acc[b][0] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x), acc[b][0]);
@@ -536,11 +544,10 @@ AVX512_TARGET static ALWAYS_INLINE void matvec512_single_blocks(const Task *t, i
 #define SINGLE_BLOCK_CHUNK(j)                                                                     \
         {                                                                                         \
             const __m512 table = block_table(w, code, block + (j), rounding);                      \
-            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * (j)))); \
-            even_sum = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table),   \
-                                       _mm512_loadu_ps(x + CHUNK * (j)), even_sum);                 \
-            odd_sum = _mm512_fmadd_ps(_mm512_permutexvar_ps(bytes, table),                         \
-                                      _mm512_loadu_ps(x + CHUNK * (j) + CHUNK / 2), odd_sum);        \
+            __m512 even, odd;                                                                     \
+            decode_chunk512(p + 16 * (j), table, &even, &odd);                                    \
+            even_sum = _mm512_fmadd_ps(even, _mm512_loadu_ps(x + CHUNK * (j)), even_sum);          \
+            odd_sum = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + CHUNK * (j) + CHUNK / 2), odd_sum); \
         }
         const uint8_t *end4 = p + (blocks & ~(int64_t)3) * (CHUNK / 2);
         for (; p < end4; p += 4 * (CHUNK / 2), x += 4 * CHUNK, block += 4) {
@@ -595,9 +602,8 @@ AMX_TARGET static void decode_tile(const void *matrix, int64_t row, int rows, in
         const int64_t e = (row + i) * w->cols + col;
         const __m512 table = block_table(w, code, e >> w->block_shift, ROUND_BF16);
         _mm_prefetch((const char *)w->packed + (e >> 1) + PREFETCH_BYTES, _MM_HINT_T1);
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->packed + (e >> 1))));
-        const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-        const __m512 odd = _mm512_permutexvar_ps(bytes, table);
+        __m512 even, odd;
+        decode_chunk512(w->packed + (e >> 1), table, &even, &odd);
         _mm512_store_si512(dst[i], (__m512i)_mm512_cvtne2ps_pbh(odd, even));
     }
 }
