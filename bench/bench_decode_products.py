@@ -1,10 +1,13 @@
-"""What bf16 products in batched decoding steps cost in quality: KL divergence, top-1 agreement.
+"""What a decoding step's fast products cost in quality: KL divergence, top-1 agreement.
 
     python bench/quality_models.py --out /work/quality-models --only fixture example outliers-x4 outliers-x8 outliers-x16
     python bench/bench_decode_products.py --models /work/quality-models [--work DIR] [--batch 16] [--tokens 128]
 
-Where the CPU multiplies bf16 on AMX tiles, a decoding step of several sequences multiplies in bf16
-(x rounded to bf16, weights exact, fp32 sums; `Transformer.products_dtype`). For each model under
+By default (`Transformer.products_dtype`) a decoding step of 4 to 64 sequences multiplies in bf16
+where the CPU has AMX tiles (x rounded to bf16, weights exact, fp32 sums: `--batch 16` measures
+that), and a step of 1 to 3 multiplies 4-bit weights by int8 activations where it has AVX512-VNNI
+(x rounded to int8 per 32 values: `--batch 3` measures that; the other schemes keep fp32 products
+there, so their KL is 0). For each model under
 --models (unquantized, the int8 preset, the nf4 preset, each made once under --work) this loads the
 directory twice, as it runs by default and with prefill_dtype=torch.float32 (fp32 products
 throughout), and feeds both `--batch` windows of the model's held-out text one token per step from
@@ -76,13 +79,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    if not kernels.bf16_tiles():
-        sys.exit("this CPU (or OS) has no AMX-BF16 tiles: decoding steps keep fp32 products here, nothing to measure")
+    fast = kernels.bf16_tiles() if args.batch >= kernels.BF16_TILE_ROWS else kernels.int8_dot_products()
+    if not fast:
+        sys.exit(f"this CPU (or OS) has no AMX-BF16 tiles or no AVX512-VNNI: decoding steps of {args.batch} "
+                 "sequences keep fp32 products here, nothing to measure")
     args.work.mkdir(parents=True, exist_ok=True)
     sources = sorted(p for p in args.models.iterdir() if (p / "heldout.txt").exists() and (p / "config.json").exists())
     report = {p.name: measure(p, args.work, args.batch, args.tokens) for p in sources}
-    print(f"batched decoding steps ({args.batch} sequences, {args.tokens} tokens each, one per step): "
-          "bf16 products (default) against fp32 products")
+    fast = "bf16 products" if args.batch >= kernels.BF16_TILE_ROWS else "int8 activations for 4-bit weights"
+    print(f"decoding steps of {args.batch} sequences ({args.tokens} tokens each, one per step): "
+          f"the default ({fast}) against fp32 products")
     print(f"{'model':14} {'scheme':12} {'KL mean':>10} {'KL max':>10} {'top-1 same':>11} {'scheme KL':>11} {'added':>7}")
     for model, schemes in report.items():
         for scheme, r in schemes.items():

@@ -413,7 +413,8 @@ def example(dst, geometry, layout, dtype, seed):
               "of the prompt's pass (over 64 tokens): bfloat16 rounds their inputs and results to bf16 (torch's "
               "bf16 GEMM, as torch.autocast does), the rest stays in --dtype; float32 matches transformers' "
               "fp32 prefill. bfloat16 also multiplies decoding steps of 4+ sequences on AMX tiles where the CPU "
-              "has them.  [default: bfloat16 for float32 compute on a CPU with AVX512-BF16 over bf16 "
+              "has them, and 4-bit weights by int8 activations in steps of 1-3 where it has AVX512-VNNI; "
+              "float32 keeps every product in fp32.  [default: bfloat16 for float32 compute on a CPU with AVX512-BF16 over bf16 "
               "weights, else --dtype]")
 @click.option("--verify", "verify_mode", type=click.Choice(["fast", "full"]), default="fast", show_default=True,
               help="fast: sizes and headers; full: hash every file first.")

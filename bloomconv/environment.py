@@ -5,7 +5,8 @@ installed metadata, so nothing is imported but torch (already needed for the ker
 
 >>> report = environment_report()                                          # doctest: +SKIP
 >>> report["kernels"], report["packages"]["bitsandbytes"]                   # doctest: +SKIP
-({'built': True, 'isas': ['avx512', 'avx2', 'scalar'], 'bf16_tiles': True, 'threads': 16}, '0.50.2')
+({'built': True, 'isas': ['avx512', 'avx2', 'scalar'], 'bf16_tiles': True, 'int8_dot_products': True, 'threads': 16},
+ '0.50.2')
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def environment_report() -> dict:
                    "executable": sys.executable},
         "packages": {name: _installed_version(name) for name in PACKAGES},
         "kernels": {"built": kernels.available(), "isas": list(kernels.isas()), "bf16_tiles": kernels.bf16_tiles(),
-                    "threads": kernels.kernel_threads()},
+                    "int8_dot_products": kernels.int8_dot_products(), "threads": kernels.kernel_threads()},
         "torch": {"cuda": torch.version.cuda, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "platform": {"system": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                      "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

@@ -195,7 +195,7 @@ class _Recording:
 
     def matmul(self, x: torch.Tensor, products: torch.dtype | None = None) -> torch.Tensor:
         if products not in (None, x.dtype):  # the inputs as the products see them
-            return products_in(products, x, self.matmul, lambda rounded: None)
+            return products_in(products, x, self.matmul, lambda x, dtype: None)
         rows = x.reshape(-1, x.shape[-1]).float()                                           # (B*T, in)
         self.hessian.addmm_(rows.T, rows)
         self.count += rows.shape[0]

@@ -69,7 +69,11 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     stay fp32. Decoding steps keep fp32 products, except steps of 4 to 64 sequences
     (`kernels.BF16_TILE_ROWS`, `kernels.TILE_BATCH_ROWS`) over bf16-stored weights (and int8 or
     4-bit ones quantized from them) on a CPU with AMX tiles: they multiply in prefill_dtype too when
-    it is bfloat16 (AMX tiles, several times the fp32 rate there; the lm_head too).
+    it is bfloat16 (AMX tiles, several times the fp32 rate there; the lm_head too), and, when it is
+    bfloat16, steps of 1 to 3 sequences on a CPU with AVX512-VNNI multiply 4-bit weights (blocks of
+    32, the preset's) by int8 activations: x rounded to int8 per 32 values, as llama.cpp does
+    (`fourbit.takes_int8_activations`; about 2.3 times the fp32 kernel's speed, a difference in the
+    logits well below the 4-bit weights' own, README "Int8 activations").
     `ram_budget`: the memory this model may take, e.g. "12GB", "800MB", "1.5GiB" or an int: the
     weights held in RAM, the buffers the rest streams through every forward pass, and the KV
     cache and working set of `max_tokens` tokens (see `checkpoint`); the process's own memory
@@ -274,7 +278,10 @@ class Bloom:
                 f"{len(residency.streamed)} streamed from disk, budget "
                 f"{residency.budget / 1e6:,.1f} MB; computes {dtype_name(self.transformer.dtype)}"
                 + (f" (prefill products {dtype_name(self.transformer.prefill_dtype)}"
-                   + (", batched steps' too, on AMX tiles" if self.transformer.products_on_tiles else "") + ")"
+                   + (", batched steps' too, on AMX tiles" if self.transformer.products_on_tiles else "")
+                   + ("; 4-bit steps of 1-3 sequences with int8 activations"
+                      if self.transformer.int8_activations and quantization is not None
+                      and quantization.block_size == 32 else "") + ")"
                    if self.transformer.prefill_dtype != self.transformer.dtype else "")
                 + f" on {self.transformer.device})")
 

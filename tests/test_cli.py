@@ -187,7 +187,8 @@ def test_env_json_reports_this_installation():
     assert report["bloomconv"]["version"] == importlib.metadata.version("bloomconv")
     assert report["python"]["version"] == ".".join(map(str, sys.version_info[:3]))
     assert report["kernels"] == {"built": kernels.available(), "isas": list(kernels.isas()),
-                                 "bf16_tiles": kernels.bf16_tiles(), "threads": kernels.kernel_threads()}
+                                 "bf16_tiles": kernels.bf16_tiles(), "int8_dot_products": kernels.int8_dot_products(),
+                                 "threads": kernels.kernel_threads()}
     assert report["torch"]["cuda"] == torch.version.cuda
     assert len(report["cuda_devices"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     assert report["platform"]["cpus"] == os.cpu_count()

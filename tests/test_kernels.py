@@ -239,6 +239,83 @@ def test_a_decoding_steps_bf16_rows_multiply_on_amx_tiles(shape):
     assert not fourbit.multiplies_on_tiles(x.shape[0], fp32_weights)  # bf16 would round the weights
 
 
+def int8_activations_reference(x: torch.Tensor, stored: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the int8-activation kernel computes, in float64, and the allowed difference (fp32
+    sums, in another order, of partial sums that may cancel: 1e-5 of the sum of the products'
+    sizes): x rounded to int8 per 32 columns, the codes to int8, each chunk's integer sum times
+    its block's absmax and x's scale."""
+    blob, = (tensor for key, tensor in stored.items() if key.startswith("weight.quant_state."))
+    state = FourBitState.from_blob(blob)
+    rows, cols = state.shape
+    packed = stored["weight"].reshape(-1)
+    nibbles = torch.stack([packed >> 4, packed & 15], -1).reshape(rows, cols).long()  # element 2i: high nibble
+    code = code_table(state.quant_type)
+    code_max = code.abs().max()
+    codes = (code * (127 / code_max)).round().long()                                  # the int8 code table
+    if state.nested:  # the kernel's fp32 multiply, then add
+        absmax = (stored["weight.nested_quant_map"][stored["weight.absmax"].long()]
+                  * stored["weight.nested_absmax"].repeat_interleave(256)[:rows * cols // 32]) + state.nested_offset
+    else:
+        absmax = stored["weight.absmax"]
+    chunks = x.reshape(x.shape[0], cols // 32, 32)
+    amax = chunks.abs().amax(-1)                                                       # (batch, chunks)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = (chunks * inverse[..., None]).round().long()                                    # (batch, chunks, 32)
+    x_scale = amax / 127 * (code_max / 127)
+    weights = codes[nibbles].reshape(rows, cols // 32, 32)
+    sums = torch.einsum("bcj,rcj->brc", q, weights)                                    # exact integers
+    magnitudes = torch.einsum("bcj,rcj->brc", q.abs(), weights.abs())                  # of the kernel's partial sums
+    scale = (absmax.reshape(rows, cols // 32)[None] * x_scale[:, None]).double()      # (batch, rows, chunks), fp32
+    return (sums.double() * scale).sum(-1), 1e-5 * (magnitudes.double() * scale).sum(-1)
+
+
+needs_int8_dot = pytest.mark.skipif(not kernels.int8_dot_products(), reason="CPU without AVX512-VNNI")
+
+
+@needs_kernels
+@needs_int8_dot
+@pytest.mark.parametrize("shape", [(3072, 1024), (40, 4224)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "fp32-absmax"])
+def test_int8_activations_sum_int8_x_and_codes_exactly_per_block(shape, nested):
+    """1-3 rows of x, blocks of 32: x rounded to int8 per 32 columns, codes to int8, integer sums per
+    block scaled in fp32 (4224 columns: 132 blocks a row, so pieces of 16 blocks end partial and
+    cross the nested absmax's blocks of 256)."""
+    stored, weight = quantized("nf4", 32, nested, shape, torch.bfloat16)
+    matrix = fourbit_matrix(stored)
+    x = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(12))
+    x[1, 64:96] = 0  # a chunk of zeros
+    x[2, :32] *= 1000  # an outlier chunk: only its own 32 values get coarser
+    assert fourbit.takes_int8_activations(3, matrix)
+    out = fourbit.fourbit_matmul(x, matrix, int8_activations=True)
+    expected, bound = int8_activations_reference(x, stored)
+    assert out.dtype == torch.float32 and out.shape == (3, shape[0])
+    assert ((out.double() - expected).abs() <= bound + 1e-30).all()
+    for row in range(3):  # a row's result is its own, whatever the batch
+        assert torch.equal(fourbit.fourbit_matmul(x[row:row + 1], matrix, int8_activations=True), out[row:row + 1])
+    exact = fourbit.fourbit_matmul(x, matrix)  # fp32 products: about 0.7 % away
+    error = (out - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert (error > 1e-4).all() and (error < 0.02).all(), error
+    nan = x[:1].clone()
+    nan[0, 5] = float("nan")
+    assert fourbit.fourbit_matmul(nan, matrix, int8_activations=True).isnan().all()
+
+
+@needs_kernels
+def test_int8_activations_take_only_what_they_can(monkeypatch):
+    """Blocks of 32, rows of a multiple of 128, fewer than BF16_TILE_ROWS rows, a CPU with VNNI;
+    asked for anything else, a typed error rather than a wrong product."""
+    monkeypatch.setattr(fourbit, "int8_dot_products", lambda: True)
+    preset = fourbit_matrix(quantized("nf4", 32, True, (64, 256), torch.bfloat16)[0])
+    assert fourbit.takes_int8_activations(kernels.BF16_TILE_ROWS - 1, preset)
+    assert not fourbit.takes_int8_activations(kernels.BF16_TILE_ROWS, preset)
+    assert not fourbit.takes_int8_activations(1, fourbit_matrix(quantized("nf4", 64, True, (64, 256))[0]))
+    assert not fourbit.takes_int8_activations(1, fourbit_matrix(quantized("nf4", 32, True, (64, 96))[0]))
+    monkeypatch.setattr(fourbit, "int8_dot_products", lambda: False)
+    assert not fourbit.takes_int8_activations(1, preset)
+    with pytest.raises(QuantizationError, match="int8 activations"):
+        fourbit.fourbit_matmul(torch.randn(1, 256), preset, int8_activations=True)
+
+
 @needs_kernels
 def test_result_does_not_depend_on_the_thread_count(restores_threads):
     stored, _ = quantized("nf4", 64, False, (3072, 1024))

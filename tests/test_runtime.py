@@ -352,8 +352,12 @@ def test_bf16_prefill_products_stay_close_and_leave_decoding_steps_as_they_were(
         difference = (logits - expected).abs().max()
         assert 0 < difference < 0.02 * expected.abs().max(), difference  # bf16 products, close to fp32's
         _, same_past = mixed.forward(ids)  # a second cache like the first (a step extends the one it is given)
-        step = ids[:, :1]
-        assert torch.equal(mixed.forward(step, past=past)[0], exact.forward(step, past=same_past)[0])  # 2 rows
+        step = ids[:, :1]  # 2 rows: fp32 products, but 4-bit blocks of 32 in rows of 256 take int8 activations
+        stepped, expected = mixed.forward(step, past=past)[0], exact.forward(step, past=same_past)[0]
+        if name == "nf4" and mixed.transformer.int8_activations:
+            assert 0 < (stepped - expected).abs().max() < 0.02 * expected.abs().max()
+        else:
+            assert torch.equal(stepped, expected)
     with pytest.raises(OptionsError, match="prefill_dtype"):
         runtime.load(directory, prefill_dtype=torch.float16)
 
@@ -381,12 +385,47 @@ def test_a_batched_decoding_step_multiplies_on_amx_tiles_in_bf16(bf16_pair, bits
         assert not exact.transformer.products_on_tiles and "AMX" not in repr(exact)
         for batch in (kernels.BF16_TILE_ROWS - 1, kernels.BF16_TILE_ROWS, 16):  # one token per sequence
             logits, expected = tiles.forward(tokens[:batch, :1])[0], exact.forward(tokens[:batch, :1])[0]
-            if batch < kernels.BF16_TILE_ROWS:
+            if batch < kernels.BF16_TILE_ROWS and not (bits == 4 and tiles.transformer.int8_activations):
                 assert torch.equal(logits, expected)
-            else:
+            else:  # AMX tiles, or for 4-bit weights (rows of 256 in blocks of 32) int8 activations
                 difference = (logits - expected).abs().max()
                 assert 0 < difference < 0.02 * expected.abs().max(), difference
         assert torch.equal(tiles.forward(tokens[:4])[0], exact.forward(tokens[:4])[0])  # 4 prompts of 5 tokens
+
+
+@pytest.fixture(scope="module")
+def nf4_h128(tmp_path_factory):
+    """A bf16 model whose every 4-bit matrix takes int8 activations (rows of 128 and 512), 4-bit preset."""
+    root = tmp_path_factory.mktemp("h128")
+    write_example_checkpoint(root / "src", GEOMETRIES["h128-l1-n16"], dtype=torch.bfloat16)
+    quantize(root / "src", root / "nf4", bits=4)
+    return root / "nf4"
+
+
+@pytest.mark.skipif(not kernels.int8_dot_products(), reason="CPU without AVX512-VNNI")
+def test_a_decoding_step_of_few_sequences_multiplies_4bit_weights_by_int8_activations(nf4_h128):
+    """1-3 sequences, one token each, prefill_dtype bf16 (the default here): int8 activations, close
+    to fp32 products; prompts, and prefill_dtype=torch.float32, keep fp32 products."""
+    tokens = torch.randint(4, 768, (3, 5), generator=torch.Generator().manual_seed(8))
+    with runtime.load(nf4_h128) as model, runtime.load(nf4_h128, prefill_dtype=torch.float32) as exact:
+        assert model.transformer.int8_activations and "int8 activations" in repr(model)
+        assert not exact.transformer.int8_activations and "int8" not in repr(exact).split("computes")[1]
+        assert model.transformer.products_dtype(torch.zeros(3, 1, 128)) == torch.int8
+        assert model.transformer.products_dtype(torch.zeros(1, 5, 128)) == torch.float32  # a prompt
+        for batch in (1, 3):
+            logits, expected = model.forward(tokens[:batch, :1])[0], exact.forward(tokens[:batch, :1])[0]
+            difference = (logits - expected).abs().max()
+            assert 0 < difference < 0.02 * expected.abs().max(), difference
+        assert torch.equal(model.forward(tokens[:1])[0], exact.forward(tokens[:1])[0])  # a prompt of 5 tokens
+
+
+def test_without_int8_dot_products_a_decoding_step_keeps_fp32_products(nf4_h128, monkeypatch):
+    from bloomconv.runtime import model as model_module
+    monkeypatch.setattr(model_module.kernels, "int8_dot_products", lambda: False)
+    tokens = torch.randint(4, 768, (1, 1), generator=torch.Generator().manual_seed(8))
+    with runtime.load(nf4_h128) as model, runtime.load(nf4_h128, prefill_dtype=torch.float32) as exact:
+        assert not model.transformer.int8_activations and "int8 activations" not in repr(model)
+        assert torch.equal(model.forward(tokens)[0], exact.forward(tokens)[0])
 
 
 @pytest.mark.parametrize("bits", [None, 4])

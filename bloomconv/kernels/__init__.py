@@ -10,8 +10,9 @@ bloomconv but `format` and `errors`, so any part of bloomconv can use it.
 What the kernels share is here: whether the extension was built (`available()`; where no C
 compiler was found at install time, callers widen or dequantize weights and quantize with torch
 instead), the instruction sets it can use on this CPU, whether the CPU multiplies bf16 natively
-(`bf16_dot_products`, which decides the runtime's default prefill products), and how many threads
-it runs.
+(`bf16_dot_products`, which decides the runtime's default prefill products), whether it has the
+AMX tiles and int8 dot products a decoding step's products may use (`bf16_tiles`,
+`int8_dot_products`), and how many threads it runs.
 
 >>> from bloomconv import kernels
 >>> kernels.available(), kernels.isas()                                  # doctest: +SKIP
@@ -35,8 +36,8 @@ try:
 except ImportError:  # installed without a C compiler
     _kernels = None
 
-__all__ = ["BF16_TILE_ROWS", "TILE_BATCH_ROWS", "available", "bf16_dot_products", "bf16_tiles", "isas", "kernel_threads",
-           "kernels_own_the_cores"]
+__all__ = ["BF16_TILE_ROWS", "TILE_BATCH_ROWS", "available", "bf16_dot_products", "bf16_tiles", "int8_dot_products",
+           "isas", "kernel_threads", "kernels_own_the_cores"]
 
 _ISA_CODES = {None: 0, "scalar": 1, "avx2": 2, "avx512": 3}  # csrc/kernels.h's ISA_*
 
@@ -67,6 +68,13 @@ def bf16_tiles() -> bool:
     return _kernels is not None and _kernels.amx_bf16_tiles()
 
 
+@functools.cache
+def int8_dot_products() -> bool:
+    """Whether this CPU sums products of int8 bytes in one instruction (AVX512-VNNI `vpdpbusd`), as
+    the 4-bit kernel's int8 activations need (`fourbit.takes_int8_activations`); asked once."""
+    return _kernels is not None and _kernels.int8_dot_products()
+
+
 # From this many rows of bf16 x, AMX tiles beat the fp32 kernels (with fewer, x has too few rows to
 # pay for a tile: 3 rows of 4-bit weights cost the same both ways; bench/bench_kernels.py), up to
 # the most the tile kernel takes (4 tiles of 16 rows of x; csrc/tiles.c).
@@ -79,21 +87,31 @@ def kernel_threads() -> int:
     return _KERNEL_THREADS.get() or torch.get_num_threads()
 
 
+# How long the kernels' helper threads wait for the next call, spinning, while they own the cores:
+# longer than the gaps between a decoding step's kernel calls (csrc/parallel.c).
+STEP_SPIN_NANOSECONDS = 100_000
+
+
 @contextlib.contextmanager
 def kernels_own_the_cores() -> Iterator[None]:
     """Run torch's own ops on one thread while the compiled kernels keep torch's thread count.
 
     For a decoding step, where the kernels do the heavy work and torch's ops are tiny: torch's
-    OpenMP workers spin-wait after each op, on the very cores the kernels' threads need.
+    OpenMP workers spin-wait after each op, on the very cores the kernels' threads need. The
+    kernels' helpers in turn spin between calls for STEP_SPIN_NANOSECONDS instead of going to
+    sleep (waking one costs about as much as a small product).
     """
     threads = torch.get_num_threads()
     token = _KERNEL_THREADS.set(threads)
+    spin = _kernels.helpers_spin(STEP_SPIN_NANOSECONDS) if _kernels is not None else None
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
         _KERNEL_THREADS.reset(token)
+        if spin is not None:
+            _kernels.helpers_spin(spin)
 
 
 def _isa_code(isa: str | None) -> int:

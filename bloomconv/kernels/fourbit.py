@@ -32,6 +32,11 @@ TILE_BATCH_ROWS rows (a batched decoding step whose caller chose bf16 products) 
 tiles where the CPU has them (`bf16_tiles`): 16 weight rows by 32 columns decoded as above into
 one tile, times x's tiles, fp32 sums kept in tile registers across the row; decoding, not
 multiplying, is then the cost, as at batch 1.
+A decoding step of fewer than BF16_TILE_ROWS rows may ask for int8 activations instead
+(`takes_int8_activations`: blocks of 32, AVX512-VNNI), as llama.cpp multiplies its 4-bit formats:
+x rounded to int8 per 32 columns, the 16 codes to int8, 64 byte products summed per instruction
+(`vpdpbusd`) exactly in int32, each block's sum then scaled in fp32; without the table of bf16
+weights per block and the permutes, the kernel is bound by memory rather than by instructions.
 Double-quantized absmax is decoded inside the kernel per block, so nothing is cached and no fp32
 absmax vector is materialised.
 
@@ -57,10 +62,10 @@ import torch.nn.functional as F
 from bloomconv.errors import QuantizationError
 from bloomconv.format import BLOCK_SIZES_4BIT, NESTED_BLOCK_SIZE
 
-from . import BF16_TILE_ROWS, TILE_BATCH_ROWS, _isa_code, _kernels, bf16_tiles, kernel_threads
+from . import BF16_TILE_ROWS, TILE_BATCH_ROWS, _isa_code, _kernels, bf16_tiles, int8_dot_products, kernel_threads
 
 __all__ = ["DEQUANTIZE_TILE_BYTES", "SMALL_BATCH_ROWS", "FourBitMatrix", "NestedAbsmax", "fourbit_dequantize",
-           "fourbit_matmul", "fourbit_quantize_blocks", "multiplies_on_tiles", "tile_rows"]
+           "fourbit_matmul", "fourbit_quantize_blocks", "multiplies_on_tiles", "takes_int8_activations", "tile_rows"]
 
 # Rows of x multiplied by the fused kernel; a larger batch dequantizes tiles for torch's GEMM, which
 # wins once the multiply, not reading the weight, is the cost: around 32 rows the two cost the same.
@@ -141,13 +146,22 @@ def multiplies_on_tiles(batch: int, matrix: FourBitMatrix) -> bool:
             and matrix.shape[1] % 32 == 0 and bf16_tiles())
 
 
+def takes_int8_activations(batch: int, matrix: FourBitMatrix) -> bool:
+    """Whether `batch` rows of x times `matrix` can multiply with int8 activations (`fourbit_matmul`):
+    fewer than BF16_TILE_ROWS rows (from there on AMX tiles or the fp32 kernels multiply), blocks
+    of 32 (each block one int32 sum), rows of a multiple of 128 elements, AVX512-VNNI."""
+    return (1 <= batch < BF16_TILE_ROWS and matrix.block_size == 32 and matrix.shape[1] % 128 == 0
+            and int8_dot_products())
+
+
 def tile_rows(cols: int) -> int:
     """Rows of the fp32 tile the large-batch path dequantizes at a time for rows of `cols`: about
     DEQUANTIZE_TILE_BYTES, in whole TILE_ROWS (at least one)."""
     return max(1, DEQUANTIZE_TILE_BYTES // (4 * cols) // TILE_ROWS) * TILE_ROWS
 
 
-def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = None) -> torch.Tensor:
+def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = None,
+                   int8_activations: bool = False) -> torch.Tensor:
     """x @ W.T for the 4-bit matrix W: x (..., in) of any float dtype -> (..., out), fp32 sums of
     fp32 products, the result fp32.
 
@@ -158,6 +172,12 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
     on AMX tiles instead: weights quantized from bf16, bf16 products, and the fp32 sums come back
     as they are (fp32).
 
+    `int8_activations` (only where `takes_int8_activations`): x rounded to int8 per 32 columns (by
+    its absmax / 127) and the codes to int8 (code * 127 / max|code|), multiplied as llama.cpp
+    multiplies its 4-bit formats: each block's sum exact in int32, then scaled in fp32. The result
+    differs from fp32 products by about 0.7 % of its size (x's rounding, mostly), far less than
+    the 4-bit weights' own error; a row's result does not depend on the other rows.
+
     Uses `kernel_threads()` threads. `isa` forces an instruction set from `bloomconv.kernels.isas()`
     (the default takes the fastest; rows whose length is not a multiple of 32 always run scalar code).
     """
@@ -167,6 +187,10 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
                                 "matrix", f"Pass activations whose last dimension is {cols}.")
     isa_code = _isa_code(isa)
     batch = x.shape[:-1].numel()
+    if int8_activations and not takes_int8_activations(batch, matrix):
+        raise QuantizationError("weight", f"int8 activations do not take {batch} rows of x times a {rows}×{cols} matrix "
+                                f"in blocks of {matrix.block_size} on this CPU",
+                                "Check takes_int8_activations first.")
     # fp32 products, but bf16 ones for bf16 rows on AMX tiles, or many of them (torch's bf16 GEMM)
     tiles = isa is None and x.dtype == torch.bfloat16 and multiplies_on_tiles(batch, matrix)
     gemm_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and batch > SMALL_BATCH_ROWS and not tiles else torch.float32
@@ -174,7 +198,10 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
     out = torch.empty(batch, rows, dtype=gemm_dtype)                                    # (M, out)
     if out.numel() == 0 or cols == 0:
         return out.zero_().reshape(*x.shape[:-1], rows)
-    if tiles:  # flat holds x exactly
+    if int8_activations:
+        _kernels.fourbit_matmul_int8_activations(flat.data_ptr(), batch, out.data_ptr(), kernel_threads(), isa_code,
+                                                 *matrix._arguments)
+    elif tiles:  # flat holds x exactly
         _kernels.fourbit_matmul_bf16_tiles(flat.data_ptr(), batch, out.data_ptr(), kernel_threads(), isa_code,
                                            *matrix._arguments)
     elif batch <= SMALL_BATCH_ROWS:

@@ -96,7 +96,8 @@ class StoredWeight(Protocol):
 
     def matmul(self, x: torch.Tensor, products: torch.dtype | None = None) -> torch.Tensor:
         """x (..., in) @ W.T -> (..., out), a new tensor in x's dtype; `products` (None: x's dtype)
-        the dtype x is rounded to for the products (bf16: a bf16 prefill, see `products_in`)."""
+        the dtype x is rounded to for the products (bf16: a bf16 prefill; int8: int8 activations,
+        which only 4-bit records take; see `products_in`)."""
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of W in `dtype`, shaped (*ids.shape, in): the embedding lookup."""

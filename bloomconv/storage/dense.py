@@ -32,7 +32,7 @@ class DenseWeight:
     def matmul(self, x: torch.Tensor, products: torch.dtype | None = None) -> torch.Tensor:
         if products not in (None, x.dtype):
             return products_in(products, x, self.matmul,
-                               lambda rounded: dense_on_tiles(rounded, self.weight, lambda: self.kernel_matrix))
+                               lambda x, dtype: dense_on_tiles(x, dtype, self.weight, lambda: self.kernel_matrix))
         w = self.weight
         if dense_kernel_takes(x, w) and (w.dtype != x.dtype or x.shape[:-1].numel() <= dense.SMALL_BATCH_ROWS):
             return self.kernel_matrix.matmul(x).to(x.dtype)  # fp32 products and sums

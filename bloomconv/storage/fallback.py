@@ -19,12 +19,19 @@ CONVERT_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 def products_in(dtype: torch.dtype, x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor],
-                on_tiles: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
-    """A record's product with x rounded to `dtype`, the result in x's dtype: `on_tiles(rounded)`,
-    the kernels' AMX product (fp32 sums, returned as they are) where they take it, else None; or
-    the record's own product of the rounded x (torch's GEMM in that dtype for many rows), widened."""
+                on_kernels: Callable[[torch.Tensor, torch.dtype], torch.Tensor | None]) -> torch.Tensor:
+    """A record's product of x with its products in `dtype`, the result in x's dtype.
+
+    `on_kernels(x, dtype)` is the kernels' product where they take it, else None: bf16 x (x
+    rounded) on AMX tiles, or for torch.int8, x as it is rounded to int8 inside the 4-bit kernel
+    (int8 activations); fp32 sums, returned as they are. Otherwise the record's own product: of x
+    rounded to a float `dtype` (torch's GEMM in that dtype for many rows), widened; int8
+    activations only the 4-bit kernel takes, so other records multiply x as it is."""
+    if dtype == torch.int8:
+        product = on_kernels(x, dtype)
+        return matmul(x) if product is None else product.to(x.dtype)
     rounded = x.to(dtype)
-    product = on_tiles(rounded)
+    product = on_kernels(rounded, dtype)
     return (product if product is not None else matmul(rounded)).to(x.dtype)
 
 
@@ -33,11 +40,12 @@ def dense_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return kernels.available() and x.is_cpu and dense.supports(weight)
 
 
-def dense_on_tiles(x: torch.Tensor, weight: torch.Tensor,
+def dense_on_tiles(x: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor,
                    matrix: Callable[[], dense.DenseMatrix]) -> torch.Tensor | None:
-    """`products_in`'s `on_tiles` for a record the dense kernel multiplies (`weight`, its stored
+    """`products_in`'s `on_kernels` for a record the dense kernel multiplies (`weight`, its stored
     matrix; `matrix()`, the record's DenseMatrix): the AMX product of bf16 x, or None."""
-    if dense_kernel_takes(x, weight) and matrix().multiplies_on_tiles(x.shape[:-1].numel()):
+    if (dtype == torch.bfloat16 and dense_kernel_takes(x, weight)
+            and matrix().multiplies_on_tiles(x.shape[:-1].numel())):
         return matrix().matmul(x)
     return None
 

@@ -617,7 +617,7 @@ class FourBitWeight:
 
     def matmul(self, x: torch.Tensor, products: torch.dtype | None = None) -> torch.Tensor:
         if products not in (None, x.dtype):
-            return products_in(products, x, self.matmul, self._on_tiles)
+            return products_in(products, x, self.matmul, self._on_kernels)
         if self.uses_fused_kernel(x):
             return fourbit_kernel.fourbit_matmul(x, self.matrix).to(x.dtype)
         if x.device.type != "cpu":
@@ -625,9 +625,15 @@ class FourBitWeight:
         return linear_in_pieces(x, self.shape, lambda start, end: self.row_slice(start, end).dequantize(x.dtype),
                                 self.row_multiple)
 
-    def _on_tiles(self, x: torch.Tensor) -> torch.Tensor | None:
-        """`products_in`'s AMX product of bf16 x (fp32 sums), or None."""
-        if self.uses_fused_kernel(x) and fourbit_kernel.multiplies_on_tiles(x.shape[:-1].numel(), self.matrix):
+    def _on_kernels(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """`products_in`'s product in `dtype` (fp32 sums): bf16 x on AMX tiles, or x with int8
+        activations; None where the kernels do not take it."""
+        if not self.uses_fused_kernel(x):
+            return None
+        batch = x.shape[:-1].numel()
+        if dtype == torch.int8 and fourbit_kernel.takes_int8_activations(batch, self.matrix):
+            return fourbit_kernel.fourbit_matmul(x, self.matrix, int8_activations=True)
+        if dtype == torch.bfloat16 and fourbit_kernel.multiplies_on_tiles(batch, self.matrix):
             return fourbit_kernel.fourbit_matmul(x, self.matrix)
         return None
 

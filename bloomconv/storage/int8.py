@@ -236,7 +236,7 @@ class Int8Weight:
     def matmul(self, x: torch.Tensor, products: torch.dtype | None = None) -> torch.Tensor:
         if products not in (None, x.dtype):
             return products_in(products, x, self.matmul,
-                               lambda rounded: dense_on_tiles(rounded, self.CB, lambda: self.kernel_matrix))
+                               lambda x, dtype: dense_on_tiles(x, dtype, self.CB, lambda: self.kernel_matrix))
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[:-1].numel() > dense.SMALL_BATCH_ROWS:
             return self._bf16_products(x)
         if dense_kernel_takes(x, self.CB):

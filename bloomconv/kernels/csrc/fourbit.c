@@ -11,7 +11,9 @@
  * entry point is given; batch 1 of blocks of 32 through a loop of its own) and AVX2+FMA where the
  * CPU lacks it (both for rows of a multiple of 32 elements; compiled per function with a target
  * attribute, so the build needs no -march flag) and portable C (any shape). Weight rows
- * are shared out among `threads` threads (parallel.c).
+ * are shared out among `threads` threads (parallel.c). Two more entry points multiply otherwise,
+ * where the caller asks: bf16 products on AMX tiles (tiles.c) and int8 activations (AVX512-VNNI;
+ * not fp32 products, see its section).
  *
  * Called from Python with raw data pointers (bloomconv/kernels/fourbit.py validates every
  * argument) through the entry points at the end of this file, which module.c's table lists.
@@ -61,6 +63,7 @@ struct Task {
     float *out;
     uint16_t *out_bf16;            /* dequantize to bf16 instead of out: weights rounded to bf16 only */
     int64_t begin, end;            /* matmul: weight rows; dequantize: positions in row_ids */
+    const struct Int8Rows *x8;     /* int8 activations: x quantized (quantize_rows) */
 };
 
 /* The nested absmax is a multiply, then an add, each rounded: setup.py passes -ffp-contract=off so
@@ -589,6 +592,155 @@ AVX512_TARGET static ALWAYS_INLINE void matvec512_impl(const Task *t, int roundi
 }
 
 AVX512_TARGET static void avx512_matvec(const Task *t) { DISPATCH_ROUNDING(matvec512_impl, t) }
+
+/* Dequantizing weights rounded to bf16 to bf16 (a prefill's tiles for torch's bf16 GEMM): each 32
+ * weights as matvec512_group decodes them, then the high halves of the even and the odd elements'
+ * floats (exact) merged pairwise into dwords, which is element order. */
+AVX512_TARGET static void avx512_dequantize_bf16(const Task *t)
+{
+    const Matrix *w = t->w;
+    const int64_t K = w->cols, mask = ((int64_t)1 << w->block_shift) - 1;
+    const __m512 code = _mm512_loadu_ps(w->code);
+    const __m512i high_word = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int64_t i = t->begin; i < t->end; i++) {
+        const int64_t start = t->row_ids[i] * K;
+        uint16_t *dst = t->out_bf16 + i * K;
+        __m512 table = _mm512_setzero_ps();
+        for (int64_t c = 0; c < K; c += CHUNK) {
+            const int64_t e = start + c;
+            if (c == 0 || (e & mask) == 0)
+                table = block_table(w, code, e >> w->block_shift, ROUND_BF16);
+            __m512 even, odd;
+            decode_chunk512(w->packed + (e >> 1), table, &even, &odd);
+            /* (even >> 16) | (odd & 0xFFFF0000): element 2j in the low word, 2j + 1 in the high one */
+            const __m512i pairs = _mm512_ternarylogic_epi32(_mm512_srli_epi32(_mm512_castps_si512(even), 16),
+                                                            _mm512_castps_si512(odd), high_word, 0xF8);
+            _mm512_storeu_si512(dst + c, pairs);
+        }
+    }
+}
+
+/* ------------------------------------------------------------ int8 activations (AVX512-VNNI)
+ *
+ * Decoding steps of a few rows, as llama.cpp multiplies its 4-bit formats: x is rounded to int8 per
+ * chunk of 32 columns (scale = the chunk's absmax / 127, as llama.cpp's Q8_0), the code table to
+ * int8 (code[q] * 127 / max|code|), and 64 products at a time are summed exactly in int32 by
+ * vpdpbusd; each chunk's int32 sum then times its weight block's absmax and its x scale, in fp32.
+ * So the products are not fp32's: each weight is an int8 step of its code away from code * absmax
+ * (before the bf16 rounding of the weights) and each x value up to half a step of its chunk's
+ * scale. Weight blocks of 32 only (the preset's), rows of a multiple of 128 elements.
+ *
+ * vpdpbusd multiplies unsigned by signed bytes: the codes go in as code + 128 (unsigned), and each
+ * sum starts from -128 * (the sum of its x bytes), precomputed once per call. 64 packed bytes are
+ * 128 weights of 4 chunks: their high nibbles (even elements) and low nibbles (odd) through one
+ * vpshufb each, so lane L of both products sums elements of chunk L / 4; x is laid out to match
+ * (per 128 columns: 64 even values, then 64 odd). A row's sum order is fixed by its columns only.
+ */
+enum { X8_GROUP = 128, X8_CHUNK = 32, X8_PIECE = 16 };  /* columns per step; per scale; chunk scales at once */
+
+typedef struct Int8Rows {
+    int8_t *q;            /* (batch, cols): per X8_GROUP columns, the even then the odd elements */
+    int32_t *start;       /* (batch, cols / X8_GROUP, 16): -128 * each lane's x bytes */
+    float *scale;         /* (batch, cols / X8_CHUNK): chunk absmax / 127 * max|code| / 127 */
+    uint8_t lut[16];      /* code[q] as int8, + 128 */
+} Int8Rows;
+
+/* x rows into `x8`'s arrays (allocated by the caller for batch rows of cols). */
+static void quantize_rows(const float *x, int64_t batch, int64_t cols, const float *code, Int8Rows *x8)
+{
+    float code_max = 0.0f;
+    for (int q = 0; q < 16; q++)
+        code_max = fabsf(code[q]) > code_max ? fabsf(code[q]) : code_max;
+    for (int q = 0; q < 16; q++)
+        x8->lut[q] = (uint8_t)(128 + (int)lrintf(code_max > 0.0f ? code[q] * 127.0f / code_max : 0.0f));
+    for (int64_t m = 0; m < batch; m++)
+        for (int64_t c = 0; c < cols; c += X8_CHUNK) {
+            const float *v = x + m * cols + c;
+            float amax = 0.0f;
+            int finite = 1;
+            for (int i = 0; i < X8_CHUNK; i++) {
+                amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+                finite &= isfinite(v[i]) != 0;
+            }
+            /* NaN or inf in x: the chunk's scale is NaN, so the row's result is too, as in fp32 */
+            const float inverse = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+            x8->scale[(m * cols + c) / X8_CHUNK] = finite ? amax / 127.0f * (code_max / 127.0f) : NAN;
+            const int64_t group = c / X8_GROUP, within = c % X8_GROUP;  /* chunk within / 32 of its group */
+            int8_t *even = x8->q + m * cols + group * X8_GROUP + within / 2, *odd = even + X8_GROUP / 2;
+            int32_t *start = x8->start + (m * (cols / X8_GROUP) + group) * 16 + within / 8;
+            for (int i = 0; i < X8_CHUNK / 2; i++) {
+                even[i] = (int8_t)lrintf(v[2 * i] * inverse);
+                odd[i] = (int8_t)lrintf(v[2 * i + 1] * inverse);
+            }
+            for (int lane = 0; lane < 4; lane++) {
+                int32_t sum = 0;
+                for (int i = 0; i < 4; i++)
+                    sum += even[4 * lane + i] + odd[4 * lane + i];
+                start[lane] = -128 * sum;
+            }
+        }
+}
+
+/* The absmax of blocks [block, block + count) (count <= 16), as block_scale decodes them. */
+VNNI_TARGET static ALWAYS_INLINE __m512 block_scales16(const Matrix *w, int64_t block, __mmask16 mask)
+{
+    if (w->absmax)
+        return _mm512_maskz_loadu_ps(mask, w->absmax + block);
+    const __m512i codes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, w->absmax_codes + block));
+    const __m512 decoded = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, codes, w->nested_code, 4);
+    __m512 nested;
+    const int64_t last = block + 15;
+    if ((block >> w->nested_shift) == (last >> w->nested_shift))
+        nested = _mm512_set1_ps(w->nested_absmax[block >> w->nested_shift]);
+    else {
+        const __m512i ids = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)block),
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)), w->nested_shift);
+        nested = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, ids, w->nested_absmax, 4);
+    }
+    return _mm512_add_ps(_mm512_mul_ps(decoded, nested), _mm512_set1_ps(w->nested_offset));
+}
+
+VNNI_TARGET static void vnni_matvec(const Task *t)
+{
+    const Matrix *w = t->w;
+    const Int8Rows *x8 = t->x8;
+    const int64_t K = w->cols, N = w->rows, chunks = K / X8_CHUNK, groups = K / X8_GROUP;
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x8->lut));
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512i spread[4];  /* chunk scale of each lane, for the 4 groups of a piece */
+    for (int g = 0; g < 4; g++)
+        spread[g] = _mm512_setr_epi32(4 * g, 4 * g, 4 * g, 4 * g, 4 * g + 1, 4 * g + 1, 4 * g + 1, 4 * g + 1,
+                                      4 * g + 2, 4 * g + 2, 4 * g + 2, 4 * g + 2, 4 * g + 3, 4 * g + 3, 4 * g + 3, 4 * g + 3);
+    for (int64_t r = t->begin; r < t->end; r++) {
+        const uint8_t *row = w->packed + (r * K >> 1);
+        for (int64_t m = 0; m < t->batch; m++) {
+            const int8_t *q = x8->q + m * K;
+            const int32_t *start = x8->start + m * groups * 16;
+            const float *xs = x8->scale + m * chunks;
+            __m512 sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t j0 = 0; j0 < chunks; j0 += X8_PIECE) {
+                const int n = chunks - j0 < X8_PIECE ? (int)(chunks - j0) : X8_PIECE;
+                const __mmask16 mask = (__mmask16)((1u << n) - 1);
+                const __m512 scales = _mm512_mul_ps(block_scales16(w, r * chunks + j0, mask),
+                                                    _mm512_maskz_loadu_ps(mask, xs + j0));
+                for (int g = 0; g < n / 4; g++) {
+                    const int64_t e = j0 * X8_CHUNK + (int64_t)g * X8_GROUP;
+                    const uint8_t *p = row + (e >> 1);
+                    _mm_prefetch((const char *)p + PREFETCH_BYTES, _MM_HINT_T1);
+                    const __m512i bytes = _mm512_loadu_si512(p);
+                    const __m512i even = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4));
+                    const __m512i odd = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, low4));
+                    __m512i acc = _mm512_loadu_si512(start + (e / X8_GROUP) * 16);
+                    acc = _mm512_dpbusd_epi32(acc, even, _mm512_loadu_si512(q + e));
+                    acc = _mm512_dpbusd_epi32(acc, odd, _mm512_loadu_si512(q + e + X8_GROUP / 2));
+                    sum[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(spread[g], scales),
+                                                 sum[g & 1]);
+                }
+            }
+            t->out[m * N + r] = _mm512_reduce_add_ps(_mm512_add_ps(sum[0], sum[1]));
+        }
+    }
+}
 #endif
 
 #ifdef HAVE_AMX_KERNELS
@@ -912,9 +1064,12 @@ static int parse_call(PyObject *args, unsigned long long *first, long long *coun
 }
 
 static PyObject *tiles_matmul_call(unsigned long long x, long long batch, unsigned long long out, int threads, Matrix w);
+static PyObject *int8_matmul_call(unsigned long long x, long long batch, unsigned long long out, int threads, Matrix w);
 
-/* fourbit_matmul and fourbit_matmul_bf16_tiles (`tiles`). */
-static PyObject *matmul_call(PyObject *args, int tiles)
+enum { PRODUCTS_FP32, PRODUCTS_BF16_TILES, PRODUCTS_INT8 };
+
+/* fourbit_matmul, fourbit_matmul_bf16_tiles and fourbit_matmul_int8_activations (`products`). */
+static PyObject *matmul_call(PyObject *args, int products)
 {
     unsigned long long x, out;
     long long batch;
@@ -922,8 +1077,10 @@ static PyObject *matmul_call(PyObject *args, int tiles)
     Matrix w;
     if (!parse_call(args, &x, &batch, &out, &threads, &isa, &w, NULL))
         return NULL;
-    if (tiles)
+    if (products == PRODUCTS_BF16_TILES)
         return tiles_matmul_call(x, batch, out, threads, w);
+    if (products == PRODUCTS_INT8)
+        return int8_matmul_call(x, batch, out, threads, w);
     const int64_t rows = w.rows, cols = w.cols;
     Task task = {.w = &w, .x = (const float *)(uintptr_t)x, .batch = batch, .out = (float *)(uintptr_t)out};
     float *laid_out = NULL;
@@ -957,9 +1114,45 @@ static PyObject *matmul_call(PyObject *args, int tiles)
     Py_RETURN_NONE;
 }
 
-PyObject *fourbit_matmul(PyObject *self, PyObject *args) { return matmul_call(args, 0); }
+PyObject *fourbit_matmul(PyObject *self, PyObject *args) { return matmul_call(args, PRODUCTS_FP32); }
 
-PyObject *fourbit_matmul_bf16_tiles(PyObject *self, PyObject *args) { return matmul_call(args, 1); }
+PyObject *fourbit_matmul_bf16_tiles(PyObject *self, PyObject *args) { return matmul_call(args, PRODUCTS_BF16_TILES); }
+
+PyObject *fourbit_matmul_int8_activations(PyObject *self, PyObject *args) { return matmul_call(args, PRODUCTS_INT8); }
+
+static PyObject *int8_matmul_call(unsigned long long x, long long batch, unsigned long long out, int threads, Matrix w)
+{
+#ifdef HAVE_X86_KERNELS
+    if (!cpu_has_avx512_vnni() || w.block_shift != 5 || w.cols % X8_GROUP != 0 || batch < 1) {
+        PyErr_SetString(PyExc_ValueError, "int8 activations take 4-bit weights in blocks of 32, rows of a multiple "
+                                          "of 128 elements, on a CPU with AVX512-VNNI");
+        return NULL;
+    }
+    const int64_t cols = w.cols;
+    Int8Rows x8;
+    x8.q = malloc((size_t)(batch * cols));
+    x8.start = malloc((size_t)(batch * (cols / X8_GROUP) * 16) * sizeof(int32_t));
+    x8.scale = malloc((size_t)(batch * (cols / X8_CHUNK)) * sizeof(float));
+    if (!x8.q || !x8.start || !x8.scale) {
+        free(x8.q); free(x8.start); free(x8.scale);
+        return PyErr_NoMemory();
+    }
+    quantize_rows((const float *)(uintptr_t)x, batch, cols, w.code, &x8);
+    Task task = {.run = vnni_matvec, .w = &w, .batch = batch, .out = (float *)(uintptr_t)out, .x8 = &x8};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_parallel(run_task, &task, w.rows, (cols + 1) / 2 * batch, threads, MIN_BYTES_PER_THREAD);
+    Py_END_ALLOW_THREADS
+    free(x8.q); free(x8.start); free(x8.scale);
+    if (status)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    (void)x; (void)out; (void)batch; (void)threads; (void)w;
+    PyErr_SetString(PyExc_ValueError, "this build has no x86 kernels");
+    return NULL;
+#endif
+}
 
 static PyObject *tiles_matmul_call(unsigned long long x, long long batch, unsigned long long out, int threads, Matrix w)
 {
@@ -1005,7 +1198,9 @@ PyObject *fourbit_dequantize(PyObject *self, PyObject *args)
                  .out = to_bf16 ? NULL : (float *)(uintptr_t)out,
                  .out_bf16 = to_bf16 ? (uint16_t *)(uintptr_t)out : NULL};
 #ifdef HAVE_X86_KERNELS
-    if (use_avx2(isa, &w))
+    if (to_bf16 && use_avx512(isa, &w))
+        task.run = avx512_dequantize_bf16;
+    else if (use_avx2(isa, &w))
         task.run = avx2_dequantize;
 #endif
     int status;

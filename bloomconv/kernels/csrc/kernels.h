@@ -61,6 +61,14 @@ static inline int cpu_has_bf16_dot(void)
     return cpu_has_avx512() && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 5) & 1);
 }
 
+/* int8 dot products (AVX512-VNNI: vpdpbusd, 64 byte products per instruction), for 4-bit weights
+ * times int8 activations. */
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+static inline int cpu_has_avx512_vnni(void)
+{
+    return cpu_has_avx512() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
 /* AMX tiles of bf16 products (AMX-TILE + AMX-BF16; gcc 11 and clang 12 compile them, and the Linux
  * kernel must let the process use the tile registers: cpu_has_amx_bf16 asks it, once). */
 #if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || \
@@ -92,6 +100,7 @@ static inline int cpu_has_avx2(void) { return 0; }
 static inline int cpu_has_avx512(void) { return 0; }
 static inline int cpu_has_bf16_dot(void) { return 0; }
 static inline int cpu_has_amx_bf16(void) { return 0; }
+static inline int cpu_has_avx512_vnni(void) { return 0; }
 #endif
 
 /* ------------------------------------------------------------------------------ conversions */
@@ -172,6 +181,9 @@ typedef void (*RangeFunction)(const void *job, int64_t begin, int64_t end);
  * not depend on which thread computes it. Call without the GIL held. */
 INTERNAL int run_parallel(RangeFunction run, const void *job, int64_t count, int64_t bytes_per_item, int threads,
                           int64_t min_bytes_per_thread);
+/* How long the pool's helpers spin between jobs before they sleep (negative: the default); returns
+ * the setting it replaces. */
+INTERNAL int64_t helpers_spin(int64_t nanoseconds);
 
 /* ---------------------------------------------------------------------- Python entry points */
 
@@ -180,6 +192,7 @@ INTERNAL PyObject *int8_quantize(PyObject *self, PyObject *args);
 /* fourbit.c */
 INTERNAL PyObject *fourbit_matmul(PyObject *self, PyObject *args);
 INTERNAL PyObject *fourbit_matmul_bf16_tiles(PyObject *self, PyObject *args);
+INTERNAL PyObject *fourbit_matmul_int8_activations(PyObject *self, PyObject *args);
 INTERNAL PyObject *dense_matmul_bf16_tiles(PyObject *self, PyObject *args);
 INTERNAL PyObject *fourbit_dequantize(PyObject *self, PyObject *args);
 INTERNAL PyObject *fourbit_quantize(PyObject *self, PyObject *args);

@@ -16,6 +16,11 @@ PyDoc_STRVAR(fourbit_matmul_bf16_tiles_doc,
 "As fourbit_matmul, for 1-64 rows of x and weights rounded to bf16, in bf16 products on AMX tiles\n"
 "(x rounded to bf16, fp32 sums); only where amx_bf16_tiles().");
 
+PyDoc_STRVAR(fourbit_matmul_int8_activations_doc,
+"fourbit_matmul_int8_activations(x, batch, out, threads, isa, *matrix) -> None\n\n"
+"As fourbit_matmul, with x rounded to int8 per 32 columns and the code table to int8 (int32 sums per\n"
+"chunk, then fp32); weights in blocks of 32, rows of a multiple of 128; only where AVX512-VNNI.");
+
 PyDoc_STRVAR(fourbit_dequantize_doc,
 "fourbit_dequantize(row_ids, count, out, threads, isa, *matrix[, to_bf16]) -> None\n\n"
 "out (count, cols) fp32 (bf16 with to_bf16, for weights rounded to bf16) = the 4-bit matrix's rows\n"
@@ -71,10 +76,21 @@ static PyObject *isas(PyObject *self, PyObject *unused)
 
 static PyObject *amx_bf16_tiles(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_has_amx_bf16()); }
 static PyObject *bf16_dot_products(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_has_bf16_dot()); }
+static PyObject *set_helpers_spin(PyObject *self, PyObject *args)
+{
+    long long nanoseconds;
+    if (!PyArg_ParseTuple(args, "L", &nanoseconds))
+        return NULL;
+    return PyLong_FromLongLong(helpers_spin(nanoseconds));
+}
+
+static PyObject *int8_dot_products(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_has_avx512_vnni()); }
 
 static PyMethodDef methods[] = {
     {"fourbit_matmul", fourbit_matmul, METH_VARARGS, fourbit_matmul_doc},
     {"fourbit_matmul_bf16_tiles", fourbit_matmul_bf16_tiles, METH_VARARGS, fourbit_matmul_bf16_tiles_doc},
+    {"fourbit_matmul_int8_activations", fourbit_matmul_int8_activations, METH_VARARGS,
+     fourbit_matmul_int8_activations_doc},
     {"dense_matmul_bf16_tiles", dense_matmul_bf16_tiles, METH_VARARGS, dense_matmul_bf16_tiles_doc},
     {"amx_bf16_tiles", amx_bf16_tiles, METH_NOARGS, "Whether this CPU and OS multiply bf16 AMX tiles."},
     {"fourbit_dequantize", fourbit_dequantize, METH_VARARGS, fourbit_dequantize_doc},
@@ -84,8 +100,12 @@ static PyMethodDef methods[] = {
     {"attention_step", attention_step, METH_VARARGS, attention_step_doc},
     {"gelu_tanh", gelu_tanh, METH_VARARGS, gelu_tanh_doc},
     {"argmax_rows", argmax_rows, METH_VARARGS, argmax_rows_doc},
+    {"helpers_spin", set_helpers_spin, METH_VARARGS,
+     "helpers_spin(nanoseconds) -> the previous setting: how long the thread pool's helpers spin between\n"
+     "jobs before they sleep (negative: the default)."},
     {"isas", isas, METH_NOARGS, "The instruction sets this CPU runs, fastest first."},
     {"bf16_dot_products", bf16_dot_products, METH_NOARGS, "Whether this CPU has bf16 dot-product instructions."},
+    {"int8_dot_products", int8_dot_products, METH_NOARGS, "Whether this CPU has AVX512-VNNI int8 dot products."},
     {NULL, NULL, 0, NULL},
 };
 

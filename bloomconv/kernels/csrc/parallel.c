@@ -35,9 +35,13 @@
  * matrices of a few MB between threads. */
 enum { MIN_GRAIN_BYTES = 32 * 1024, MAX_GRAIN_BYTES = 1024 * 1024, GRAINS_PER_THREAD = 16 };
 enum { MAX_HELPERS = 255 };
-/* Longer than most gaps between one decoding step's kernel calls, and no longer: a helper spinning
- * much longer takes its core from the torch ops that run between the kernel calls. */
-#define SPIN_NANOSECONDS 30000
+/* How long a helper spins between jobs before it sleeps (waking a sleeping one cost about 40 us a
+ * call on a 2-vCPU VM): by default briefly, so that it does not take its core from torch's own
+ * multithreaded ops between kernel calls (a prefill); while torch runs on one thread
+ * (helpers_spin, from kernels_own_the_cores: a decoding step) longer than the gaps between a
+ * step's kernel calls (layer norms, attention, GELU: tens of microseconds). */
+enum { SPIN_NANOSECONDS = 30000 };
+static int64_t spin_nanoseconds = SPIN_NANOSECONDS;
 
 typedef struct {
     RangeFunction run;
@@ -96,7 +100,7 @@ static void *pool_helper(void *arg)
 {
     int64_t seen = (int64_t)(intptr_t)arg;
     for (;;) {
-        const int64_t spin_until = monotonic_nanoseconds() + SPIN_NANOSECONDS;
+        const int64_t spin_until = monotonic_nanoseconds() + load(&spin_nanoseconds);
         for (int i = 0; load(&pool.generation) == seen; i++) {
             cpu_relax();
             if ((i & 255) == 255 && monotonic_nanoseconds() > spin_until)
@@ -174,6 +178,16 @@ static void pool_withdraw(WorkQueue *queue)
 #endif
 
 /* See kernels.h. A helper that comes after the call returned finds the queue empty and never reads `job`. */
+int64_t helpers_spin(int64_t nanoseconds)
+{
+#ifdef HAVE_PTHREADS
+    return __atomic_exchange_n(&spin_nanoseconds, nanoseconds < 0 ? SPIN_NANOSECONDS : nanoseconds, __ATOMIC_ACQ_REL);
+#else
+    (void)nanoseconds;
+    return 0;
+#endif
+}
+
 int run_parallel(RangeFunction run, const void *job, int64_t count, int64_t bytes_per_item, int threads,
                  int64_t min_bytes_per_thread)
 {
