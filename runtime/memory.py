@@ -20,8 +20,8 @@ dequantized copy of a matrix:
                   SMALL_BATCH_ROWS tokens (4-bit prefill); for more than PREFILL_ROWS, bf16
                   products' copies (`prefill_dtype`; counted whether or not the run asks for
                   them): as much again (the tile in bf16, the copy torch's bf16 GEMM packs),
-                  10 · T · H (the widest product's input and its result in bf16) and an int8
-                  tile's fp32 sums, 6 · T · tile_rows(H);
+                  10 · T · H (the widest product's input and its result in bf16) and a bf16
+                  tile's product (bf16) and, for int8, its fp32 sums, 8 · T · tile_rows(H, 2);
                   3 × CONVERT_CHUNK_BYTES without the compiled kernels (torch converts pieces)
 
 for T tokens (a prompt computed in one pass, or the cache's length), H hidden, nh heads, V vocab,
@@ -99,7 +99,7 @@ def working_set_bytes(geometry: Geometry, dtype: torch.dtype, tokens: int) -> in
     else:  # a prefill over more rows than the 4-bit kernel takes dequantizes a tile at a time
         scratch = tile if tokens > fourbit.SMALL_BATCH_ROWS else 0
     if tokens > PREFILL_ROWS:  # bf16 products (prefill_dtype), counted whatever the run's
-        scratch += tile + 10 * tokens * h + 6 * tokens * fourbit.tile_rows(h)
+        scratch += tile + 10 * tokens * h + 8 * tokens * fourbit.tile_rows(h, 2)
     return activations + attention + sampling + small_tensors + scratch
 
 

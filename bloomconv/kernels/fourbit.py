@@ -154,10 +154,13 @@ def takes_int8_activations(batch: int, matrix: FourBitMatrix) -> bool:
             and int8_dot_products())
 
 
-def tile_rows(cols: int) -> int:
-    """Rows of the fp32 tile the large-batch path dequantizes at a time for rows of `cols`: about
-    DEQUANTIZE_TILE_BYTES, in whole TILE_ROWS (at least one)."""
-    return max(1, DEQUANTIZE_TILE_BYTES // (4 * cols) // TILE_ROWS) * TILE_ROWS
+def tile_rows(cols: int, element_size: int = 4) -> int:
+    """Rows of the tile the large-batch path dequantizes at a time for rows of `cols` elements of
+    `element_size` bytes (fp32 4, bf16 2): about DEQUANTIZE_TILE_BYTES, in whole TILE_ROWS (at
+    least one). A bf16 tile holds twice an fp32 one's rows: fewer, larger GEMM calls, and fewer
+    calls to the dequantizer, whose helper thread waits for the cores torch's threads spin on
+    after each GEMM."""
+    return max(1, DEQUANTIZE_TILE_BYTES // (element_size * cols) // TILE_ROWS) * TILE_ROWS
 
 
 def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = None,
@@ -208,10 +211,11 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
         _kernels.fourbit_matmul(flat.data_ptr(), batch, out.data_ptr(), kernel_threads(), isa_code,
                                 *matrix._arguments)
     else:
-        step = tile_rows(cols)
         # weights quantized from bf16 dequantize straight to bf16 for bf16 products; others are rounded
         direct = gemm_dtype == torch.bfloat16 and matrix.weight_dtype == torch.bfloat16
-        tile = torch.empty(min(step, rows), cols, dtype=gemm_dtype if direct else torch.float32)  # (step, in)
+        tile_dtype = gemm_dtype if direct else torch.float32
+        step = tile_rows(cols, tile_dtype.itemsize)
+        tile = torch.empty(min(step, rows), cols, dtype=tile_dtype)                          # (step, in)
         for start in range(0, rows, step):
             ids = torch.arange(start, min(start + step, rows))
             _dequantize_into(matrix, ids, tile[:ids.numel()], isa_code)

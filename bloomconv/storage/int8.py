@@ -264,7 +264,7 @@ class Int8Weight:
         rows, cols = self.CB.shape
         flat = x.reshape(-1, cols)
         out = torch.empty(flat.shape[0], rows, dtype=x.dtype)                  # (B*T, out)
-        step = fourbit.tile_rows(cols)
+        step = fourbit.tile_rows(cols, torch.bfloat16.itemsize)
         for start in range(0, rows, step):
             end = min(start + step, rows)
             sums = F.linear(flat, self.CB[start:end].to(torch.bfloat16))       # (B*T, tile)
