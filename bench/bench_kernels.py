@@ -11,6 +11,8 @@ turn within each repeat so a burst of load from other jobs hits them all alike):
     nf4 preset       the same for what `quantize --bits 4` stores: its block size (32) and double-
                      quantized absmax (transformers' bnb_4bit_use_double_quant)
     nf4 preset avx2  the same on the AVX2 code (where the CPU has AVX-512, which runs by default)
+    nf4 preset int8x the preset with int8 activations (x rounded to int8 per 32 values; where the
+                     CPU has AVX512-VNNI, batch 1: what a decoding step of 1-3 sequences runs)
     dequant+linear   F.linear(x, dequantize_4bit(stored).float()): the runtime's old 4-bit path
     fp32 linear      F.linear on the fp32 matrix
     bf16 linear      F.linear on the bf16 matrix, bf16 x
@@ -80,6 +82,9 @@ def methods(rows: int, cols: int, batch: int) -> dict[str, tuple[object, int]]:
         out["nf4 preset"] = (lambda: fourbit.fourbit_matmul(x, matrix_dq), four_bit_dq)
         if "avx512" in kernels.isas():  # the AVX-512 code against the AVX2 code it replaces for batches
             out["nf4 preset avx2"] = (lambda: fourbit.fourbit_matmul(x, matrix_dq, isa="avx2"), four_bit_dq)
+        if fourbit.takes_int8_activations(batch, matrix_dq):
+            out["nf4 preset int8x"] = (lambda: fourbit.fourbit_matmul(x, matrix_dq, int8_activations=True),
+                                       four_bit_dq)
     out["dequant+linear"] = (lambda: F.linear(x, dequantize_4bit(stored).to(x.dtype)), four_bit)
     out["fp32 linear"] = (lambda: F.linear(x, weight), weight.numel() * 4)
     out["bf16 linear"] = (lambda: F.linear(x_bf16, weight_bf16), weight.numel() * 2)

@@ -72,8 +72,9 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu", ve
     it is bfloat16 (AMX tiles, several times the fp32 rate there; the lm_head too), and, when it is
     bfloat16, steps of 1 to 3 sequences on a CPU with AVX512-VNNI multiply 4-bit weights (blocks of
     32, the preset's) by int8 activations: x rounded to int8 per 32 values, as llama.cpp does
-    (`fourbit.takes_int8_activations`; about 2.3 times the fp32 kernel's speed, a difference in the
-    logits well below the 4-bit weights' own, README "Int8 activations").
+    (`fourbit.takes_int8_activations`; several times fewer instructions than fp32 products, for a
+    difference in the logits well below the 4-bit weights' own: README "Int8 activations in small
+    decoding steps").
     `ram_budget`: the memory this model may take, e.g. "12GB", "800MB", "1.5GiB" or an int: the
     weights held in RAM, the buffers the rest streams through every forward pass, and the KV
     cache and working set of `max_tokens` tokens (see `checkpoint`); the process's own memory

@@ -178,8 +178,8 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
     `int8_activations` (only where `takes_int8_activations`): x rounded to int8 per 32 columns (by
     its absmax / 127) and the codes to int8 (code * 127 / max|code|), multiplied as llama.cpp
     multiplies its 4-bit formats: each block's sum exact in int32, then scaled in fp32. The result
-    differs from fp32 products by about 0.7 % of its size (x's rounding, mostly), far less than
-    the 4-bit weights' own error; a row's result does not depend on the other rows.
+    is not fp32 products' (x's rounding, mostly; README "Int8 activations in small decoding
+    steps" measures what it costs); a row's result does not depend on the other rows.
 
     Uses `kernel_threads()` threads. `isa` forces an instruction set from `bloomconv.kernels.isas()`
     (the default takes the fastest; rows whose length is not a multiple of 32 always run scalar code).

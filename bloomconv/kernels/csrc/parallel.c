@@ -6,8 +6,8 @@
  *
  * Helpers are a pool started on first use and kept: a decoding step calls the kernels about a
  * hundred times in quick succession, and creating threads on every call cost more than many of
- * those calls take. Between jobs a helper spins for up to SPIN_NANOSECONDS (with `pause`), then
- * sleeps on a condition variable until the next job. After fork() the child starts a new pool on
+ * those calls take. Between jobs a helper spins for up to spin_nanoseconds (with `pause`; see
+ * helpers_spin), then sleeps on a condition variable until the next job. After fork() the child starts a new pool on
  * its first parallel call (the parent's helpers do not exist there). This file is compiled once
  * into the extension, so the 4-bit and the dense kernels share one pool: their calls alternate
  * within a decoding step, and two pools would keep two sets of helpers spinning on the same cores.
@@ -35,11 +35,11 @@
  * matrices of a few MB between threads. */
 enum { MIN_GRAIN_BYTES = 32 * 1024, MAX_GRAIN_BYTES = 1024 * 1024, GRAINS_PER_THREAD = 16 };
 enum { MAX_HELPERS = 255 };
-/* How long a helper spins between jobs before it sleeps (waking a sleeping one cost about 40 us a
- * call on a 2-vCPU VM): by default briefly, so that it does not take its core from torch's own
- * multithreaded ops between kernel calls (a prefill); while torch runs on one thread
- * (helpers_spin, from kernels_own_the_cores: a decoding step) longer than the gaps between a
- * step's kernel calls (layer norms, attention, GELU: tens of microseconds). */
+/* How long a helper spins between jobs before it sleeps (waking a sleeping one costs as much as a
+ * small product; README, "Int8 activations in small decoding steps"): by default briefly, so that
+ * it does not take its core from torch's own multithreaded ops between kernel calls (a prefill);
+ * while torch runs on one thread (helpers_spin, from kernels_own_the_cores: a decoding step)
+ * longer than the gaps between a step's kernel calls (layer norms, attention, GELU). */
 enum { SPIN_NANOSECONDS = 30000 };
 static int64_t spin_nanoseconds = SPIN_NANOSECONDS;
 
