@@ -645,6 +645,24 @@ typedef struct Int8Rows {
     uint8_t lut[16];      /* code[q] as int8, + 128 */
 } Int8Rows;
 
+/* n values of x rounded to int8 into q, as llama.cpp's Q8_0 rounds them, with one scale: their
+ * absmax / 127 (0 for zeros; NaN when any value is NaN or inf, so that a product with them is NaN
+ * as in fp32), returned. */
+static inline float quantize_chunk_int8(const float *v, int n, int8_t *q)
+{
+    float amax = 0.0f;
+    int finite = 1;
+    for (int i = 0; i < n; i++) {
+        const float a = v[i] < 0.0f ? -v[i] : v[i];
+        amax = a > amax ? a : amax;
+        finite &= (float_to_bits(v[i]) & 0x7F800000u) != 0x7F800000u;
+    }
+    const float inverse = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int i = 0; i < n; i++)
+        q[i] = (int8_t)lrintf(v[i] * inverse);
+    return finite ? amax / 127.0f : bits_to_float(0x7FC00000u);
+}
+
 /* x rows into `x8`'s arrays (allocated by the caller for batch rows of cols). */
 static void quantize_rows(const float *x, int64_t batch, int64_t cols, const float *code, Int8Rows *x8)
 {
@@ -655,22 +673,15 @@ static void quantize_rows(const float *x, int64_t batch, int64_t cols, const flo
         x8->lut[q] = (uint8_t)(128 + (int)lrintf(code_max > 0.0f ? code[q] * 127.0f / code_max : 0.0f));
     for (int64_t m = 0; m < batch; m++)
         for (int64_t c = 0; c < cols; c += X8_CHUNK) {
-            const float *v = x + m * cols + c;
-            float amax = 0.0f;
-            int finite = 1;
-            for (int i = 0; i < X8_CHUNK; i++) {
-                amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
-                finite &= isfinite(v[i]) != 0;
-            }
-            /* NaN or inf in x: the chunk's scale is NaN, so the row's result is too, as in fp32 */
-            const float inverse = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
-            x8->scale[(m * cols + c) / X8_CHUNK] = finite ? amax / 127.0f * (code_max / 127.0f) : NAN;
+            int8_t chunk[X8_CHUNK];
+            x8->scale[(m * cols + c) / X8_CHUNK] = quantize_chunk_int8(x + m * cols + c, X8_CHUNK, chunk)
+                                                   * (code_max / 127.0f);
             const int64_t group = c / X8_GROUP, within = c % X8_GROUP;  /* chunk within / 32 of its group */
             int8_t *even = x8->q + m * cols + group * X8_GROUP + within / 2, *odd = even + X8_GROUP / 2;
             int32_t *start = x8->start + (m * (cols / X8_GROUP) + group) * 16 + within / 8;
             for (int i = 0; i < X8_CHUNK / 2; i++) {
-                even[i] = (int8_t)lrintf(v[2 * i] * inverse);
-                odd[i] = (int8_t)lrintf(v[2 * i + 1] * inverse);
+                even[i] = chunk[2 * i];
+                odd[i] = chunk[2 * i + 1];
             }
             for (int lane = 0; lane < 4; lane++) {
                 int32_t sum = 0;
