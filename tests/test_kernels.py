@@ -310,6 +310,8 @@ def test_int8_activations_take_only_what_they_can(monkeypatch):
     assert not fourbit.takes_int8_activations(kernels.BF16_TILE_ROWS, preset)
     assert not fourbit.takes_int8_activations(1, fourbit_matrix(quantized("nf4", 64, True, (64, 256))[0]))
     assert not fourbit.takes_int8_activations(1, fourbit_matrix(quantized("nf4", 32, True, (64, 96))[0]))
+    with pytest.raises(QuantizationError, match="int8 activations"):
+        fourbit.fourbit_matmul(torch.randn(1, 256), preset, isa="scalar", int8_activations=True)
     monkeypatch.setattr(fourbit, "int8_dot_products", lambda: False)
     assert not fourbit.takes_int8_activations(1, preset)
     with pytest.raises(QuantizationError, match="int8 activations"):

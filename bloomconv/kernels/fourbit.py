@@ -190,10 +190,10 @@ def fourbit_matmul(x: torch.Tensor, matrix: FourBitMatrix, *, isa: str | None = 
                                 "matrix", f"Pass activations whose last dimension is {cols}.")
     isa_code = _isa_code(isa)
     batch = x.shape[:-1].numel()
-    if int8_activations and not takes_int8_activations(batch, matrix):
+    if int8_activations and (isa is not None or not takes_int8_activations(batch, matrix)):
         raise QuantizationError("weight", f"int8 activations do not take {batch} rows of x times a {rows}×{cols} matrix "
-                                f"in blocks of {matrix.block_size} on this CPU",
-                                "Check takes_int8_activations first.")
+                                f"in blocks of {matrix.block_size} on this CPU (or a forced instruction set)",
+                                "Check takes_int8_activations first; they choose their own instructions (VNNI).")
     # fp32 products, but bf16 ones for bf16 rows on AMX tiles, or many of them (torch's bf16 GEMM)
     tiles = isa is None and x.dtype == torch.bfloat16 and multiplies_on_tiles(batch, matrix)
     gemm_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and batch > SMALL_BATCH_ROWS and not tiles else torch.float32
