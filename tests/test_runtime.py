@@ -417,6 +417,9 @@ def test_a_decoding_step_of_few_sequences_multiplies_4bit_weights_by_int8_activa
             difference = (logits - expected).abs().max()
             assert 0 < difference < 0.02 * expected.abs().max(), difference
         assert torch.equal(model.forward(tokens[:1])[0], exact.forward(tokens[:1])[0])  # a prompt of 5 tokens
+        with streaming_everything(nf4_h128) as streamed:  # pieces of rows: each row's sums as pinned
+            step = tokens[:3, :1]
+            assert torch.equal(streamed.forward(step)[0], model.forward(step)[0])
 
 
 def test_without_int8_dot_products_a_decoding_step_keeps_fp32_products(nf4_h128, monkeypatch):
