@@ -281,8 +281,7 @@ class Bloom:
                 + (f" (prefill products {dtype_name(self.transformer.prefill_dtype)}"
                    + (", batched steps' too, on AMX tiles" if self.transformer.products_on_tiles else "")
                    + ("; 4-bit steps of 1-3 sequences with int8 activations"
-                      if self.transformer.int8_activations and quantization is not None
-                      and quantization.block_size == 32 else "") + ")"
+                      if self.transformer.int8_activations else "") + ")"
                    if self.transformer.prefill_dtype != self.transformer.dtype else "")
                 + f" on {self.transformer.device})")
 

@@ -143,7 +143,11 @@ class Transformer:
         # record's, so that each piece of a streamed matrix multiplies alike
         self.bf16_tiles = (self.device.type == "cpu" and checkpoint.manifest.model["dtype"] == dtype_name(torch.bfloat16)
                            and kernels.bf16_tiles())
-        self.int8_dot_products = self.device.type == "cpu" and kernels.int8_dot_products()
+        # the blocks' weights are 4-bit in blocks of 32 (what `fourbit.takes_int8_activations` takes)
+        # and the CPU has int8 dot products: the directory's choice too, as for the tiles
+        quantization = checkpoint.manifest.quantization
+        self.int8_dot_products = (self.device.type == "cpu" and quantization is not None
+                                  and quantization.block_size == 32 and kernels.int8_dot_products())
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -276,9 +280,10 @@ class Transformer:
 
     @property
     def int8_activations(self) -> bool:
-        """Whether decoding steps of fewer than kernels.BF16_TILE_ROWS sequences multiply 4-bit weights
-        by int8 activations (`products_dtype`): where the CPU has int8 dot products and the products
-        are not asked to stay fp32 (prefill_dtype bf16, as for AMX tiles)."""
+        """Whether decoding steps of fewer than kernels.BF16_TILE_ROWS sequences multiply the blocks'
+        4-bit weights (blocks of 32) by int8 activations (`products_dtype`): where the CPU has int8
+        dot products and the products are not asked to stay fp32 (prefill_dtype bf16, as for AMX
+        tiles)."""
         return self.int8_dot_products and self.prefill_dtype == torch.bfloat16
 
     def products_dtype(self, x: torch.Tensor, *, head: bool = False) -> torch.dtype:
@@ -286,8 +291,9 @@ class Transformer:
         than PREFILL_ROWS rows (not the lm_head, whose logits stay in full precision); for a decoding
         step of kernels.BF16_TILE_ROWS..PREFILL_ROWS sequences (one row each; the lm_head too)
         prefill_dtype where bf16 products run on AMX tiles, several times the fp32 kernels' rate;
-        for a step of fewer sequences torch.int8 where `int8_activations` (4-bit weights only: the
-        others multiply x as it is, `products_in`); else x's."""
+        for a step of fewer sequences torch.int8 where `int8_activations` (the blocks' 4-bit
+        weights only: other records multiply x as it is, `products_in`; the lm_head's logits stay
+        fp32 products' even when the embeddings are 4-bit); else x's."""
         rows = x.shape[:-1].numel()
         if rows > PREFILL_ROWS:
             return x.dtype if head else self.prefill_dtype
@@ -295,7 +301,7 @@ class Transformer:
             return x.dtype
         if rows >= kernels.BF16_TILE_ROWS:
             return self.prefill_dtype if self.products_on_tiles else x.dtype
-        return torch.int8 if self.int8_activations else x.dtype
+        return torch.int8 if self.int8_activations and not head else x.dtype
 
     def _layer_norm(self, x: torch.Tensor, w: LayerNormWeights) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], *w.in_dtype(x.dtype), self.geometry.layer_norm_epsilon)

@@ -411,6 +411,7 @@ def test_a_decoding_step_of_few_sequences_multiplies_4bit_weights_by_int8_activa
         assert model.transformer.int8_activations and "int8 activations" in repr(model)
         assert not exact.transformer.int8_activations and "int8" not in repr(exact).split("computes")[1]
         assert model.transformer.products_dtype(torch.zeros(3, 1, 128)) == torch.int8
+        assert model.transformer.products_dtype(torch.zeros(3, 1, 128), head=True) == torch.float32
         assert model.transformer.products_dtype(torch.zeros(1, 5, 128)) == torch.float32  # a prompt
         for batch in (1, 3):
             logits, expected = model.forward(tokens[:batch, :1])[0], exact.forward(tokens[:batch, :1])[0]
