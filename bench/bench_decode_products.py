@@ -79,14 +79,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    fast = kernels.bf16_tiles() if args.batch >= kernels.BF16_TILE_ROWS else kernels.int8_dot_products()
-    if not fast:
+    on_tiles = args.batch >= kernels.BF16_TILE_ROWS
+    fast, available = (("bf16 products", kernels.bf16_tiles()) if on_tiles else
+                       ("int8 activations for 4-bit weights", kernels.int8_dot_products()))
+    if not available:
         sys.exit(f"this CPU (or OS) has no AMX-BF16 tiles or no AVX512-VNNI: decoding steps of {args.batch} "
                  "sequences keep fp32 products here, nothing to measure")
     args.work.mkdir(parents=True, exist_ok=True)
     sources = sorted(p for p in args.models.iterdir() if (p / "heldout.txt").exists() and (p / "config.json").exists())
     report = {p.name: measure(p, args.work, args.batch, args.tokens) for p in sources}
-    fast = "bf16 products" if args.batch >= kernels.BF16_TILE_ROWS else "int8 activations for 4-bit weights"
     print(f"decoding steps of {args.batch} sequences ({args.tokens} tokens each, one per step): "
           f"the default ({fast}) against fp32 products")
     print(f"{'model':14} {'scheme':12} {'KL mean':>10} {'KL max':>10} {'top-1 same':>11} {'scheme KL':>11} {'added':>7}")

@@ -146,8 +146,8 @@ class Transformer:
         # the blocks' weights are 4-bit in blocks of 32 (what `fourbit.takes_int8_activations` takes)
         # and the CPU has int8 dot products: the directory's choice too, as for the tiles
         quantization = checkpoint.manifest.quantization
-        self.int8_dot_products = (self.device.type == "cpu" and quantization is not None
-                                  and quantization.block_size == 32 and kernels.int8_dot_products())
+        self.int8_blocks = (self.device.type == "cpu" and quantization is not None
+                            and quantization.block_size == 32 and kernels.int8_dot_products())
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -284,7 +284,7 @@ class Transformer:
         4-bit weights (blocks of 32) by int8 activations (`products_dtype`): where the CPU has int8
         dot products and the products are not asked to stay fp32 (prefill_dtype bf16, as for AMX
         tiles)."""
-        return self.int8_dot_products and self.prefill_dtype == torch.bfloat16
+        return self.int8_blocks and self.prefill_dtype == torch.bfloat16
 
     def products_dtype(self, x: torch.Tensor, *, head: bool = False) -> torch.dtype:
         """The dtype of the products of x (B, T, H) with a weight: prefill_dtype for passes over more

@@ -1139,22 +1139,21 @@ static PyObject *int8_matmul_call(unsigned long long x, long long batch, unsigne
                                           "of 128 elements, on a CPU with AVX512-VNNI");
         return NULL;
     }
-    const int64_t cols = w.cols;
-    Int8Rows x8;
-    x8.q = malloc((size_t)(batch * cols));
-    x8.start = malloc((size_t)(batch * (cols / X8_GROUP) * 16) * sizeof(int32_t));
-    x8.scale = malloc((size_t)(batch * (cols / X8_CHUNK)) * sizeof(float));
-    if (!x8.q || !x8.start || !x8.scale) {
-        free(x8.q); free(x8.start); free(x8.scale);
+    /* one allocation: x's bytes (a multiple of 128 per row), then the lanes' starts, then the scales */
+    const int64_t cols = w.cols, bytes = batch * cols, lanes = batch * (cols / X8_GROUP) * 16;
+    int8_t *memory = malloc((size_t)bytes + (size_t)lanes * sizeof(int32_t)
+                            + (size_t)(batch * (cols / X8_CHUNK)) * sizeof(float));
+    if (!memory)
         return PyErr_NoMemory();
-    }
+    Int8Rows x8 = {.q = memory, .start = (int32_t *)(memory + bytes)};
+    x8.scale = (float *)(x8.start + lanes);
     quantize_rows((const float *)(uintptr_t)x, batch, cols, w.code, &x8);
     Task task = {.run = vnni_matvec, .w = &w, .batch = batch, .out = (float *)(uintptr_t)out, .x8 = &x8};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_parallel(run_task, &task, w.rows, (cols + 1) / 2 * batch, threads, MIN_BYTES_PER_THREAD);
     Py_END_ALLOW_THREADS
-    free(x8.q); free(x8.start); free(x8.scale);
+    free(memory);
     if (status)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
